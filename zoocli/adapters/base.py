@@ -1,0 +1,110 @@
+"""The contract between the pipeline and a model family. Adapters are the only code that touches
+transformers' model classes; they use public submodules and public forward / generate arguments
+only (no monkeypatching, no hard-coded sequence offsets).
+
+Index spaces:
+- *candidates*: the visual tokens a method may keep, rows of ``Encoded.vision`` / ``.features``.
+  LLaVA-1.5: the 576 patch tokens. LLaVA-NeXT: the live patch rows of every crop (rows removed by
+  unpadding are not candidates; newline tokens are not candidates, they are always kept).
+  Qwen2.5-VL: the merged (2x2) tokens in raster order.
+- *scopes*: the groups a per-crop budget is split over (LLaVA-NeXT: base image, then each crop);
+  one scope for the other families.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from PIL import Image
+from torch import Tensor, nn
+
+
+@dataclass
+class Scope:
+    """One selection scope laid out as a grid, for budgets and for drawing kept-token grids."""
+
+    name: str  # "image", "base", "crop 1", ...
+    index: Tensor  # [n] candidate indices in this scope, ascending
+    grid: tuple[int, int]  # (rows, cols) of the layout
+    cells: Tensor  # [n, 2] (row, col) of each candidate of ``index`` in the grid
+    box: tuple[float, float, float, float]  # (x0, y0, x1, y1): the grid's area in original-image pixels
+
+
+@dataclass
+class Prepared:
+    """One (image, question) turned into model inputs by the processor and chat template."""
+
+    image: Image.Image  # RGB, original size
+    question: str
+    inputs: dict[str, Tensor]  # processor output on the model device: input_ids [1, L], attention_mask, pixel values...
+    question_ids: Tensor  # [T] token ids of the question text alone (for prompt-aware methods)
+
+
+@dataclass
+class Encoded:
+    """The image through the vision tower and projector."""
+
+    vision: Tensor  # [N, Dv] pre-projector candidates, projector input layout, model dtype
+    features: Tensor  # [N, D] projector(vision), model dtype
+    scopes: list[Scope]
+    n_llm_visual: int  # visual positions in the unpruned LLM sequence (incl. LLaVA-NeXT newlines)
+    state: dict[str, Any] = field(default_factory=dict)  # adapter-private
+
+
+@dataclass
+class LLMInputs:
+    """What goes into the language model's forward / generate."""
+
+    inputs_embeds: Tensor  # [B, L, D]
+    attention_mask: Tensor  # [B, L]
+    position_ids: Tensor | None  # None: contiguous; Qwen2.5-VL: [4, B, L] (text row + 3 M-RoPE rows)
+    n_visual: int  # visual tokens in the sequence (incl. newlines)
+    extra: dict[str, Any] = field(default_factory=dict)  # family-specific forward kwargs
+
+
+@dataclass
+class Generation:
+    ids: list[int]  # new token ids (prompt excluded, EOS excluded)
+    text: str
+    prefill_ms: float  # generate() call to the first token's logits, device-synchronised
+    decode_ms: float  # first token to the last
+
+
+class Adapter:
+    """One VLM family. Subclasses set ``family`` and implement the methods below."""
+
+    family: ClassVar[str] = ""
+
+    def __init__(self, model: nn.Module, processor: Any, model_id: str, meaningless: bool = False):
+        self.model = model.eval()
+        self.processor = processor
+        self.model_id = model_id
+        self.meaningless = meaningless  # random weights: answers carry no meaning
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+
+    @property
+    def projector(self) -> nn.Module:
+        """M: maps [..., Dv] rows of ``Encoded.vision`` to [..., D] rows of ``Encoded.features``."""
+        raise NotImplementedError
+
+    def prepare(self, image: Image.Image, question: str) -> Prepared:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def encode(self, prepared: Prepared) -> Encoded:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def build_inputs(
+        self, prepared: Prepared, encoded: Encoded, kept: Tensor, tokens: Tensor | None = None
+    ) -> LLMInputs:
+        """The LLM inputs with only ``kept`` (ascending candidate indices) in the visual span.
+        ``tokens`` [K, D], if given, replace ``encoded.features[kept]`` row for row."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def generate(self, inputs: LLMInputs, max_new_tokens: int) -> Generation:
+        raise NotImplementedError

@@ -1,0 +1,24 @@
+"""Errors the user can cause. The CLI turns each into one line on stderr and an exit code."""
+
+
+class ZooError(Exception):
+    """A failure the user can act on: bad input, missing weights, out of memory. Exit code 1."""
+
+    exit_code = 1
+
+
+class UsageError(ZooError):
+    """A malformed command line or option value. Exit code 2."""
+
+    exit_code = 2
+
+
+class UnknownNameError(UsageError, KeyError):
+    """An unknown method, model or option name; the message lists the known ones."""
+
+    def __init__(self, kind: str, name: str, known):
+        self.kind, self.name, self.known = kind, name, sorted(known)
+        super().__init__(f"unknown {kind} '{name}'; known: {', '.join(self.known)}")
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return self.args[0]

@@ -1,0 +1,23 @@
+"""Reference points for every comparison: keep all tokens (``none``) or a seeded random subset."""
+
+from __future__ import annotations
+
+import torch
+
+from zoocli.methods import PruneInputs, Selection, register
+
+
+@register("none", summary="keep every visual token (the unpruned baseline)", paper="-")
+def none(inp: PruneInputs, keep: int) -> Selection:
+    return Selection(idx=torch.arange(inp.n, device=inp.features.device))
+
+
+@register(
+    "random",
+    summary="a uniformly random subset, seeded (the floor any method must beat)",
+    paper="-",
+)
+def random(inp: PruneInputs, keep: int) -> Selection:
+    g = torch.Generator(device="cpu").manual_seed(int(inp.seed))
+    idx = torch.randperm(inp.n, generator=g)[:keep]
+    return Selection(idx=idx.to(inp.features.device))

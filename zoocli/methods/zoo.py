@@ -1,0 +1,114 @@
+"""ZOO-Prune: zeroth-order sensitivity-aware diversity selection of visual tokens.
+
+"Zeroth-Order Gradient Estimation for Training-Free Visual Token Pruning" (ZOO-Prune; paper in
+shared/papers). Sensitivity S(i) = mean_j ||M(x_i + h u_j) - M(x_i - h u_j)|| / 2h at the
+multimodal projector M, over m unit Gaussian directions shared by all tokens (Eq. 2-3, see
+``zoocli.sensitivity``); selection (Alg. 1): min-max normalise S, pick argmax S first, then
+greedily argmax S_hat(i) * (1 - max_{j in P} cos(Z_i, Z_j)) on the projected tokens Z.
+
+Also the paper's ablations (Table 5): ``sensitivity`` (top-k by S) and ``sum`` (S_hat + Div).
+
+Deviations from the official code (AIM-SKKU/ZOO-Prune ``llava_arch.py``): S is estimated in
+float32 whatever the model dtype (the official code runs the finite differences in fp16, where
+h*u is mostly rounded away); the directions come from a generator seeded per call, not the global
+CUDA RNG; (token, direction) pairs are processed in memory-capped chunks; the low-rank option
+factorises the *loaded* projector weights (the official NeXT code factorises them in ``__init__``,
+before the checkpoint is loaded). Ties go to the lowest index, as with ``torch.argmax``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from zoocli.methods import PruneInputs, Selection, register
+from zoocli.sensitivity import token_sensitivity
+
+ZOO_OPTIONS = {"m": 64, "h": 0.01, "estimator": "fd", "rank": None, "chunk_mb": 256}
+PAPER = "ZOO-Prune (zeroth-order sensitivity-aware diversity), 2025"
+
+
+def _unit(z: Tensor) -> Tensor:
+    z = z.float()
+    return z / z.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def normalize_scores(s: Tensor) -> Tensor:
+    """Min-max normalise to [0, 1]; a constant vector becomes all ones (never NaN)."""
+    s = s.float()
+    lo, hi = s.min(), s.max()
+    if not torch.isfinite(hi - lo) or hi - lo <= 0:
+        return torch.ones_like(s)
+    return (s - lo) / (hi - lo)
+
+
+def _greedy(s_hat: Tensor, z: Tensor, k: int, fuse: str) -> Tensor:
+    """Shared greedy of ``zoo`` (product) and ``sum`` fusion: first argmax S_hat, then the fused score."""
+    n = z.shape[0]
+    k = min(int(k), n)
+    zn = _unit(z)  # [N, D]
+    picked = torch.empty(k, dtype=torch.long, device=z.device)
+    taken = torch.zeros(n, dtype=torch.bool, device=z.device)
+    picked[0] = torch.argmax(s_hat)
+    taken[picked[0]] = True
+    maxsim = zn @ zn[picked[0]]  # [N] max cosine to the picked set
+    for t in range(1, k):
+        div = 1 - maxsim
+        score = s_hat * div if fuse == "product" else s_hat + div
+        i = torch.argmax(score.masked_fill(taken, float("-inf")))
+        picked[t] = i
+        taken[i] = True
+        maxsim = torch.maximum(maxsim, zn @ zn[i])
+    return picked
+
+
+def zoo_select(sensitivity: Tensor, z: Tensor, k: int) -> Tensor:
+    """ZOO-Prune's sensitivity-aware diversity selection (Alg. 1): ``k`` indices, in pick order."""
+    if sensitivity.shape[0] != z.shape[0]:
+        raise ValueError(f"{sensitivity.shape[0]} sensitivities for {z.shape[0]} tokens")
+    return _greedy(normalize_scores(sensitivity).to(z.device), z, k, "product")
+
+
+def sum_select(sensitivity: Tensor, z: Tensor, k: int) -> Tensor:
+    """The paper's sum-fusion ablation: argmax S_hat first, then argmax S_hat(i) + Div(i, P)."""
+    return _greedy(normalize_scores(sensitivity).to(z.device), z, k, "sum")
+
+
+def _sensitivity(inp: PruneInputs, m, h, estimator, rank, chunk_mb) -> Tensor:
+    return token_sensitivity(
+        inp.vision, inp.projector, m=m, h=h, seed=inp.seed,
+        estimator=estimator, rank=rank, chunk_mb=chunk_mb,
+    )
+
+
+_NEEDS = frozenset({"vision", "projector"})
+
+
+@register(
+    "zoo", summary="ZOO-Prune: zeroth-order sensitivity x diversity, greedy", paper=PAPER,
+    needs=_NEEDS, options=ZOO_OPTIONS,
+    deviation="fp32 finite differences whatever the model dtype; seeded directions",
+)
+def zoo(inp: PruneInputs, keep: int, **opt) -> Selection:
+    s = _sensitivity(inp, **opt)
+    return Selection(idx=zoo_select(s, inp.features, keep), scores=s)
+
+
+@register(
+    "sensitivity", summary="ablation: top-k by zeroth-order sensitivity alone", paper=PAPER,
+    needs=_NEEDS, options=ZOO_OPTIONS,
+)
+def sensitivity(inp: PruneInputs, keep: int, **opt) -> Selection:
+    s = _sensitivity(inp, **opt)
+    # stable sort: ties go to the lowest index
+    order = torch.sort(s.float(), descending=True, stable=True).indices
+    return Selection(idx=order[:keep].to(inp.features.device), scores=s)
+
+
+@register(
+    "sum", summary="ablation: sensitivity + diversity (sum fusion), greedy", paper=PAPER,
+    needs=_NEEDS, options=ZOO_OPTIONS,
+)
+def sum_fusion(inp: PruneInputs, keep: int, **opt) -> Selection:
+    s = _sensitivity(inp, **opt)
+    return Selection(idx=sum_select(s, inp.features, keep), scores=s)

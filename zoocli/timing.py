@@ -1,0 +1,76 @@
+"""Honest timing: synchronise the device before every clock read, keep warm-up out of the figures.
+
+``Timer`` records named sections in milliseconds; its clock and sync are injectable so tests need
+neither a GPU nor sleeps. ``summarize`` gives median / min / max over repeats.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+
+
+def device_sync(device: torch.device | str | None = None) -> None:
+    """Wait for queued device work (CUDA / MPS); a no-op on CPU."""
+    dev = torch.device(device) if device is not None else None
+    if dev is None or dev.type == "cuda":
+        if torch.cuda.is_available():
+            torch.cuda.synchronize(dev)
+    elif dev.type == "mps" and hasattr(torch, "mps"):
+        torch.mps.synchronize()
+
+
+class Timer:
+    """``with timer("vision"): ...`` adds the section's wall time (ms) to ``timer.ms["vision"]``."""
+
+    def __init__(
+        self,
+        sync: Callable[[], None] | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+    ):
+        self.sync = sync or (lambda: None)
+        self.clock = clock
+        self.ms: dict[str, float] = {}
+
+    def now(self) -> float:
+        """A synchronised clock read, in seconds."""
+        self.sync()
+        return self.clock()
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = self.now()
+        try:
+            yield
+        finally:
+            self.add(name, (self.now() - t0) * 1e3)
+
+    def add(self, name: str, ms: float) -> None:
+        self.ms[name] = self.ms.get(name, 0.0) + ms
+
+
+def summarize(values: list[float]) -> dict[str, float]:
+    """Median, min and max of repeated measurements (warm-up already left out)."""
+    if not values:
+        raise ValueError("no measurements to summarise")
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def peak_memory_mb(device: torch.device | str) -> float:
+    """Peak memory since the last reset: CUDA max allocated, else the process's peak RSS."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.max_memory_allocated(dev) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def reset_peak_memory(device: torch.device | str) -> None:
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
