@@ -1,0 +1,246 @@
+"""Model loading: names -> checkpoints -> the family adapter.
+
+``load_adapter(model)`` accepts an alias (``llava-1.5``), an offline model name (``tiny-llava``:
+random weights built locally, no download), a Hugging Face id or a local checkpoint directory.
+The family is dispatched on ``config.model_type`` (exact key into ``ADAPTERS``). Offline models are
+written once as real checkpoints (``save_pretrained``, safetensors) under
+``~/.cache/zoo/models/<name>`` and then loaded through the same ``from_pretrained`` path as a real
+checkpoint. ``random_weights=True`` builds an alias's full-size architecture from the config
+shipped in ``zoocli/data`` with random weights (for timing without downloading weights).
+
+transformers is imported lazily: importing this module is cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shutil
+import tempfile
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from zoocli.errors import UnknownNameError, UsageError, ZooError
+
+MODEL_ALIASES: dict[str, str] = {
+    "llava-1.5": "llava-hf/llava-1.5-7b-hf",
+    "llava-1.5-13b": "llava-hf/llava-1.5-13b-hf",
+    "llava-next": "llava-hf/llava-v1.6-vicuna-7b-hf",
+    "qwen2.5-vl": "Qwen/Qwen2.5-VL-7B-Instruct",
+}
+DEFAULT_MODEL = "llava-1.5"
+
+# alias -> the full-size config shipped in zoocli/data (for --random-weights)
+RANDOM_CONFIGS: dict[str, str] = {
+    "llava-1.5": "llava-1.5-7b.json",
+    "llava-1.5-13b": "llava-1.5-13b.json",
+    "llava-next": "llava-next-7b.json",
+    "qwen2.5-vl": "qwen2.5-vl-7b.json",
+}
+
+# offline name -> (family, "module:builder"); a builder writes a checkpoint dir: builder(out_dir)
+OFFLINE_MODELS: dict[str, tuple[str, str]] = {
+    "tiny-llava": ("llava", "zoocli.adapters.llava:build_tiny_llava"),
+    "tiny-llava-next": ("llava_next", "zoocli.adapters.llava:build_tiny_llava_next"),
+    "tiny-qwen2.5-vl": ("qwen2_5_vl", "zoocli.adapters.qwen2_5_vl:build_tiny"),
+    "small-llava": ("llava", "zoocli.adapters.llava:build_small_llava"),
+}
+OFFLINE_BUILD_VERSION = "1"  # bump when a builder changes: cached copies are rebuilt
+
+# config.model_type -> "module:AdapterClass"
+ADAPTERS: dict[str, str] = {
+    "llava": "zoocli.adapters.llava:LlavaAdapter",
+    "llava_next": "zoocli.adapters.llava:LlavaNextAdapter",
+    "qwen2_5_vl": "zoocli.adapters.qwen2_5_vl:Qwen25VLAdapter",
+}
+
+_DTYPES = {
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+}
+
+
+def default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "zoo" / "models"
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` (CUDA if available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
+    if isinstance(device, torch.device):
+        spec = str(device)
+    else:
+        spec = str(device).strip().lower()
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"unknown device '{device}'; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return torch.device("cpu")
+    if dev.type != "cuda":
+        raise UsageError(f"unknown device '{device}'; use auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise ZooError(f"device '{device}' requested but CUDA is not available; use --device cpu")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ZooError(f"device '{device}' requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu") -> torch.dtype:
+    """``auto`` (bf16 on CUDA, fp32 elsewhere), ``bf16``, ``fp16`` or ``fp32``."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    spec = str(dtype).strip().lower()
+    if spec == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if spec not in _DTYPES:
+        raise UsageError(f"unknown dtype '{dtype}'; use auto, bf16, fp16 or fp32")
+    return _DTYPES[spec]
+
+
+def _import_ref(ref: str) -> Any:
+    module, _, attr = ref.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def adapter_class(family: str):
+    """The adapter class for a ``config.model_type``; ``UnknownNameError`` if no adapter handles it."""
+    if family not in ADAPTERS:
+        raise UnknownNameError("model family", family, ADAPTERS)
+    try:
+        return _import_ref(ADAPTERS[family])
+    except (ImportError, AttributeError) as e:
+        raise ZooError(f"the adapter for model family '{family}' is not available: {e}") from None
+
+
+def ensure_offline_model(name: str, cache_dir: str | Path | None = None) -> Path:
+    """The checkpoint dir of offline model ``name``, building it (once, atomically) if needed."""
+    if name not in OFFLINE_MODELS:
+        raise UnknownNameError("offline model", name, OFFLINE_MODELS)
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    target = root / name
+    marker = ".zoo-offline-version"
+    if (target / marker).is_file() and (target / marker).read_text().strip() == OFFLINE_BUILD_VERSION:
+        return target
+    try:
+        builder = _import_ref(OFFLINE_MODELS[name][1])
+    except (ImportError, AttributeError) as e:
+        raise ZooError(f"offline model '{name}' cannot be built: {e}") from None
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-build-", dir=root))
+    try:
+        builder(tmp)
+        (tmp / marker).write_text(OFFLINE_BUILD_VERSION)
+        if target.exists():  # stale version: move it aside, then swap in the new build
+            old = Path(tempfile.mkdtemp(prefix=f".{name}-old-", dir=root))
+            try:
+                os.rename(target, old / "m")
+            except OSError:
+                pass  # another process swapped it meanwhile
+            shutil.rmtree(old, ignore_errors=True)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process finished first: keep theirs
+            if not (target / marker).is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _not_available(model: str) -> ZooError:
+    return ZooError(
+        f"model '{model}' is not in the local cache and cannot be downloaded (offline?); try an offline model: "
+        f"{', '.join(OFFLINE_MODELS)}, or --random-weights"
+    )
+
+
+def load_adapter(
+    model: str = DEFAULT_MODEL,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "auto",
+    random_weights: bool = False,
+    cache_dir: str | Path | None = None,
+):
+    """An ``Adapter`` for ``model`` (alias, offline name, HF id or local dir) on ``device``.
+
+    ``random_weights``: the alias's full-size architecture with random weights (no download).
+    ``cache_dir``: where offline models are built (default ``~/.cache/zoo/models``).
+    """
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+
+    if random_weights:
+        if model not in MODEL_ALIASES:
+            raise UsageError(
+                f"--random-weights needs a model alias, not '{model}'; aliases: {', '.join(MODEL_ALIASES)}"
+            )
+        config = load_random_config(model)
+        return adapter_class(config["model_type"]).from_config(config, dev, dt)
+
+    if model in OFFLINE_MODELS:
+        family = OFFLINE_MODELS[model][0]
+        path = ensure_offline_model(model, cache_dir)
+        cls = adapter_class(family)
+        try:
+            return cls.load(path, dev, dt, meaningless=True)
+        except OSError as e:
+            raise ZooError(f"offline model '{model}' at {path} cannot be loaded: {_one_line(e)}") from None
+
+    repo = MODEL_ALIASES.get(model, model)
+    local = Path(repo).expanduser()
+    source = str(local) if local.is_dir() else repo
+    family = _model_type(model, source)
+    cls = adapter_class(family)
+    try:
+        return cls.load(source, dev, dt)
+    except OSError as e:
+        if local.is_dir():
+            raise ZooError(f"model directory '{local}' cannot be loaded: {_one_line(e)}") from None
+        raise _not_available(model) from None
+
+
+def load_random_config(alias: str) -> dict[str, Any]:
+    """The shipped full-size config dict of an alias (``zoocli/data/<...>.json``)."""
+    fname = RANDOM_CONFIGS.get(alias)
+    if fname is None:
+        raise UsageError(f"no shipped config for '{alias}'; aliases: {', '.join(MODEL_ALIASES)}")
+    try:
+        text = resources.files("zoocli").joinpath("data", fname).read_text()
+    except (FileNotFoundError, OSError):
+        raise ZooError(f"the shipped config zoocli/data/{fname} for '{alias}' is missing") from None
+    config = json.loads(text)
+    config.setdefault("_name_or_path", MODEL_ALIASES[alias])
+    return config
+
+
+def _model_type(model: str, source: str) -> str:
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=False)
+    except OSError:
+        if Path(source).is_dir():
+            raise ZooError(f"model directory '{source}' has no readable config.json") from None
+        raise _not_available(model) from None
+    except ValueError as e:  # an unknown model_type in config.json
+        raise ZooError(f"model '{model}': {_one_line(e)}") from None
+    return config.model_type
+
+
+def _one_line(e: BaseException) -> str:
+    s = " ".join(str(e).split())
+    return s[:300] or type(e).__name__
+
+
+__all__ = [
+    "ADAPTERS", "DEFAULT_MODEL", "MODEL_ALIASES", "OFFLINE_MODELS", "RANDOM_CONFIGS", "adapter_class",
+    "default_cache_dir", "ensure_offline_model", "load_adapter", "load_random_config", "resolve_device",
+    "resolve_dtype",
+]

@@ -18,13 +18,9 @@ import torch
 from torch import Tensor
 
 from zoocli.methods import PruneInputs, Selection, register
+from zoocli.methods.zoo import COS_EPS, _unit, cos_distance
 
 _ROW_CHUNK = 1024
-
-
-def _unit(z: Tensor) -> Tensor:
-    z = z.float()
-    return z / z.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
 def divprune_select(z: Tensor, k: int) -> Tensor:
@@ -35,20 +31,21 @@ def divprune_select(z: Tensor, k: int) -> Tensor:
     nearest = torch.empty(n, device=z.device)
     for s in range(0, n, _ROW_CHUNK):
         d = 1 - zn[s : s + _ROW_CHUNK] @ zn.T  # [c, N] cosine distance
+        d = d.masked_fill(d < COS_EPS, 0.0)
         d[torch.arange(d.shape[0]), torch.arange(s, s + d.shape[0])] = float("inf")
         nearest[s : s + d.shape[0]] = d.min(dim=1).values
     if n == 1:
         nearest.zero_()
     picked = torch.empty(k, dtype=torch.long, device=z.device)
     picked[0] = torch.argmax(nearest)
-    mindist = 1 - zn @ zn[picked[0]]  # [N] distance to the picked set
+    mindist = cos_distance(zn, picked[0])  # [N] distance to the picked set
     taken = torch.zeros(n, dtype=torch.bool, device=z.device)
     taken[picked[0]] = True
     for t in range(1, k):
         i = torch.argmax(mindist.masked_fill(taken, float("-inf")))
         picked[t] = i
         taken[i] = True
-        mindist = torch.minimum(mindist, 1 - zn @ zn[i])
+        mindist = torch.minimum(mindist, cos_distance(zn, i))
     return picked
 
 

@@ -28,9 +28,20 @@ ZOO_OPTIONS = {"m": 64, "h": 0.01, "estimator": "fd", "rank": None, "chunk_mb": 
 PAPER = "ZOO-Prune (zeroth-order sensitivity-aware diversity), 2025"
 
 
+# Cosine distances below this are float32 rounding of identical directions: they count as 0, so
+# duplicate tokens tie exactly and the tie goes to the lowest index, as in exact arithmetic.
+COS_EPS = 1e-6
+
+
 def _unit(z: Tensor) -> Tensor:
     z = z.float()
     return z / z.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def cos_distance(zn: Tensor, i: Tensor) -> Tensor:
+    """1 - cos(z_j, z_i) for every j, from unit rows ``zn`` [N, D]; float32 noise snapped to 0."""
+    d = 1 - zn @ zn[i]
+    return d.masked_fill(d < COS_EPS, 0.0)
 
 
 def normalize_scores(s: Tensor) -> Tensor:
@@ -51,14 +62,13 @@ def _greedy(s_hat: Tensor, z: Tensor, k: int, fuse: str) -> Tensor:
     taken = torch.zeros(n, dtype=torch.bool, device=z.device)
     picked[0] = torch.argmax(s_hat)
     taken[picked[0]] = True
-    maxsim = zn @ zn[picked[0]]  # [N] max cosine to the picked set
+    div = cos_distance(zn, picked[0])  # [N] Div(i, P) = 1 - max cosine to the picked set
     for t in range(1, k):
-        div = 1 - maxsim
         score = s_hat * div if fuse == "product" else s_hat + div
         i = torch.argmax(score.masked_fill(taken, float("-inf")))
         picked[t] = i
         taken[i] = True
-        maxsim = torch.maximum(maxsim, zn @ zn[i])
+        div = torch.minimum(div, cos_distance(zn, i))
     return picked
 
 

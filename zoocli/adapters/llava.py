@@ -1,0 +1,482 @@
+"""LLaVA-1.5 and LLaVA-NeXT adapters, and the offline (random-weight) LLaVA models.
+
+LLaVA-1.5 (Liu et al., "Improved Baselines with Visual Instruction Tuning", arXiv:2310.03744):
+CLIP ViT-L/14-336 -> 2-layer GELU MLP projector -> Vicuna. X = the CLIP hidden states of
+``config.vision_feature_layer`` (CLS dropped for the "default" strategy), M = the projector, one
+576-token scope.
+
+LLaVA-NeXT (Liu et al., "LLaVA-NeXT: Improved reasoning, OCR, and world knowledge", 2024):
+"anyres" tiling. The base image (resized to 336x336) and every 336x336 tile of the image resized
+into the best grid pinpoint go through CLIP and the projector; the tiles are stitched into one big
+grid, the rows / cols that only cover padding are removed ("unpad") and an ``image_newline``
+embedding follows every row of the big grid. Candidates are the live patch rows (base first, then
+the stitched grid in row-major order, i.e. exactly the LLM slot order); newline slots are never
+candidates and are always kept. The slot -> X-row map comes from the library's own
+``pack_image_features`` run on index values, so it cannot drift from transformers' unpadding.
+
+Kept tokens are fed with ``inputs_embeds``: the text ids are embedded, unkept placeholder
+positions are dropped, and the kept visual embeddings are ``masked_scatter``-ed into the remaining
+placeholders (the same scatter transformers does). Positions are contiguous (renumbered by
+``generate`` from the 2-D attention mask), as in most pruning papers.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import Tensor, nn
+from transformers import LogitsProcessor
+
+from zoocli.adapters.base import Adapter, Encoded, Generation, LLMInputs, Prepared, Scope
+from zoocli.timing import device_sync
+
+# The llava-hf chat templates (LLaVA-1.5: "USER: <image>\n{q} ASSISTANT:"; LLaVA-NeXT vicuna:
+# the same turn format, with an optional system turn printed verbatim).
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}"
+    "{% endif %}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\n' }}{% endfor %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] + ' '}}{% endfor %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+LLAVA_NEXT_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' %}{{ message['content'][0]['text'] + ' ' }}"
+    "{% else %}{{ message['role'].upper() + ': '}}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}"
+    "{% endfor %}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+# ----------------------------------------------------------------------------------------------
+# adapters
+
+
+class LlavaAdapter(Adapter):
+    """LLaVA-1.5: one "image" scope, grid = (image_size / patch_size)^2 patch tokens."""
+
+    family = "llava"
+    chat_template = LLAVA_CHAT_TEMPLATE
+
+    # -- loading ---------------------------------------------------------------------------
+
+    @classmethod
+    def model_class(cls):
+        from transformers import LlavaForConditionalGeneration
+
+        return LlavaForConditionalGeneration
+
+    @classmethod
+    def load(cls, path: str | Path, device: torch.device | str, dtype: torch.dtype, meaningless: bool = False):
+        """From a checkpoint (HF id or local dir); raises OSError-family errors if it is not available."""
+        from transformers import AutoProcessor
+
+        model = cls.model_class().from_pretrained(str(path), dtype=dtype, use_safetensors=True)
+        model.to(device)
+        processor = AutoProcessor.from_pretrained(str(path))
+        return cls(model, processor, str(path), meaningless=meaningless)
+
+    @classmethod
+    def from_config(cls, config_dict: dict[str, Any], device: torch.device | str, dtype: torch.dtype):
+        """Full-size random weights from a config dict (``--random-weights``). The processor is the
+        real one if it is in the local HF cache, else one configured like it around the offline
+        tokenizer (then the config's special-token ids are remapped onto that tokenizer)."""
+        from transformers import AutoConfig, AutoProcessor
+
+        cfg = dict(config_dict)
+        name = cfg.pop("_name_or_path", None) or "random"
+        config = AutoConfig.for_model(**cfg)
+        try:
+            processor = AutoProcessor.from_pretrained(name, local_files_only=True)
+        except Exception:  # not cached (or no name): build it like the real one
+            processor = cls.make_processor(config, build_tokenizer())
+        tok = processor.tokenizer
+        config.image_token_id = tok.convert_tokens_to_ids(processor.image_token)
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            val = getattr(tok, key, None)
+            if val is not None:
+                setattr(config.text_config, key, val)
+        if tok.pad_token_id is not None and hasattr(config, "pad_token_id"):
+            config.pad_token_id = tok.pad_token_id
+        if config.text_config.vocab_size < len(tok):
+            config.text_config.vocab_size = _round_up(len(tok), 64)
+        model = _init_on(cls.model_class(), config, device, dtype)
+        gc = model.generation_config
+        gc.bos_token_id, gc.eos_token_id, gc.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+        return cls(model, processor, f"{name} (random weights)", meaningless=True)
+
+    @classmethod
+    def make_processor(cls, config, tokenizer):
+        """A processor configured like llava-hf's for ``config`` (PIL backend, no torchvision)."""
+        from transformers import LlavaImageProcessorPil, LlavaProcessor
+
+        size = config.vision_config.image_size
+        image_processor = LlavaImageProcessorPil(
+            size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+            image_mean=CLIP_MEAN, image_std=CLIP_STD, do_center_crop=True,
+        )
+        return LlavaProcessor(
+            image_processor=image_processor, tokenizer=tokenizer, patch_size=config.vision_config.patch_size,
+            vision_feature_select_strategy=config.vision_feature_select_strategy,
+            num_additional_image_tokens=1, chat_template=cls.chat_template,
+        )
+
+    # -- the contract ----------------------------------------------------------------------
+
+    @property
+    def projector(self) -> nn.Module:
+        return self.model.model.multi_modal_projector
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.model.config.image_token_id)
+
+    def prepare(self, image: Image.Image, question: str) -> Prepared:
+        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        prompt = self.processor.apply_chat_template(conversation, add_generation_prompt=True)
+        batch = self.processor(images=image, text=prompt, return_tensors="pt")
+        inputs = {}
+        for k, v in batch.items():
+            if not isinstance(v, Tensor):
+                continue
+            v = v.to(self.device)
+            inputs[k] = v.to(self.dtype) if v.is_floating_point() else v
+        q = self.processor.tokenizer(question, add_special_tokens=False)["input_ids"]
+        return Prepared(image=image, question=question, inputs=inputs,
+                        question_ids=torch.tensor(q, dtype=torch.long, device=self.device))
+
+    def _vision(self, pixel_values: Tensor) -> Tensor:
+        """X for a batch of tiles: [T, P, Dv] (layer(s) per config, CLS dropped for "default")."""
+        cfg = self.model.config
+        hs = self.model.model.vision_tower(pixel_values, output_hidden_states=True).hidden_states
+        layers = cfg.vision_feature_layer
+        layers = [layers] if isinstance(layers, int) else list(layers)
+        xs = [hs[i] for i in layers]
+        if cfg.vision_feature_select_strategy == "default":
+            xs = [x[:, 1:] for x in xs]
+        return torch.cat(xs, dim=-1) if len(xs) > 1 else xs[0]
+
+    @torch.no_grad()
+    def encode(self, prepared: Prepared) -> Encoded:
+        x = self._vision(prepared.inputs["pixel_values"])  # [1, P, Dv]
+        feats = self.projector(x)  # [1, P, D], projected in the library's own layout (bit-identical)
+        vision, features = x[0], feats[0]
+        n = vision.shape[0]
+        vc = self.model.config.vision_config
+        side = vc.image_size // vc.patch_size
+        grid = (side, side) if side * side == n else (1, n)
+        idx = torch.arange(n, device=self.device)
+        cells = torch.stack([idx // grid[1], idx % grid[1]], dim=1)
+        scope = Scope("image", idx, grid, cells, self._image_box(prepared.image.size))
+        return Encoded(vision=vision, features=features, scopes=[scope], n_llm_visual=n,
+                       state={"slot_src": idx, "newline": None})
+
+    def _image_box(self, size: tuple[int, int]) -> tuple[float, float, float, float]:
+        """The original-image area the processor's (pad-to-square or) resize + center-crop covers."""
+        w, h = size
+        ip = self.processor.image_processor
+        if getattr(ip, "do_pad", False):  # pad to a square, then resize: the square around the image
+            s = max(w, h)
+            return ((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2)
+        if not getattr(ip, "do_center_crop", False):
+            return (0.0, 0.0, float(w), float(h))
+        short = _get(ip.size, "shortest_edge") or min(_get(ip.size, "height") or w, _get(ip.size, "width") or h)
+        scale = short / min(w, h) if _get(ip.size, "shortest_edge") else None
+        ch, cw = _get(ip.crop_size, "height"), _get(ip.crop_size, "width")
+        if scale is None:  # resized to a fixed (height, width): the crop is a fraction of each side
+            sh, sw = _get(ip.size, "height"), _get(ip.size, "width")
+            bw, bh = min(cw / sw, 1.0) * w, min(ch / sh, 1.0) * h
+        else:
+            bw, bh = min(cw / scale, w), min(ch / scale, h)
+        return ((w - bw) / 2, (h - bh) / 2, (w + bw) / 2, (h + bh) / 2)
+
+    @torch.no_grad()
+    def build_inputs(self, prepared: Prepared, encoded: Encoded, kept: Tensor, tokens: Tensor | None = None) -> LLMInputs:
+        kept = torch.as_tensor(kept, dtype=torch.long, device=self.device)
+        n = encoded.features.shape[0]
+        if kept.numel() and (kept.min() < 0 or kept.max() >= n or (kept[1:] <= kept[:-1]).any()):
+            raise ValueError(f"kept must be ascending unique candidate indices in [0, {n})")
+        feats = encoded.features
+        if tokens is not None:
+            if tokens.shape != (kept.numel(), feats.shape[1]):
+                raise ValueError(f"tokens must be [{kept.numel()}, {feats.shape[1]}], got {list(tokens.shape)}")
+            feats = feats.clone()
+            feats[kept] = tokens.to(feats)
+        slot_src: Tensor = encoded.state["slot_src"]  # [S] candidate index per LLM slot, -1 = newline
+        slot_keep = slot_src < 0  # newlines always kept
+        cand_slot = (slot_src >= 0).nonzero().squeeze(1)  # [N] the slot of each candidate
+        slot_keep[cand_slot[kept]] = True
+        vis = torch.empty(slot_src.numel(), feats.shape[1], dtype=feats.dtype, device=feats.device)
+        vis[cand_slot] = feats
+        if (slot_src < 0).any():
+            vis[slot_src < 0] = encoded.state["newline"].to(vis)
+        return self.splice(prepared.inputs["input_ids"], prepared.inputs["attention_mask"],
+                           [slot_keep], [vis[slot_keep]])
+
+    def splice(self, input_ids: Tensor, attention_mask: Tensor, slot_keep: list[Tensor], visual: list[Tensor]) -> LLMInputs:
+        """Embed ``input_ids`` [B, L], drop the placeholders whose ``slot_keep[b]`` is False and scatter
+        ``visual[b]`` [k_b, D] into the remaining ones. B > 1 needs equal pruned lengths for now
+        (left padding of unequal rows will come with the batched variant)."""
+        embed = self.model.get_input_embeddings()
+        rows_e, rows_m, n_vis = [], [], []
+        for b in range(input_ids.shape[0]):
+            ids, mask = input_ids[b], attention_mask[b]
+            ph = ids == self.image_token_id  # [L]
+            if int(ph.sum()) != slot_keep[b].numel():
+                raise ValueError(f"{int(ph.sum())} image placeholders but {slot_keep[b].numel()} visual slots")
+            keep = torch.ones_like(ph)
+            keep[ph] = slot_keep[b]
+            ids, mask = ids[keep], mask[keep]
+            e = embed(ids)  # [L', D]
+            e = e.masked_scatter((ids == self.image_token_id)[:, None].expand_as(e), visual[b].to(e.dtype))
+            rows_e.append(e)
+            rows_m.append(mask)
+            n_vis.append(int(visual[b].shape[0]))
+        if len({r.shape[0] for r in rows_e}) != 1:
+            raise NotImplementedError("rows of different pruned lengths need left padding (not implemented yet)")
+        return LLMInputs(inputs_embeds=torch.stack(rows_e), attention_mask=torch.stack(rows_m),
+                         position_ids=None, n_visual=max(n_vis))
+
+    @torch.no_grad()
+    def generate(self, inputs: LLMInputs, max_new_tokens: int) -> Generation:
+        from transformers import LogitsProcessorList
+
+        tok = self.processor.tokenizer
+        gc = self.model.generation_config
+        eos = gc.eos_token_id if gc.eos_token_id is not None else tok.eos_token_id
+        eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+        pad = gc.pad_token_id if gc.pad_token_id is not None else (tok.pad_token_id if tok.pad_token_id is not None else next(iter(eos_ids), 0))
+        clock = _StepClock(self.device)
+        device_sync(self.device)
+        t0 = time.perf_counter()
+        out = self.model.generate(
+            inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
+            max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
+            logits_processor=LogitsProcessorList([clock]), **inputs.extra,
+        )
+        device_sync(self.device)
+        ids = out[0].tolist()
+        if len(ids) > max_new_tokens:  # some versions return the (embeds-only) prompt slots too
+            ids = ids[-max_new_tokens:]
+        for i, t in enumerate(ids):
+            if t in eos_ids:
+                ids = ids[:i]
+                break
+        first = clock.first if clock.first is not None else t0
+        last = clock.last if clock.last is not None else first
+        return Generation(ids=ids, text=tok.decode(ids, skip_special_tokens=True).strip(),
+                          prefill_ms=(first - t0) * 1e3, decode_ms=(last - first) * 1e3)
+
+
+class LlavaNextAdapter(LlavaAdapter):
+    """LLaVA-NeXT: scopes "base" (the whole image) then "crop 1..n" (anyres tiles)."""
+
+    family = "llava_next"
+    chat_template = LLAVA_NEXT_CHAT_TEMPLATE
+
+    @classmethod
+    def model_class(cls):
+        from transformers import LlavaNextForConditionalGeneration
+
+        return LlavaNextForConditionalGeneration
+
+    @classmethod
+    def make_processor(cls, config, tokenizer):
+        from transformers import LlavaNextImageProcessorPil, LlavaNextProcessor
+
+        size = config.vision_config.image_size
+        image_processor = LlavaNextImageProcessorPil(
+            size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+            image_mean=CLIP_MEAN, image_std=CLIP_STD,
+            image_grid_pinpoints=[list(p) for p in config.image_grid_pinpoints],
+        )
+        return LlavaNextProcessor(
+            image_processor=image_processor, tokenizer=tokenizer, patch_size=config.vision_config.patch_size,
+            vision_feature_select_strategy=config.vision_feature_select_strategy,
+            num_additional_image_tokens=1, chat_template=cls.chat_template,
+        )
+
+    @torch.no_grad()
+    def encode(self, prepared: Prepared) -> Encoded:
+        from transformers.models.llava_next.modeling_llava_next import (
+            get_anyres_image_grid_shape,
+            image_size_to_num_patches,
+        )
+
+        cfg, inner = self.model.config, self.model.model
+        vc = cfg.vision_config
+        image_size = prepared.inputs["image_sizes"][0]  # (H, W) of the original image
+        n_tiles = image_size_to_num_patches(image_size, cfg.image_grid_pinpoints, vc.image_size)
+        pv = prepared.inputs["pixel_values"]
+        pv = pv[0, :n_tiles] if pv.dim() == 5 else pv[:n_tiles]
+        x = self._vision(pv)  # [T, P, Dv]
+        feats = self.projector(x)  # [T, P, D], per tile as the library does (bit-identical)
+        t, p = x.shape[:2]
+        # slot map: run the library's own pack/unpad on row indices; -1 marks newline slots
+        ar = torch.arange(t * p, device=x.device, dtype=torch.float64).view(t, p, 1)
+        packed, _ = inner.pack_image_features([ar], image_size[None], cfg.vision_feature_select_strategy,
+                                              image_newline=torch.tensor([-1.0], dtype=torch.float64, device=x.device))
+        slot_row = packed[0][:, 0].round().long()  # [S] X row per LLM slot, -1 = newline
+        rows = slot_row[slot_row >= 0]  # [N] X rows of the candidates, in slot order
+        vision = x.reshape(t * p, -1)[rows]
+        features = feats.reshape(t * p, -1)[rows]
+        slot_src = torch.full_like(slot_row, -1)
+        slot_src[slot_row >= 0] = torch.arange(rows.numel(), device=rows.device)
+
+        side = vc.image_size // vc.patch_size
+        tile, within = rows // p, rows % p
+        cells = torch.stack([within // side, within % side], dim=1)
+        h, w = (int(v) for v in image_size.tolist())
+        nph, npw = get_anyres_image_grid_shape(image_size, cfg.image_grid_pinpoints, vc.image_size)
+        boxes = self._tile_boxes(h, w, nph, npw)
+        scopes = []
+        for k in range(t):
+            idx = (tile == k).nonzero().squeeze(1)
+            if k > 0 and idx.numel() == 0:
+                continue  # a tile that only covered padding
+            scopes.append(Scope("base" if k == 0 else f"crop {k}", idx, (side, side), cells[idx],
+                                (0.0, 0.0, float(w), float(h)) if k == 0 else boxes[k - 1]))
+        return Encoded(vision=vision, features=features, scopes=scopes, n_llm_visual=int(slot_row.numel()),
+                       state={"slot_src": slot_src, "slot_row": slot_row, "newline": inner.image_newline,
+                              "n_tiles": t, "tile_grid": (nph, npw)})
+
+    def _tile_boxes(self, h: int, w: int, nph: int, npw: int) -> list[tuple[float, float, float, float]]:
+        """Each anyres tile's area in original-image pixels (row-major). The processor resizes the
+        image to fit the best pinpoint (aspect kept, ceil-rounded) and pads it centred; the box maps
+        the tile back through that, clipped to the image (exact up to the rounding of the resize)."""
+        import math
+
+        from transformers.image_processing_utils import select_best_resolution
+
+        ip = self.processor.image_processor
+        s = _get(ip.crop_size, "height") or self.model.config.vision_config.image_size
+        bh, bw = select_best_resolution((h, w), [list(q) for q in ip.image_grid_pinpoints])
+        if bw / w < bh / h:
+            nw, nh = bw, min(math.ceil(h * bw / w), bh)
+        else:
+            nh, nw = bh, min(math.ceil(w * bh / h), bw)
+        px, py = (bw - nw) // 2, (bh - nh) // 2
+        sx, sy = nw / w, nh / h
+        out = []
+        for i in range(nph):
+            for j in range(npw):
+                x0, x1 = (j * s - px) / sx, ((j + 1) * s - px) / sx
+                y0, y1 = (i * s - py) / sy, ((i + 1) * s - py) / sy
+                out.append((max(0.0, x0), max(0.0, y0), min(float(w), x1), min(float(h), y1)))
+        return out
+
+
+class _StepClock(LogitsProcessor):
+    """A logits processor that reads a synchronised clock on its first and last call."""
+
+    def __init__(self, device):
+        self.device, self.first, self.last = device, None, None
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        device_sync(self.device)
+        now = time.perf_counter()
+        if self.first is None:
+            self.first = now
+        self.last = now
+        return scores
+
+
+# ----------------------------------------------------------------------------------------------
+# offline models
+
+
+def build_tokenizer():
+    """The offline byte-level tokenizer with LLaVA's special tokens (<image> is one id)."""
+    from zoocli.adapters.tokenizer import build_byte_tokenizer
+
+    return build_byte_tokenizer(
+        ["<unk>", "<s>", "</s>", "<pad>", "<image>"], {"image_token": "<image>"},
+        bos="<s>", eos="</s>", pad="<pad>", unk="<unk>", vocab_size=512,
+    )
+
+
+def tiny_llava_config(tokenizer, next_: bool = False, small: bool = False):
+    """Configs of the offline models. tiny: 56 px / patch 14 (4x4 tokens per tile), 2+2 layers;
+    tiny NeXT: pinpoints up to 2x2 tiles so anyres gives several crops and unpadding;
+    small: LLaVA-1.5 geometry (336 px -> 576 tokens), projector 256->512->512 and a ~100M Llama."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaNextConfig
+
+    vocab = _round_up(len(tokenizer), 64)
+    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id)
+    if small:
+        vision = CLIPVisionConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                                  num_attention_heads=4, image_size=336, patch_size=14, projection_dim=256)
+        text = LlamaConfig(hidden_size=512, intermediate_size=4096, num_hidden_layers=14, num_attention_heads=8,
+                           num_key_value_heads=8, vocab_size=vocab, max_position_embeddings=4096, **ids)
+    else:
+        vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=2, image_size=56, patch_size=14, projection_dim=32)
+        text = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=2048, **ids)
+    common = dict(vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+                  vision_feature_layer=-2, vision_feature_select_strategy="default")
+    side = vision.image_size // vision.patch_size
+    if next_:
+        s = vision.image_size
+        return LlavaNextConfig(**common, image_seq_length=side * side,
+                               image_grid_pinpoints=[[s, 2 * s], [2 * s, s], [2 * s, 2 * s], [s, 3 * s], [3 * s, s]])
+    return LlavaConfig(**common, image_seq_length=side * side)
+
+
+def _build(out_dir: Path, adapter_cls, next_: bool, small: bool) -> None:
+    tok = build_tokenizer()
+    config = tiny_llava_config(tok, next_=next_, small=small)
+    torch.manual_seed(0)
+    model = adapter_cls.model_class()(config).eval()
+    gc = model.generation_config
+    gc.bos_token_id, gc.eos_token_id, gc.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+    processor = adapter_cls.make_processor(config, tok)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    processor.save_pretrained(out_dir)
+
+
+def build_tiny_llava(out_dir: Path) -> None:
+    _build(Path(out_dir), LlavaAdapter, next_=False, small=False)
+
+
+def build_tiny_llava_next(out_dir: Path) -> None:
+    _build(Path(out_dir), LlavaNextAdapter, next_=True, small=False)
+
+
+def build_small_llava(out_dir: Path) -> None:
+    _build(Path(out_dir), LlavaAdapter, next_=False, small=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+
+
+def _init_on(model_cls, config, device, dtype):
+    """Random-init a model directly on ``device`` in ``dtype`` (no fp32 CPU detour)."""
+    old = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(dtype)
+        with torch.device(device):
+            model = model_cls._from_config(config, dtype=dtype)
+    finally:
+        torch.set_default_dtype(old)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def _round_up(n: int, k: int) -> int:
+    return (n + k - 1) // k * k
+
+
+def _get(d, key):
+    """A key of a size dict (plain dict or transformers ``SizeDict``)."""
+    if d is None:
+        return None
+    if isinstance(d, dict):
+        return d.get(key)
+    return getattr(d, key, None)

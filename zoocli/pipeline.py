@@ -1,0 +1,254 @@
+"""The pipeline: image + question -> encode -> select k visual tokens -> LLM -> answer, timed.
+
+No printing here: commands render the ``RunResult``. Budgets: ``keep`` counts candidate visual
+tokens (LLaVA-NeXT newline tokens are kept on top and reported in ``n_llm_visual``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from zoocli.adapters.base import Adapter, Encoded, Prepared
+from zoocli.errors import UsageError
+from zoocli.methods import Method, PruneInputs, check_keep, get_method, select
+from zoocli.timing import Timer, device_sync
+
+BUDGET_SCOPES = ("crop", "global")
+
+
+def parse_keep(spec: str | int, n: int) -> tuple[int, str | None]:
+    """``"64"`` or ``"11%"`` (of the ``n`` candidates) -> (tokens, warning). More than ``n`` is
+    clamped to ``n`` with a warning; zero or less is an error."""
+    text = str(spec).strip()
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*%", text)
+    if m:
+        pct = float(m.group(1))
+        if not 0 < pct <= 100:
+            raise UsageError(f"--keep {text}: a percentage must be in (0, 100]")
+        keep = max(1, round(n * pct / 100))
+    elif re.fullmatch(r"-?\d+", text):
+        keep = check_keep(int(text))
+    else:
+        raise UsageError(f"--keep {text!r}: give a token count (64) or a percentage (11%)")
+    if keep > n:
+        return n, f"--keep {text} is more than the {n} visual tokens: keeping all {n}"
+    return keep, None
+
+
+def split_budget(keep: int, sizes: list[int]) -> list[int]:
+    """Split ``keep`` equally over scopes of ``sizes`` tokens; the remainder goes to the first
+    scopes, and a scope smaller than its share keeps all it has, its surplus shared by the rest."""
+    quota = [0] * len(sizes)
+    open_ = [i for i, s in enumerate(sizes) if s > 0]
+    left = min(keep, sum(sizes))
+    while left > 0 and open_:
+        share, rem = divmod(left, len(open_))
+        give = {i: share + (1 if r < rem else 0) for r, i in enumerate(open_)}
+        for i in open_:
+            g = min(give[i], sizes[i] - quota[i])
+            quota[i] += g
+            left -= g
+        open_ = [i for i in open_ if quota[i] < sizes[i]]
+    return quota
+
+
+@dataclass
+class SelectionResult:
+    kept: Tensor  # [K] ascending candidate indices
+    tokens: Tensor | None  # [K, D] replacement embeddings aligned with ``kept`` (merging methods)
+    scores: Tensor | None  # [N] per-candidate scores, if the method has them
+    per_scope: list[int]  # kept tokens per scope
+
+
+def prompt_embeddings(adapter: Adapter, prepared: Prepared) -> Tensor:
+    """LLM input embeddings of the question's tokens [T, D] (for prompt-aware methods)."""
+    ids = prepared.question_ids.to(adapter.device)
+    return adapter.model.get_input_embeddings()(ids)
+
+
+def prune_inputs(
+    method: Method, adapter: Adapter, prepared: Prepared, encoded: Encoded, index: Tensor,
+    grid, seed: int, signals: dict[str, Tensor],
+) -> PruneInputs:
+    """The ``PruneInputs`` of one scope, holding exactly the signals ``method`` needs."""
+    kw: dict[str, Any] = {}
+    if "vision" in method.needs:
+        kw["vision"] = encoded.vision[index]
+    if "projector" in method.needs:
+        kw["projector"] = adapter.projector
+    for name in ("cls_attn", "vision_keys", "text_attn"):
+        if name in method.needs:
+            if name not in signals:
+                raise UsageError(f"method '{method.name}' needs {name}, which the "
+                                 f"{adapter.family} adapter does not provide")
+            kw[name] = signals[name][index]
+    if "prompt" in method.needs:
+        kw["prompt"] = signals["prompt"]
+    return PruneInputs(features=encoded.features[index], grid=grid, seed=seed, **kw)
+
+
+def select_tokens(
+    adapter: Adapter, prepared: Prepared, encoded: Encoded, method_name: str, keep: int, *,
+    scope: str = "crop", seed: int = 0, options: dict[str, Any] | None = None,
+    signals: dict[str, Tensor] | None = None,
+) -> SelectionResult:
+    """Run a pre-LLM method over the scopes (per crop, or once globally) and merge the picks."""
+    if scope not in BUDGET_SCOPES:
+        raise UsageError(f"--budget-scope {scope!r}: choose one of {', '.join(BUDGET_SCOPES)}")
+    method = get_method(method_name)
+    options = {k: v for k, v in (options or {}).items() if k in method.options}
+    signals = dict(signals or {})
+    if "prompt" in method.needs and "prompt" not in signals:
+        signals["prompt"] = prompt_embeddings(adapter, prepared)
+    n = encoded.features.shape[0]
+    if scope == "global" or len(encoded.scopes) == 1:
+        groups = [(torch.arange(n, device=encoded.features.device), None)]
+        if len(encoded.scopes) == 1:
+            groups = [(encoded.scopes[0].index.to(encoded.features.device), encoded.scopes[0].grid)]
+        quotas = [min(keep, n)]
+    else:
+        groups = [(s.index.to(encoded.features.device), s.grid) for s in encoded.scopes]
+        quotas = split_budget(keep, [len(g[0]) for g in groups])
+    kept, tokens, scores = [], [], torch.full((n,), float("nan"))
+    has_tokens = False
+    for (index, grid), q in zip(groups, quotas):
+        if q == 0:
+            continue
+        inp = prune_inputs(method, adapter, prepared, encoded, index, grid, seed, signals)
+        sel = select(method_name, inp, q, **options)
+        kept.append(index[sel.idx])
+        tokens.append(sel.tokens if sel.tokens is not None else encoded.features[index[sel.idx]])
+        has_tokens |= sel.tokens is not None
+        if sel.scores is not None:
+            scores[index.cpu()] = sel.scores.float().cpu()
+    all_kept = torch.cat(kept)
+    order = torch.argsort(all_kept)
+    merged = torch.cat(tokens)[order] if has_tokens else None
+    return SelectionResult(
+        kept=all_kept[order], tokens=merged,
+        scores=None if torch.isnan(scores).all() else scores,
+        per_scope=[q for q in quotas],
+    )
+
+
+@dataclass
+class RunResult:
+    model: str
+    family: str
+    method: str
+    keep: int
+    n_visual_tokens: int  # candidates
+    n_llm_visual_full: int
+    n_llm_visual_kept: int
+    kept_indices: list[int]
+    per_scope: list[int]
+    answer: str
+    new_tokens: int
+    timings_ms: dict[str, float]
+    meaningless: bool
+    scopes: list[dict[str, Any]] = field(default_factory=list)
+    scores: list[float] | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def scope_layout(encoded: Encoded, kept: Tensor) -> list[dict[str, Any]]:
+    """Per scope: its grid, each candidate's cell and whether it was kept (for grids/overlays)."""
+    kept_set = torch.zeros(encoded.features.shape[0], dtype=torch.bool)
+    kept_set[kept.cpu()] = True
+    return [
+        {
+            "name": s.name, "grid": list(s.grid), "box": list(s.box),
+            "cells": s.cells.tolist(), "index": s.index.tolist(),
+            "kept": kept_set[s.index.cpu()].tolist(),
+        }
+        for s in encoded.scopes
+    ]
+
+
+def run_one(
+    adapter: Adapter, image, question: str, method_name: str, keep_spec: str | int = "64", *,
+    scope: str = "crop", seed: int = 0, options: dict[str, Any] | None = None,
+    max_new_tokens: int = 64, warnings: list[str] | None = None,
+) -> RunResult:
+    """One full pruned answer with its timings (ms): preprocess, vision, selection, build,
+    prefill, ttft (start to first token), decode, e2e."""
+    method = get_method(method_name)
+    if adapter.family not in method.families:
+        raise UsageError(f"method '{method_name}' does not support {adapter.family} models "
+                         f"(supports {', '.join(sorted(method.families))})")
+    timer = Timer(sync=lambda: device_sync(adapter.device))
+    t0 = timer.now()
+    with timer("preprocess"):
+        prepared = adapter.prepare(image, question)
+    with timer("vision"):
+        encoded = adapter.encode(prepared)
+    n = int(encoded.features.shape[0])
+    keep, warn = parse_keep(keep_spec, n)
+    if warn and warnings is not None:
+        warnings.append(warn)
+    if method.stage == "in_llm":
+        return _run_in_llm(adapter, prepared, encoded, method, keep, timer, t0, max_new_tokens,
+                           options or {}, seed)
+    with timer("selection"):
+        sel = select_tokens(adapter, prepared, encoded, method_name, keep, scope=scope, seed=seed,
+                            options=options)
+    with timer("build"):
+        inputs = adapter.build_inputs(prepared, encoded, sel.kept, sel.tokens)
+    gen = adapter.generate(inputs, max_new_tokens)
+    timer.add("prefill", gen.prefill_ms)
+    timer.add("decode", gen.decode_ms)
+    e2e = (timer.now() - t0) * 1e3
+    ms = timer.ms
+    ms["ttft"] = ms["preprocess"] + ms["vision"] + ms["selection"] + ms["build"] + ms["prefill"]
+    ms["e2e"] = e2e
+    return RunResult(
+        model=adapter.model_id, family=adapter.family, method=method_name, keep=keep,
+        n_visual_tokens=n, n_llm_visual_full=encoded.n_llm_visual, n_llm_visual_kept=inputs.n_visual,
+        kept_indices=sel.kept.tolist(), per_scope=sel.per_scope, answer=gen.text,
+        new_tokens=len(gen.ids), timings_ms={k: round(v, 3) for k, v in ms.items()},
+        meaningless=adapter.meaningless, scopes=scope_layout(encoded, sel.kept),
+        scores=None if sel.scores is None else [round(float(v), 6) for v in sel.scores],
+    )
+
+
+def _run_in_llm(adapter, prepared, encoded, method, keep, timer, t0, max_new_tokens, options, seed):
+    """Methods that prune inside the LLM (FastV, SparseVLM): the adapter drives the layers."""
+    if not hasattr(adapter, "generate_in_llm"):
+        raise UsageError(f"method '{method.name}' prunes inside the LLM, which the "
+                         f"{adapter.family} adapter does not support yet")
+    with timer("build"):
+        inputs = adapter.build_inputs(prepared, encoded, torch.arange(encoded.features.shape[0]))
+    res = adapter.generate_in_llm(inputs, method, keep, max_new_tokens,
+                                  {**method.options, **{k: v for k, v in options.items()
+                                                        if k in method.options}})
+    timer.add("selection", res.selection_ms)
+    timer.add("prefill", res.prefill_ms)
+    timer.add("decode", res.decode_ms)
+    ms = timer.ms
+    ms["ttft"] = ms["preprocess"] + ms["vision"] + ms["build"] + ms["prefill"]
+    ms["e2e"] = (timer.now() - t0) * 1e3
+    kept = torch.as_tensor(res.kept, dtype=torch.long)
+    return RunResult(
+        model=adapter.model_id, family=adapter.family, method=method.name, keep=keep,
+        n_visual_tokens=int(encoded.features.shape[0]), n_llm_visual_full=encoded.n_llm_visual,
+        n_llm_visual_kept=res.n_visual_kept, kept_indices=kept.tolist(), per_scope=[len(kept)],
+        answer=res.text, new_tokens=len(res.ids), timings_ms={k: round(v, 3) for k, v in ms.items()},
+        meaningless=adapter.meaningless, scopes=scope_layout(encoded, kept),
+    )
+
+
+def jaccard(a: list[int], b: list[int]) -> float:
+    sa, sb = set(a), set(b)
+    return len(sa & sb) / len(sa | sb) if sa | sb else 1.0
+
+
+def fmt_ratio(x: float) -> str:
+    return "-" if x is None or not math.isfinite(x) else f"{x:.2f}x"

@@ -1,0 +1,221 @@
+"""Rendering apart from compute: functions that turn results into Rich renderables or images.
+Nothing here prints; commands print what these return."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from PIL import Image, ImageDraw
+from rich.columns import Columns
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+KEPT, DROPPED, ABSENT = "█", "·", " "
+RAMP = " ▁▂▃▄▅▆▇█"
+MAX_GRID_COLS = 48
+
+
+def _cells(scope: Mapping[str, Any]) -> tuple[int, int, dict[tuple[int, int], int]]:
+    rows, cols = scope["grid"]
+    pos = {(int(r), int(c)): i for i, (r, c) in enumerate(scope["cells"])}
+    return rows, cols, pos
+
+
+def _step(cols: int) -> int:
+    return max(1, math.ceil(cols / MAX_GRID_COLS))
+
+
+def token_grid(scope: Mapping[str, Any]) -> Text:
+    """The kept-token map of one scope, laid out like the image: █ kept, · dropped, blank for
+    positions that are not candidates (LLaVA-NeXT unpadding). Wide grids are shown at a coarser
+    step (a cell shows kept if any token under it was kept)."""
+    rows, cols, pos = _cells(scope)
+    kept = scope["kept"]
+    step = _step(cols)
+    text = Text()
+    for r in range(0, rows, step):
+        for c in range(0, cols, step):
+            under = [pos[(rr, cc)] for rr in range(r, min(r + step, rows))
+                     for cc in range(c, min(c + step, cols)) if (rr, cc) in pos]
+            if not under:
+                text.append(ABSENT)
+            elif any(kept[i] for i in under):
+                text.append(KEPT, style="green")
+            else:
+                text.append(DROPPED, style="dim")
+        text.append("\n")
+    text.rstrip()
+    return text
+
+
+def heat_grid(scope: Mapping[str, Any], values: Sequence[float], lo: float, hi: float) -> Text:
+    """A per-token value map of one scope as a colour ramp (low ▁ blue ... high █ red)."""
+    rows, cols, pos = _cells(scope)
+    step = _step(cols)
+    text = Text()
+    span = hi - lo if hi > lo else 1.0
+    for r in range(0, rows, step):
+        for c in range(0, cols, step):
+            under = [pos[(rr, cc)] for rr in range(r, min(r + step, rows))
+                     for cc in range(c, min(c + step, cols)) if (rr, cc) in pos]
+            vals = [values[scope["index"][i]] for i in under]
+            vals = [v for v in vals if v is not None and math.isfinite(v)]
+            if not vals:
+                text.append(ABSENT)
+                continue
+            t = min(1.0, max(0.0, (max(vals) - lo) / span))
+            ch = RAMP[1 + round(t * (len(RAMP) - 2))]
+            red, blue = round(255 * t), round(255 * (1 - t))
+            text.append(ch, style=f"rgb({red},64,{blue})")
+        text.append("\n")
+    text.rstrip()
+    return text
+
+
+def grids_panel(scopes: Sequence[Mapping[str, Any]], title: str = "") -> Columns:
+    """One panel per scope (one per crop for LLaVA-NeXT), side by side."""
+    panels = []
+    for s in scopes:
+        k, n = sum(s["kept"]), len(s["kept"])
+        panels.append(Panel(token_grid(s), title=f"{s['name']} {k}/{n}", expand=False))
+    return Columns(panels, title=title or None)
+
+
+def heat_panel(scopes, values, lo, hi) -> Columns:
+    return Columns([Panel(heat_grid(s, values, lo, hi), title=s["name"], expand=False)
+                    for s in scopes])
+
+
+def answer_panel(result: Mapping[str, Any]) -> Panel:
+    note = ""
+    if result.get("meaningless"):
+        note = "\n[yellow]random weights: this answer is meaningless[/yellow]"
+    kept, total = result["n_llm_visual_kept"], result["n_llm_visual_full"]
+    title = (f"{result['method']} · kept {len(result['kept_indices'])}/{result['n_visual_tokens']} "
+             f"visual tokens ({kept}/{total} in the LLM) · {result['model']}")
+    return Panel(Text(result["answer"] or "(empty answer)") if not note else
+                 Text.from_markup(_escape(result["answer"] or "(empty answer)") + note),
+                 title=title, title_align="left")
+
+
+def _escape(s: str) -> str:
+    from rich.markup import escape
+
+    return escape(s)
+
+
+TIMING_ROWS = [
+    ("preprocess", "image preprocessing + chat template"),
+    ("vision", "vision encoder + projector"),
+    ("selection", "token selection"),
+    ("build", "LLM inputs with kept tokens"),
+    ("prefill", "LLM prefill (to first-token logits)"),
+    ("ttft", "time to first token"),
+    ("decode", "decode (remaining tokens)"),
+    ("e2e", "end to end"),
+]
+
+
+def timings_table(timings_ms: Mapping[str, float], new_tokens: int | None = None) -> Table:
+    t = Table(title="timings", title_justify="left")
+    t.add_column("stage")
+    t.add_column("ms", justify="right")
+    t.add_column("what")
+    for key, what in TIMING_ROWS:
+        if key in timings_ms:
+            t.add_row(key, f"{timings_ms[key]:.1f}", what)
+    if new_tokens:
+        t.caption = f"{new_tokens} new tokens"
+    return t
+
+
+def methods_table(methods: Iterable[Any]) -> Table:
+    t = Table(title="methods", title_justify="left", show_lines=True)
+    t.add_column("name", no_wrap=True)
+    t.add_column("stage", no_wrap=True)
+    t.add_column("families")
+    t.add_column("what it does · paper · deviation from the official code", overflow="fold")
+    for m in methods:
+        fam = "all" if m.families >= {"llava", "llava_next", "qwen2_5_vl"} else ", ".join(sorted(m.families))
+        text = Text(m.summary)
+        if m.paper and m.paper != "-":
+            text.append("\n" + m.paper, style="dim")
+        if m.deviation:
+            text.append("\ndeviation: " + m.deviation, style="yellow")
+        t.add_row(m.name, m.stage.replace("_", "-"), fam, text)
+    return t
+
+
+def overlay(image: Image.Image, scopes: Sequence[Mapping[str, Any]], dim: float = 0.7) -> Image.Image:
+    """The image with dropped patches dimmed (same size as the image). Scopes are drawn from the
+    coarsest to the finest: LLaVA-NeXT crops (finer) override the base image's cells where they
+    overlap, and the base image's kept cells are outlined."""
+    base = image.convert("RGB")
+    shade = Image.new("L", base.size, 0)
+    draw = ImageDraw.Draw(shade)
+    outline = []
+    for s in _finest_last(scopes):
+        rows, cols, pos = _cells(s)
+        x0, y0, x1, y1 = s["box"]
+        cw, ch = (x1 - x0) / cols, (y1 - y0) / rows
+        fine = len(scopes) > 1 and s["name"] == "base"
+        for (r, c), i in pos.items():
+            box = (x0 + c * cw, y0 + r * ch, x0 + (c + 1) * cw, y0 + (r + 1) * ch)
+            if fine:
+                if s["kept"][i]:
+                    outline.append(box)
+                continue
+            draw.rectangle(box, fill=0 if s["kept"][i] else round(255 * dim))
+    black = Image.new("RGB", base.size, (0, 0, 0))
+    out = Image.composite(black, base, shade)
+    if outline:
+        d = ImageDraw.Draw(out)
+        for box in outline:
+            d.rectangle(box, outline=(255, 200, 0), width=1)
+    return out
+
+
+def heat_overlay(image: Image.Image, scopes, values: Sequence[float], alpha: float = 0.55) -> Image.Image:
+    """The image with each token's value drawn as a blue→red colour over its patch."""
+    base = image.convert("RGB")
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    lo, hi = (min(finite), max(finite)) if finite else (0.0, 1.0)
+    span = hi - lo if hi > lo else 1.0
+    layer = Image.new("RGB", base.size, (0, 0, 0))
+    mask = Image.new("L", base.size, 0)
+    dl, dm = ImageDraw.Draw(layer), ImageDraw.Draw(mask)
+    for s in _finest_last(scopes):
+        rows, cols, pos = _cells(s)
+        x0, y0, x1, y1 = s["box"]
+        cw, ch = (x1 - x0) / cols, (y1 - y0) / rows
+        for (r, c), i in pos.items():
+            v = values[s["index"][i]]
+            if v is None or not math.isfinite(v):
+                continue
+            t = (v - lo) / span
+            box = (x0 + c * cw, y0 + r * ch, x0 + (c + 1) * cw, y0 + (r + 1) * ch)
+            dl.rectangle(box, fill=(round(255 * t), 40, round(255 * (1 - t))))
+            dm.rectangle(box, fill=round(255 * alpha))
+    return Image.composite(layer, base, mask)
+
+
+def _finest_last(scopes):
+    return sorted(scopes, key=lambda s: 0 if s["name"] == "base" else 1)
+
+
+def contact_sheet(images: Sequence[Image.Image], labels: Sequence[str], cols: int = 3) -> Image.Image:
+    """Overlays side by side with their labels (for `zoo compare --overlay`)."""
+    w = max(i.width for i in images)
+    h = max(i.height for i in images)
+    pad = 24
+    rows = math.ceil(len(images) / cols)
+    sheet = Image.new("RGB", (cols * w, rows * (h + pad)), (255, 255, 255))
+    d = ImageDraw.Draw(sheet)
+    for k, (im, label) in enumerate(zip(images, labels)):
+        x, y = (k % cols) * w, (k // cols) * (h + pad)
+        d.text((x + 4, y + 4), label, fill=(0, 0, 0))
+        sheet.paste(im, (x, y + pad))
+    return sheet
