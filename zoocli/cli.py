@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 from rich.console import Console
 
@@ -55,7 +54,39 @@ def handle_errors(fn):
 
 # ------------------------------------------------------------------------- configuration file
 
-def _load_config(ctx: click.Context, param: click.Parameter, value: str | None):
+def _coerce(key: str, val: Any, annotation: Any) -> Any:
+    """A YAML value as the option's Python type, or an error naming the key."""
+    import types
+    import typing
+
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        if val is None:
+            return None
+        annotation = args[0]
+    origin = typing.get_origin(annotation)
+    if origin is list:
+        items = val if isinstance(val, list) else [val]
+        return [str(_coerce(key, v, typing.get_args(annotation)[0])) for v in items]
+    if isinstance(val, (list, dict)):
+        raise typer.BadParameter(f"key '{key}' must be a single value")
+    if annotation is bool:
+        if isinstance(val, bool):
+            return val
+    elif annotation is int:
+        if isinstance(val, int) and not isinstance(val, bool):
+            return val
+    elif annotation is float:
+        if isinstance(val, (int, float)) and not isinstance(val, bool):
+            return float(val)
+    elif annotation in (str, Path):
+        if isinstance(val, (str, int, float)) and not isinstance(val, bool):
+            return annotation(val) if annotation is Path else str(val)
+    name = getattr(annotation, "__name__", str(annotation))
+    raise typer.BadParameter(f"key '{key}' must be of type {name}, got {val!r}")
+
+
+def _load_config(ctx: typer.Context, param: Any, value: str | None):
     """``--config zoo.yaml``: defaults for any option of this command; flags on the line win."""
     if not value:
         return value
@@ -63,29 +94,25 @@ def _load_config(ctx: click.Context, param: click.Parameter, value: str | None):
 
     path = Path(value)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text())
     except FileNotFoundError:
-        raise click.BadParameter(f"no such file: {value}") from None
-    except (OSError, yaml.YAMLError) as e:
-        raise click.BadParameter(f"cannot read {value}: {str(e).splitlines()[0]}") from None
+        raise typer.BadParameter(f"no such file: {value}") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise typer.BadParameter(f"cannot read {value}: {str(e).splitlines()[0]}") from None
+    data = {} if data is None else data
     if not isinstance(data, dict):
-        raise click.BadParameter(f"{value}: expected a mapping of option names to values")
-    names = {p.name: p for p in ctx.command.params if p.name not in ("config",)}
+        raise typer.BadParameter(f"{value}: expected a mapping of option names to values")
+    options = {p.name: p for p in ctx.command.params
+               if p.param_type_name == "option" and p.name not in ("config", "help")}
     defaults = {}
     for key, val in data.items():
         name = str(key).replace("-", "_")
-        if name not in names or isinstance(names[name], click.Argument):
-            known = ", ".join(sorted(n for n, p in names.items() if isinstance(p, click.Option)))
-            raise click.BadParameter(f"{value}: unknown key '{key}' for this command; known: {known}")
-        if isinstance(val, list):
-            val = ",".join(str(v) for v in val)
-        if isinstance(val, dict):
-            raise click.BadParameter(f"{value}: key '{key}' must be a single value, not a mapping")
-        try:
-            val = names[name].type_cast_value(ctx, val)
-        except click.BadParameter as e:
-            raise click.BadParameter(f"{value}: key '{key}': {e.message}") from None
-        defaults[name] = val
+        if name == "json":
+            name = "json_out"
+        if name not in options:
+            known = ", ".join(sorted(n.replace("_out", "") for n in options))
+            raise typer.BadParameter(f"{value}: unknown key '{key}' for this command; known: {known}")
+        defaults[name] = _coerce(str(key), val, options[name].type_descriptor.annotation)
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
     return value
 
@@ -125,7 +152,12 @@ def _zoo_options(m: int, h: float, estimator: str, rank: int | None) -> dict[str
 
 
 def _load(model: str, device: str, dtype: str, random_weights: bool):
+    import transformers
+
     from zoocli.adapters import load_adapter
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
 
     with err.status(f"loading {model}…"):
         return load_adapter(model, device=device, dtype=dtype, random_weights=random_weights)
@@ -209,8 +241,11 @@ def ask(
     from zoocli.pipeline import run_one
     from zoocli.render import answer_panel, grids_panel, overlay as draw_overlay, timings_table
 
+    from zoocli.pipeline import parse_keep
+
     question = _question(question)
     get_method(method)
+    parse_keep(keep, 10**9)  # syntax and sign, before anything is loaded
     opts = _zoo_options(m, h, estimator, rank)
     if max_new_tokens <= 0:
         raise UsageError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
@@ -242,6 +277,243 @@ def _save_png(im, path: Path) -> None:
     except OSError as e:
         raise ZooError(f"cannot write {path}: {e.strerror or e}") from None
     err.print(f"wrote {path}", highlight=False)
+
+
+def _positions(scopes: list[dict]) -> dict[int, tuple[str, int, int]]:
+    """Candidate index -> (scope name, row, col) for the first scope holding it."""
+    pos: dict[int, tuple[str, int, int]] = {}
+    for s in scopes:
+        for i, (r, c) in zip(s["index"], s["cells"]):
+            pos.setdefault(i, (s["name"], r, c))
+    return pos
+
+
+@app.command()
+@handle_errors
+def score(
+    image: Annotated[str, typer.Argument(help="image file")],
+    question: Annotated[str | None, typer.Argument(help="question (sets the chat context)")] = None,
+    m: MOpt = 64, h: HOpt = 0.01, seed: SeedOpt = 0, estimator: EstOpt = "fd", rank: RankOpt = None,
+    model: ModelOpt = "llava-1.5", device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
+    random_weights: RandomOpt = False,
+    top: Annotated[int, typer.Option(help="how many of the most sensitive tokens to list")] = 10,
+    overlay: Annotated[Path | None, typer.Option(help="write a PNG of the heatmap over the image")] = None,
+    vs_encoder: Annotated[bool, typer.Option("--vs-encoder", help=(
+        "also estimate sensitivity at the vision encoder's input (costs 2·m encoder passes per "
+        "token: use a small --m) and report its Spearman correlation with the projector's"))] = False,
+    json_out: JsonOpt = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Show where the zeroth-order sensitivity is: a heatmap laid out like the image."""
+    import statistics
+
+    import torch
+
+    from zoocli.pipeline import encode_image, scope_layout
+    from zoocli.render import heat_overlay, heat_panel
+    from zoocli.sensitivity import token_sensitivity
+
+    q = _question(question) if question is not None else "Describe the image."
+    opts = _zoo_options(m, h, estimator, rank)
+    img = _image(image)
+    adapter = _load(model, device, dtype, random_weights)
+    enc = encode_image(adapter, img, q)
+    s = token_sensitivity(enc.encoded.vision, adapter.projector, seed=seed, **opts).cpu()
+    vals = [float(v) for v in s]
+    layout = scope_layout(enc.encoded, torch.zeros(0, dtype=torch.long))
+    pos = _positions(layout)
+    order = sorted(range(len(vals)), key=lambda i: (-vals[i], i))[: max(0, top)]
+    stats = {"min": min(vals), "median": statistics.median(vals), "max": max(vals)}
+    out: dict[str, Any] = {
+        "model": adapter.model_id, "n_visual_tokens": len(vals), "m": m, "h": h, "seed": seed,
+        "estimator": estimator, "rank": rank, "stats": stats,
+        "tokens": [{"index": i, "scope": pos[i][0], "row": pos[i][1], "col": pos[i][2],
+                    "sensitivity": vals[i]} for i in range(len(vals))],
+        "top": [{"index": i, "scope": pos[i][0], "row": pos[i][1], "col": pos[i][2],
+                 "sensitivity": vals[i]} for i in order],
+    }
+    if vs_encoder:
+        from zoocli.analysis import encoder_sensitivity, spearman
+
+        with _progress() as bar:
+            task = bar.add_task("encoder passes", total=None)
+            enc_s = encoder_sensitivity(adapter, enc, m=m, h=h, seed=seed,
+                                        progress=lambda done, total: bar.update(task, completed=done, total=total))
+        out["encoder_sensitivity"] = [float(v) for v in enc_s]
+        out["spearman_encoder_vs_projector"] = spearman(enc_s, s)
+    if overlay is not None:
+        _save_png(heat_overlay(img, layout, vals), overlay)
+    if json_out:
+        _print_json(out)
+        return
+    from rich.table import Table
+
+    console.print(heat_panel(layout, vals, stats["min"], stats["max"]))
+    console.print(f"sensitivity over {len(vals)} tokens (m={m}, h={h}, {estimator}): "
+                  f"min {stats['min']:.4g} · median {stats['median']:.4g} · max {stats['max']:.4g}",
+                  highlight=False)
+    t = Table(title=f"top {len(order)} tokens", title_justify="left")
+    for col in ("rank", "token", "scope", "row", "col", "sensitivity"):
+        t.add_column(col, justify="right")
+    for r, tok in enumerate(out["top"], 1):
+        t.add_row(str(r), str(tok["index"]), tok["scope"], str(tok["row"]), str(tok["col"]),
+                  f"{tok['sensitivity']:.4g}")
+    console.print(t)
+    if vs_encoder:
+        console.print(f"Spearman(encoder-input sensitivity, projector sensitivity) = "
+                      f"{out['spearman_encoder_vs_projector']:.3f}", highlight=False)
+    if adapter.meaningless:
+        err.print("[yellow]random weights: these sensitivities describe no trained model[/yellow]")
+
+
+def _progress():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeRemainingColumn(), console=err, transient=True)
+
+
+def _split(text: str, what: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise UsageError(f"{what} is empty")
+    return items
+
+
+@app.command()
+@handle_errors
+def compare(
+    image: Annotated[str, typer.Argument(help="image file")],
+    question: Annotated[str, typer.Argument(help="question about the image")],
+    methods: Annotated[str, typer.Option(help="comma-separated methods (the unpruned baseline always runs)")] = "divprune,zoo",
+    keep: Annotated[str, typer.Option(help="visual tokens to keep: a count (64) or a share (11%)")] = "64",
+    m: MOpt = 64, h: HOpt = 0.01, seed: SeedOpt = 0, estimator: EstOpt = "fd", rank: RankOpt = None,
+    model: ModelOpt = "llava-1.5", device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
+    random_weights: RandomOpt = False,
+    max_new_tokens: Annotated[int, typer.Option(help="answer length limit")] = 64,
+    budget_scope: ScopeOpt = "crop",
+    overlay: Annotated[Path | None, typer.Option(help="write a contact sheet of the overlays (PNG)")] = None,
+    json_out: JsonOpt = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Run several methods on the same image (encoded once) and compare them with the unpruned model."""
+    from zoocli.methods import get_method
+    from zoocli.pipeline import check_family, encode_image, jaccard, parse_keep, run_method
+    from zoocli.render import compare_table, contact_sheet, grids_panel, overlay as draw_overlay
+
+    question = _question(question)
+    names = _split(methods, "--methods")
+    for name in names:
+        get_method(name)
+    parse_keep(keep, 10**9)
+    opts = _zoo_options(m, h, estimator, rank)
+    if max_new_tokens <= 0:
+        raise UsageError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    img = _image(image)
+    adapter = _load(model, device, dtype, random_weights)
+    for name in names:
+        check_family(adapter, name)
+    enc = encode_image(adapter, img, question)
+    k, warn = parse_keep(keep, enc.n)
+    if warn:
+        err.print(f"[yellow]warning:[/yellow] {warn}", highlight=False)
+    order = ["none"] + [n for n in names if n != "none"]
+    results = {}
+    with _progress() as bar:
+        task = bar.add_task("methods", total=len(order))
+        for name in order:
+            results[name] = run_method(adapter, enc, name, enc.n if name == "none" else k,
+                                       scope=budget_scope, seed=seed, options=opts,
+                                       max_new_tokens=max_new_tokens)
+            bar.advance(task)
+    base = results["none"].timings_ms
+    ref = results["zoo"].kept_indices if "zoo" in results else None
+    rows = []
+    for name, r in results.items():
+        t = r.timings_ms
+        rows.append({
+            "method": name, "kept": len(r.kept_indices), "total": r.n_visual_tokens,
+            "llm_visual_tokens": r.n_llm_visual_kept, "answer": r.answer,
+            "selection_ms": t.get("selection", 0.0), "prefill_ms": t["prefill"],
+            "ttft_ms": t["ttft"], "e2e_ms": t["e2e"],
+            "speedup_e2e": base["e2e"] / t["e2e"], "speedup_prefill": base["prefill"] / t["prefill"],
+            "jaccard_vs_zoo": None if ref is None else jaccard(r.kept_indices, ref),
+            "kept_indices": r.kept_indices,
+        })
+    if overlay is not None:
+        sheet = contact_sheet([draw_overlay(img, results[n].scopes) for n in order],
+                              [f"{n}: {len(results[n].kept_indices)}/{enc.n}" for n in order])
+        _save_png(sheet, overlay)
+    if json_out:
+        _print_json({"model": adapter.model_id, "question": question, "keep": k,
+                     "n_visual_tokens": enc.n, "meaningless": adapter.meaningless, "rows": rows})
+        return
+    console.print(compare_table(rows, adapter.meaningless))
+    for name in order:
+        if name != "none":
+            console.print(grids_panel(results[name].scopes, title=name))
+
+
+@app.command()
+@handle_errors
+def bench(
+    model: ModelOpt = "llava-1.5",
+    budgets: Annotated[str, typer.Option(help="comma-separated budgets: counts (640) or shares (11%)")] = "192,128,64",
+    methods: Annotated[str, typer.Option(help="comma-separated methods (the unpruned baseline always runs)")] = "zoo,divprune",
+    images: Annotated[list[str] | None, typer.Option("--images", help="images (repeat the option or comma-separate); default: the shipped samples")] = None,
+    question: Annotated[str, typer.Option(help="the question asked of every image")] = "Describe the image in one sentence.",
+    repeats: Annotated[int, typer.Option(help="timed repeats per image (median reported)")] = 5,
+    warmup: Annotated[int, typer.Option(help="untimed warm-up runs per image")] = 1,
+    max_new_tokens: Annotated[int, typer.Option(help="answer length")] = 32,
+    m: MOpt = 64, h: HOpt = 0.01, seed: SeedOpt = 0, estimator: EstOpt = "fd", rank: RankOpt = None,
+    device: DeviceOpt = "auto", dtype: DtypeOpt = "auto", random_weights: RandomOpt = False,
+    budget_scope: ScopeOpt = "crop",
+    out: Annotated[Path | None, typer.Option(help="append one JSON line per finished row; rows already there are skipped")] = None,
+    json_out: JsonOpt = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Latency of each method x budget against the unpruned model, measured in one run."""
+    from zoocli.bench import BenchSpec, append_row, bench_rows, done_keys, shipped_images
+    from zoocli.methods import get_method
+    from zoocli.render import bench_table
+
+    names = _split(methods, "--methods")
+    for name in names:
+        get_method(name)
+    budget_list = _split(budgets, "--budgets")
+    for b in budget_list:
+        from zoocli.pipeline import parse_keep
+
+        parse_keep(b, 10**9)  # validates the syntax
+    if repeats < 1 or warmup < 0 or max_new_tokens < 1:
+        raise UsageError("--repeats and --max-new-tokens must be at least 1, --warmup at least 0")
+    opts = _zoo_options(m, h, estimator, rank)
+    paths = [p for spec in (images or []) for p in _split(spec, "--images")] or [str(p) for p in shipped_images()]
+    imgs = [_image(p) for p in paths]
+    if out is not None and out.parent and not out.parent.exists():
+        raise UsageError(f"cannot write {out}: folder {out.parent} does not exist")
+    adapter = _load(model, device, dtype, random_weights)
+    spec = BenchSpec(model=adapter.model_id, methods=names, budgets=budget_list,
+                     images=[Path(p).name for p in paths], question=_question(question),
+                     repeats=repeats, warmup=warmup, max_new_tokens=max_new_tokens, seed=seed,
+                     scope=budget_scope, options=opts, device=str(adapter.device),
+                     dtype=str(adapter.dtype).replace("torch.", ""), random_weights=random_weights)
+    skip = done_keys(out)
+    plan = 1 + len(budget_list) * len([n for n in names if n != "none"])
+    rows = []
+    with _progress() as bar:
+        task = bar.add_task("bench", total=plan * (repeats + warmup) * len(imgs))
+        for row in bench_rows(adapter, imgs, spec, skip,
+                              progress=lambda what: bar.update(task, advance=1, description=what)):
+            rows.append(row)
+            if out is not None:
+                append_row(out, row)
+    if json_out:
+        _print_json(rows)
+        return
+    console.print(bench_table(rows, spec))
+    if out is not None:
+        err.print(f"appended {len(rows)} rows to {out}", highlight=False)
 
 
 @app.command("bench-kernel")

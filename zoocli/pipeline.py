@@ -173,6 +173,28 @@ def scope_layout(encoded: Encoded, kept: Tensor) -> list[dict[str, Any]]:
     ]
 
 
+@dataclass
+class EncodedImage:
+    """An image prepared and encoded once, reusable by several methods (``zoo compare``)."""
+
+    prepared: Prepared
+    encoded: Encoded
+    timings_ms: dict[str, float]  # preprocess, vision
+
+    @property
+    def n(self) -> int:
+        return int(self.encoded.features.shape[0])
+
+
+def encode_image(adapter: Adapter, image, question: str) -> EncodedImage:
+    timer = Timer(sync=lambda: device_sync(adapter.device))
+    with timer("preprocess"):
+        prepared = adapter.prepare(image, question)
+    with timer("vision"):
+        encoded = adapter.encode(prepared)
+    return EncodedImage(prepared, encoded, dict(timer.ms))
+
+
 def run_one(
     adapter: Adapter, image, question: str, method_name: str, keep_spec: str | int = "64", *,
     scope: str = "crop", seed: int = 0, options: dict[str, Any] | None = None,
@@ -180,20 +202,34 @@ def run_one(
 ) -> RunResult:
     """One full pruned answer with its timings (ms): preprocess, vision, selection, build,
     prefill, ttft (start to first token), decode, e2e."""
+    check_family(adapter, method_name)
+    enc = encode_image(adapter, image, question)
+    keep, warn = parse_keep(keep_spec, enc.n)
+    if warn and warnings is not None:
+        warnings.append(warn)
+    return run_method(adapter, enc, method_name, keep, scope=scope, seed=seed, options=options,
+                      max_new_tokens=max_new_tokens)
+
+
+def check_family(adapter: Adapter, method_name: str) -> Method:
     method = get_method(method_name)
     if adapter.family not in method.families:
         raise UsageError(f"method '{method_name}' does not support {adapter.family} models "
                          f"(supports {', '.join(sorted(method.families))})")
+    return method
+
+
+def run_method(
+    adapter: Adapter, enc: EncodedImage, method_name: str, keep: int, *, scope: str = "crop",
+    seed: int = 0, options: dict[str, Any] | None = None, max_new_tokens: int = 64,
+) -> RunResult:
+    """Select, build and generate on an already encoded image. The image's preprocess and vision
+    times count towards this run's ttft and e2e (as if it had been encoded for this run alone)."""
+    method = check_family(adapter, method_name)
+    prepared, encoded = enc.prepared, enc.encoded
     timer = Timer(sync=lambda: device_sync(adapter.device))
+    timer.ms.update(enc.timings_ms)
     t0 = timer.now()
-    with timer("preprocess"):
-        prepared = adapter.prepare(image, question)
-    with timer("vision"):
-        encoded = adapter.encode(prepared)
-    n = int(encoded.features.shape[0])
-    keep, warn = parse_keep(keep_spec, n)
-    if warn and warnings is not None:
-        warnings.append(warn)
     if method.stage == "in_llm":
         return _run_in_llm(adapter, prepared, encoded, method, keep, timer, t0, max_new_tokens,
                            options or {}, seed)
@@ -205,12 +241,12 @@ def run_one(
     gen = adapter.generate(inputs, max_new_tokens)
     timer.add("prefill", gen.prefill_ms)
     timer.add("decode", gen.decode_ms)
-    e2e = (timer.now() - t0) * 1e3
     ms = timer.ms
     ms["ttft"] = ms["preprocess"] + ms["vision"] + ms["selection"] + ms["build"] + ms["prefill"]
-    ms["e2e"] = e2e
+    ms["e2e"] = (timer.now() - t0) * 1e3 + ms["preprocess"] + ms["vision"]
+    n = enc.n
     return RunResult(
-        model=adapter.model_id, family=adapter.family, method=method_name, keep=keep,
+        model=adapter.model_id, family=adapter.family, method=method_name, keep=min(keep, n),
         n_visual_tokens=n, n_llm_visual_full=encoded.n_llm_visual, n_llm_visual_kept=inputs.n_visual,
         kept_indices=sel.kept.tolist(), per_scope=sel.per_scope, answer=gen.text,
         new_tokens=len(gen.ids), timings_ms={k: round(v, 3) for k, v in ms.items()},
@@ -234,7 +270,7 @@ def _run_in_llm(adapter, prepared, encoded, method, keep, timer, t0, max_new_tok
     timer.add("decode", res.decode_ms)
     ms = timer.ms
     ms["ttft"] = ms["preprocess"] + ms["vision"] + ms["build"] + ms["prefill"]
-    ms["e2e"] = (timer.now() - t0) * 1e3
+    ms["e2e"] = (timer.now() - t0) * 1e3 + ms["preprocess"] + ms["vision"]
     kept = torch.as_tensor(res.kept, dtype=torch.long)
     return RunResult(
         model=adapter.model_id, family=adapter.family, method=method.name, keep=keep,

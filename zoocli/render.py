@@ -219,3 +219,45 @@ def contact_sheet(images: Sequence[Image.Image], labels: Sequence[str], cols: in
         d.text((x + 4, y + 4), label, fill=(0, 0, 0))
         sheet.paste(im, (x, y + pad))
     return sheet
+
+
+def compare_table(rows: Sequence[Mapping[str, Any]], meaningless: bool = False) -> Table:
+    t = Table(title="methods on the same image (encoded once)", title_justify="left")
+    for col, just in (("method", "left"), ("kept/total", "right"), ("answer", "left"),
+                      ("select ms", "right"), ("prefill ms", "right"), ("e2e ms", "right"),
+                      ("speed-up", "right"), ("Jaccard vs zoo", "right")):
+        t.add_column(col, justify=just, overflow="fold")
+    for r in rows:
+        jac = "-" if r["jaccard_vs_zoo"] is None else f"{r['jaccard_vs_zoo']:.2f}"
+        t.add_row(r["method"], f"{r['kept']}/{r['total']}", r["answer"] or "(empty)",
+                  f"{r['selection_ms']:.1f}", f"{r['prefill_ms']:.1f}", f"{r['e2e_ms']:.1f}",
+                  f"{r['speedup_e2e']:.2f}x", jac)
+    if meaningless:
+        t.caption = "random weights: answers are meaningless; timings are real"
+    return t
+
+
+def _med(stat: Mapping[str, float]) -> str:
+    return f"{stat['median']:.1f}"
+
+
+def bench_table(rows: Sequence[Mapping[str, Any]], spec: Any) -> Table:
+    t = Table(title=(f"{spec.model} · {spec.device} {spec.dtype} · {len(spec.images)} images x "
+                     f"{spec.repeats} repeats (median ms; warm-up {spec.warmup} excluded)"),
+              title_justify="left")
+    cols = ["method", "budget", "tokens", "vision", "select", "prefill", "ttft", "decode", "e2e",
+            "prefill x", "ttft x", "e2e x", "select/ttft", "peak MB", "est TFLOPs"]
+    for c in cols:
+        t.add_column(c, justify="left" if c in ("method", "budget") else "right")
+    for r in rows:
+        t.add_row(
+            r["method"], str(r["budget"]), f"{r['llm_visual_tokens']:.0f}", _med(r["vision"]),
+            _med(r["selection"]), _med(r["prefill"]), _med(r["ttft"]), _med(r["decode"]),
+            _med(r["e2e"]),
+            *(f"{r[f'speedup_{s}']:.2f}" if f"speedup_{s}" in r else "1.00" for s in ("prefill", "ttft", "e2e")),
+            f"{100 * r['selection_share_of_ttft']:.1f}%", f"{r['peak_memory_mb']:.0f}",
+            f"{r['est_tflops']['total']:.3g}",
+        )
+    t.caption = ("x: speed-up against the unpruned row of this run (ratio of medians); "
+                 "peak MB: CUDA max allocated, or process peak RSS on CPU")
+    return t

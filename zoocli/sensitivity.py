@@ -1,18 +1,89 @@
-"""Zeroth-order token sensitivity at the projector (ZOO-Prune Eq. 2-3).
+"""Zeroth-order token sensitivity at the multimodal projector (ZOO-Prune, Eq. 2-3 and Prop. 3.1).
 
-Work in progress: this first version is the plain two-pass float32 finite difference, correct but
-unoptimised; the structured estimators replace it.
+"Zeroth-Order Gradient Estimation for Training-Free Visual Token Pruning" (ZOO-Prune, 2025;
+shared/papers/zoo-prune-paper.txt). For pre-projector tokens x_i and the projector M:
+
+    S(i) = 1/m sum_j || M(x_i + h u_j) - M(x_i - h u_j) || / 2h          (Eq. 2-3)
+
+with m unit-norm Gaussian directions u_j shared by every token. Prop. 3.1: S(i) = E_u ||J(x_i) u||
++ O(h^2). ``token_sensitivity`` computes it with one of these estimators:
+
+``fd`` (default, Eq. 2-3)
+    For a Linear-act-Linear projector (LLaVA / LLaVA-NeXT ``linear_1, act, linear_2``; the original
+    LLaVA ``nn.Sequential(Linear, act, Linear)`` mm_projector) the perturbation is applied after the
+    first Linear, which is exact by linearity: a0 = W1 x + b1 and W1(x +- h u) + b1 = a0 +- h W1 u,
+    with W1 u computed once per direction and shared by all tokens. The activation difference
+    act(a0 + h t) - act(a0 - h t) is formed in float32, scaled by 1/(2h), and the second Linear is
+    applied once to it (its bias cancels). Cost per (token, direction) row: one d x d_h product plus
+    elementwise work, instead of two full projector passes.
+``jvp``
+    The h -> 0 limit of ``fd``: W2 (act'(a0) (.) W1 u), with act'(a0) computed once per token
+    (``torch.func.jvp`` of the elementwise activation with a ones tangent, so any elementwise
+    activation module works). For an unrecognised projector, ``torch.func.jvp`` of the whole fp32
+    module.
+``naive``
+    The plain two-pass reference: x + h u and x - h u through the projector itself (an fp32 copy),
+    chunked. The benchmark baseline, and what ``fd`` falls back to for a projector whose structure
+    is not recognised.
+``rank=k`` (with ``fd`` or ``jvp``)
+    ||W2 v|| ~ ||S_k V_k^T v||, from the rank-k truncated SVD W2 = U S V^T of the *loaded* second
+    Linear weight, in fp32 (U has orthonormal columns, so it drops out of the norm). Each row then
+    costs k x d_h instead of d x d_h. The factor is cached per Linear module and recomputed when the
+    weight tensor (data_ptr / _version / device) or k changes, so the SVD is not a per-call cost.
+    This is the paper's LLaVA-NeXT low-rank option (k=128) applied to the second Linear only: the
+    first Linear is exact and shared across tokens here, so truncating it would save nothing.
+
+Qwen2.5-VL's ``Qwen2_5_VLPatchMerger`` (``ln_q`` RMSNorm over d_v per patch, then a view to
+rows of s^2 * d_v, then ``mlp`` = Linear, GELU, Linear) is recognised too. Rows of ``x`` are the
+s^2 * d_v concatenation of one merged token's patches and M(x) = merger(x.reshape(-1, d_v)). The
+RMSNorm is nonlinear. **Choice:** it is linearised at x (its exact JVP, per patch p,
+J_p u_p = g (.) (u_p / r_p - x_p (x_p . u_p) / (d_v r_p^3)), r_p = sqrt(mean(x_p^2) + eps)), and
+the rest of Eq. 2 stays exact: a+- = a0 +- h W1 (J u). This agrees with Eq. 2 to O(h^2), the
+order of the finite-difference truncation error itself (Prop. 3.1). It keeps the cost at one
+W1-sized product per direction plus cheap per-token terms, using the block structure of W1 over
+the patches: W1 J u = sum_p [W1_p (g (.) u_p) / r_p - W1_p (g (.) x_p) (x_p . u_p) / (d_v r_p^3)].
+The first term is shared by all tokens. Structures are detected from attributes and module types
+(no model names). The activation is checked to act elementwise and the RMSNorm is checked
+numerically against its formula. Anything else takes the generic fp32 path.
+
+Other choices and deviations (official code: AIM-SKKU/ZOO-Prune ``llava_arch.py``):
+
+- **Precision.** Everything is float32 whatever the model dtype: perturbation, activation
+  difference, norms, the first Linear. The official code runs the finite difference in fp16, where
+  h*u (about 3e-4 per entry) is mostly rounded away; in bf16 it ranks tokens close to randomly.
+  The one exception: on CUDA with fp16/bf16 weights, the big W2 product runs in the weight dtype
+  on the already 1/(2h)-scaled fp32 difference, so no small quantity is rounded. On CPU, or with
+  fp32 weights, it is fp32 too. A bf16 model therefore ranks tokens like its fp32 copy.
+- **Directions.** They come from ``torch.Generator(device=x.device).manual_seed(seed)``. The
+  official code uses the unseeded global CUDA RNG. The same directions are used for every token,
+  as in the official code.
+- **Memory.** (token, direction) pairs are processed in chunks whose temporaries stay under
+  ``chunk_mb`` (``chunk_plan``). The official code projects all 2*N*m rows at once: several GB
+  for LLaVA-NeXT. On CPU the chunk is further capped at ``CPU_CHUNK_MB`` for cache locality.
+  Results do not depend on the chunk size beyond float rounding.
+- **Low rank.** The official NeXT code factorises both Linears in ``__init__``, before the
+  checkpoint is loaded. Here the SVD is of the loaded W2.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from zoocli.errors import UsageError
+
+ESTIMATORS = ("fd", "jvp", "naive")
+# On CPU, temporaries above ~32 MB are fresh mmaps (page faults on every chunk) and fall out of
+# cache; this cap (measured on a 2-core EPYC, see BENCHMARKS.md) keeps them reusable.
+CPU_CHUNK_MB = 24
+# Run the big W2 product in the weight dtype (fp16/bf16) on CUDA; tests flip the CPU switch.
+_LOWP_W2_DEVICES = {"cuda"}
 
 
 def directions(m: int, d: int, seed: int, device) -> Tensor:
@@ -22,19 +93,398 @@ def directions(m: int, d: int, seed: int, device) -> Tensor:
     return u / u.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
+# ---------------------------------------------------------------------------------------------
+# chunking
+
+
+def chunk_plan(m: int, widths: Sequence[int], chunk_mb: float) -> tuple[int, int]:
+    """(tokens, directions) per chunk, so that the fp32 temporaries stay under ``chunk_mb``.
+
+    ``widths`` are the float32 widths held at once per (token, direction) row. Whole tokens
+    (all m directions) are taken while at least one fits, otherwise one token and as many
+    directions as fit (at least one).
+    """
+    row_bytes = 4 * max(1, int(sum(widths)))
+    rows = max(1, int(chunk_mb * 2**20) // row_bytes)
+    if rows >= m:
+        return rows // m, m
+    return 1, rows
+
+
+def tokens_per_chunk(m: int, widths: Sequence[int], chunk_mb: float) -> int:
+    """Tokens per chunk (see ``chunk_plan``); at least 1."""
+    return chunk_plan(m, widths, chunk_mb)[0]
+
+
+def _effective_mb(chunk_mb: float, device: torch.device) -> float:
+    return min(chunk_mb, CPU_CHUNK_MB) if device.type == "cpu" else chunk_mb
+
+
+# ---------------------------------------------------------------------------------------------
+# caches (weak: they go away with the module / tensor)
+
+_F32: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_MOD32: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_SVD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _tensor_key(t: Tensor, device: torch.device) -> tuple:
+    return (t.data_ptr(), t._version, t.dtype, str(t.device), str(device))
+
+
+def _f32(t: Tensor | None, device: torch.device) -> Tensor | None:
+    """``t`` as float32 on ``device``; no copy when it already is, else a cached copy."""
+    if t is None:
+        return None
+    t = t.detach()
+    if t.dtype == torch.float32 and t.device == device:
+        return t
+    key = _tensor_key(t, device)
+    hit = _F32.get(t)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    c = t.to(device=device, dtype=torch.float32).contiguous()
+    _F32[t] = (key, c)
+    return c
+
+
+def _module32(mod: nn.Module, device: torch.device) -> nn.Module:
+    """An fp32 copy of ``mod`` on ``device`` (the module itself when it already is), cached."""
+    tensors = list(mod.parameters()) + list(mod.buffers())
+    if all(t.dtype == torch.float32 and t.device == device for t in tensors if t.is_floating_point()):
+        return mod
+    key = (tuple(_tensor_key(t, device) for t in tensors), str(device))
+    hit = _MOD32.get(mod)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    c = copy.deepcopy(mod).to(device=device, dtype=torch.float32)
+    _MOD32[mod] = (key, c)
+    return c
+
+
+def lowrank_factor(linear: nn.Linear, k: int, device) -> Tensor:
+    """B = V_k S_k [d_in, k] (fp32) with ||W v|| ~ ||v @ B||, from the rank-k SVD of the loaded W.
+
+    Cached per module; recomputed when the weight tensor (data_ptr / _version / device) or k changes.
+    """
+    device = torch.device(device)
+    w = linear.weight.detach()
+    k = min(int(k), min(w.shape))
+    key = (_tensor_key(w, device), k)
+    hit = _SVD.get(linear)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    _, s, vh = torch.linalg.svd(w.to(device=device, dtype=torch.float32), full_matrices=False)
+    b = (vh[:k].T * s[:k]).contiguous()  # [d_in, k]
+    _SVD[linear] = (key, b)
+    return b
+
+
+# ---------------------------------------------------------------------------------------------
+# structure detection
+
+
+@dataclass
+class _Norm:
+    weight: Tensor  # g [d_v]
+    eps: float
+    groups: int  # patches per row (spatial_merge_size ** 2)
+    d_v: int
+
+
+@dataclass
+class _MLP:
+    module: nn.Module  # the projector itself
+    lin1: nn.Linear
+    act: nn.Module
+    lin2: nn.Linear
+    norm: _Norm | None = None  # the Qwen2.5-VL merger's RMSNorm, linearised
+
+
+def _is_elementwise(act: nn.Module, width: int) -> bool:
+    """True when ``act`` maps each entry on its own (changing some entries leaves the others)."""
+    if isinstance(act, nn.Linear):
+        return False
+    try:
+        dev = next((t.device for t in list(act.parameters()) + list(act.buffers())), torch.device("cpu"))
+        f = _module32(act, dev)
+        g = torch.Generator(device="cpu").manual_seed(1234)
+        z = (2 * torch.randn(2, width, generator=g)).to(dev)
+        z2 = z.clone()
+        z2[:, ::2] += 1.0
+        y, y2 = f(z), f(z2)
+    except Exception:  # noqa: BLE001 - anything that cannot run on a [2, width] tensor is not elementwise
+        return False
+    return (isinstance(y, Tensor) and y.shape == z.shape
+            and torch.equal(y[:, 1::2], y2[:, 1::2]) and bool(torch.isfinite(y).all()))
+
+
+def _mlp_parts(lin1, act, lin2) -> bool:
+    return (isinstance(lin1, nn.Linear) and isinstance(lin2, nn.Linear)
+            and isinstance(act, nn.Module) and lin1.out_features == lin2.in_features
+            and _is_elementwise(act, lin1.out_features))
+
+
+def _rmsnorm(ln: nn.Module, d_in: int) -> _Norm | None:
+    """The merger's ``ln_q`` as an RMSNorm (checked against the formula), else None."""
+    w = getattr(ln, "weight", None)
+    if isinstance(ln, nn.LayerNorm) or not isinstance(w, Tensor) or w.dim() != 1:
+        return None
+    if getattr(ln, "bias", None) is not None:
+        return None
+    eps = getattr(ln, "variance_epsilon", getattr(ln, "eps", None))
+    if eps is None and isinstance(ln, nn.RMSNorm):
+        eps = torch.finfo(w.dtype).eps
+    d_v = w.numel()
+    if eps is None or d_v == 0 or d_in % d_v:
+        return None
+    eps = float(eps)
+    with torch.no_grad():
+        f = _module32(ln, w.device)
+        gen = torch.Generator(device="cpu").manual_seed(4321)
+        z = (1.5 * torch.randn(3, d_v, generator=gen)).to(w.device)
+        want = w.detach().float() * z * torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + eps)
+        try:
+            got = f(z)
+        except Exception:  # noqa: BLE001
+            return None
+        if not (isinstance(got, Tensor) and got.shape == z.shape
+                and torch.allclose(got.float(), want, rtol=1e-4, atol=1e-5)):
+            return None
+    return _Norm(weight=w, eps=eps, groups=d_in // d_v, d_v=d_v)
+
+
+def _structure(p: nn.Module) -> _MLP | None:
+    """The recognised Linear-act-Linear structure of a projector, or None (generic)."""
+    parts = [getattr(p, n, None) for n in ("linear_1", "act", "linear_2")]
+    if all(isinstance(q, nn.Module) for q in parts) and _mlp_parts(*parts):
+        return _MLP(p, *parts)
+    if isinstance(p, nn.Sequential) and len(p) == 3 and _mlp_parts(p[0], p[1], p[2]):
+        return _MLP(p, p[0], p[1], p[2])
+    ln, mlp = getattr(p, "ln_q", None), getattr(p, "mlp", None)
+    if (isinstance(ln, nn.Module) and isinstance(mlp, nn.Sequential) and len(mlp) == 3
+            and _mlp_parts(mlp[0], mlp[1], mlp[2])):
+        norm = _rmsnorm(ln, mlp[0].in_features)
+        if norm is not None:
+            return _MLP(p, mlp[0], mlp[1], mlp[2], norm)
+    return None
+
+
+def _rows_fn(s: _MLP | None, mod32: nn.Module) -> Callable[[Tensor], Tensor]:
+    """M on rows [R, d_in] -> [R, d] through the (fp32) module itself."""
+    if s is not None and s.norm is not None:
+        d_v = s.norm.d_v
+        return lambda r: mod32(r.reshape(-1, d_v)).reshape(r.shape[0], -1)
+    return mod32
+
+
+# ---------------------------------------------------------------------------------------------
+# estimators
+
+
+def _check(x, m, h, seed, estimator, rank, chunk_mb) -> None:
+    if isinstance(m, bool) or not isinstance(m, int) or m <= 0:
+        raise UsageError(f"m must be a positive integer, got {m!r}")
+    if isinstance(h, bool) or not isinstance(h, (int, float)) or not math.isfinite(h) or h <= 0:
+        raise UsageError(f"h must be a positive finite number, got {h!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise UsageError(f"seed must be an integer, got {seed!r}")
+    if estimator not in ESTIMATORS:
+        raise UsageError(f"unknown estimator {estimator!r}; known: {', '.join(ESTIMATORS)}")
+    if rank is not None:
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise UsageError(f"rank must be a positive integer or None, got {rank!r}")
+        if estimator == "naive":
+            raise UsageError("rank applies to the fd and jvp estimators, not naive")
+    if (isinstance(chunk_mb, bool) or not isinstance(chunk_mb, (int, float))
+            or not math.isfinite(chunk_mb) or chunk_mb <= 0):
+        raise UsageError(f"chunk_mb must be a positive number, got {chunk_mb!r}")
+    if not isinstance(x, Tensor) or x.dim() != 2 or not x.is_floating_point():
+        raise UsageError(f"x must be a float tensor [N, d_in], got {getattr(x, 'shape', type(x))}")
+
+
 @torch.no_grad()
 def token_sensitivity(x: Tensor, projector: nn.Module, m: int = 64, h: float = 0.01, seed: int = 0,
-                      estimator: str = "fd", rank=None, chunk_mb: int = 256) -> Tensor:
-    if not isinstance(m, int) or m <= 0:
-        raise UsageError(f"m must be a positive integer, got {m!r}")
-    if not (isinstance(h, (int, float)) and math.isfinite(h) and h > 0):
-        raise UsageError(f"h must be a positive finite number, got {h!r}")
-    p = copy.deepcopy(projector).float()
-    x = x.float()
-    u = directions(m, x.shape[-1], seed, x.device)
-    out = []
-    for s in range(0, x.shape[0], 16):
-        xc = x[s:s + 16, None, :]
-        d = p(xc + h * u) - p(xc - h * u)
-        out.append((d.norm(dim=-1) / (2 * h)).mean(dim=1))
-    return torch.cat(out)
+                      *, estimator: str = "fd", rank: int | None = None, chunk_mb: float = 256) -> Tensor:
+    """S(i) = 1/m sum_j ||M(x_i + h u_j) - M(x_i - h u_j)|| / 2h, float32 [N] on x.device.
+
+    ``x`` [N, d_in] pre-projector tokens; ``projector`` maps [..., d_in] -> [..., d] (for the
+    Qwen2.5-VL merger, rows are the s^2*d_v patch concatenation). See the module docstring for the
+    estimators, the recognised structures and the precision rules.
+    """
+    _check(x, m, h, seed, estimator, rank, chunk_mb)
+    s = _structure(projector)
+    if rank is not None and s is None:
+        raise UsageError(
+            f"rank={rank} needs a Linear-act-Linear projector (or the Qwen2.5-VL merger); "
+            f"{type(projector).__name__} has no recognised structure")
+    dev = x.device
+    n = x.shape[0]
+    out = torch.zeros(n, dtype=torch.float32, device=dev)
+    if n == 0:
+        return out
+    u = directions(m, x.shape[1], seed, dev)
+    if s is not None and s.lin1.in_features != x.shape[1]:
+        raise UsageError(f"x has {x.shape[1]} features, the projector expects {s.lin1.in_features}")
+    mb = _effective_mb(chunk_mb, dev)
+    if s is None or estimator == "naive":
+        mod32 = _module32(projector, dev)
+        rows = _rows_fn(s, mod32)
+        if estimator == "jvp":
+            _generic_jvp(x, u, rows, out, mb)
+        else:
+            _naive(x, u, float(h), rows, out, mb)
+    else:
+        _structured(x, u, float(h), s, estimator, rank, out, mb)
+    return out
+
+
+def _probe_width(rows: Callable[[Tensor], Tensor], x: Tensor) -> int:
+    return int(rows(x[:1].float()).shape[-1])
+
+
+def _naive(x: Tensor, u: Tensor, h: float, rows, out: Tensor, mb: float) -> None:
+    m, d_in = u.shape
+    d = _probe_width(rows, x)
+    # x+-, two outputs, and room for the module's own intermediates (unknown: assume 4 x widest)
+    tc, dc = chunk_plan(m, (2 * d_in, 2 * d, 4 * max(d_in, d)), mb)
+    hu = h * u
+    for a in range(0, x.shape[0], tc):
+        xc = x[a:a + tc].float()
+        t = xc.shape[0]
+        for b in range(0, m, dc):
+            hub = hu[b:b + dc]
+            xp = (xc[:, None, :] + hub[None]).reshape(-1, d_in)
+            xm = (xc[:, None, :] - hub[None]).reshape(-1, d_in)
+            diff = rows(xp).float() - rows(xm).float()
+            nrm = torch.linalg.vector_norm(diff, dim=-1).view(t, -1)
+            out[a:a + t] += nrm.sum(1) / (2 * h)
+    out /= m
+
+
+def _generic_jvp(x: Tensor, u: Tensor, rows, out: Tensor, mb: float) -> None:
+    m, d_in = u.shape
+    d = _probe_width(rows, x)
+    tc, dc = chunk_plan(m, (2 * d_in, 2 * d, 8 * max(d_in, d)), mb)
+    for a in range(0, x.shape[0], tc):
+        xc = x[a:a + tc].float()
+        t = xc.shape[0]
+        for b in range(0, m, dc):
+            ub = u[b:b + dc]
+            k = ub.shape[0]
+            xr = xc[:, None, :].expand(t, k, d_in).reshape(-1, d_in)
+            ur = ub[None].expand(t, k, d_in).reshape(-1, d_in)
+            _, jv = torch.func.jvp(rows, (xr,), (ur,))
+            out[a:a + t] += torch.linalg.vector_norm(jv.float(), dim=-1).view(t, k).sum(1)
+    out /= m
+
+
+def _act_prime(act: nn.Module, a0: Tensor) -> Tensor:
+    """act'(a0) for an elementwise activation: jvp with a ones tangent."""
+    return torch.func.jvp(act, (a0,), (torch.ones_like(a0),))[1]
+
+
+def _structured(x: Tensor, u: Tensor, h: float, s: _MLP, estimator: str, rank, out: Tensor,
+                mb: float) -> None:
+    dev = x.device
+    m, d_in = u.shape
+    w1 = _f32(s.lin1.weight, dev)  # [d_h, d_in]
+    b1 = _f32(s.lin1.bias, dev)
+    d_h = w1.shape[0]
+    act = _module32(s.act, dev)
+    fast_gelu = type(act) is nn.GELU  # aten gelu has an out= variant: no allocation per chunk
+
+    # the W2 product: v [R, d_h] (fp32, already scaled) -> per-row norms [R]
+    w2_raw = s.lin2.weight.detach()
+    if rank is not None:
+        bmat = lowrank_factor(s.lin2, rank, dev)  # [d_h, k]
+        d_y = bmat.shape[1]
+        lowp = False
+    else:
+        lowp = (w2_raw.dtype in (torch.float16, torch.bfloat16) and dev.type in _LOWP_W2_DEVICES
+                and w2_raw.device == dev)
+        bmat = (w2_raw if lowp else _f32(w2_raw, dev)).T  # [d_h, d]
+        d_y = bmat.shape[1]
+
+    norm = s.norm
+    groups = norm.groups if norm is not None else 1
+    # per (token, direction) row: a+, a-, act(a+), act(a-) (fd) or the product (jvp), the output,
+    # and for the merger the per-row W1 J u
+    w_rows = [d_h] * (4 if estimator == "fd" else 1) + [d_y] + ([d_h] if norm is not None else [])
+    tc, dc = chunk_plan(m, w_rows, mb)
+    tc = min(tc, x.shape[0])
+
+    if norm is None:
+        t_dir = u @ w1.T  # W1 u_j [m, d_h], shared by every token
+    else:
+        g = _f32(norm.weight, dev)
+        d_v = norm.d_v
+        ug = (u.view(m, groups, d_v) * g)  # [m, P, d_v]
+        w1p = w1.view(d_h, groups, d_v)
+        # T_p = W1_p (g . u_p)  [P, m, d_h], shared by every token
+        t_dir = torch.stack([ug[:, p] @ w1p[:, p].T for p in range(groups)]).contiguous()
+        up = u.view(m, groups, d_v)
+
+    inv2h = 1.0 / (2 * h)
+    bufs: dict[int, tuple[Tensor, ...]] = {}
+
+    def buffers(rows: int) -> tuple[Tensor, ...]:
+        if rows not in bufs:
+            bufs.clear()
+            nb = 4 if estimator == "fd" else 1
+            bufs[rows] = tuple(torch.empty(rows, d_h, device=dev) for _ in range(nb))
+        return bufs[rows]
+
+    for a in range(0, x.shape[0], tc):
+        xc = x[a:a + tc].float()
+        t = xc.shape[0]
+        if norm is None:
+            a0 = torch.addmm(b1, xc, w1.T) if b1 is not None else xc @ w1.T
+        else:
+            xp = xc.view(t, groups, d_v)
+            r = torch.sqrt(xp.pow(2).mean(-1) + norm.eps)  # [t, P]
+            y = (xp * g / r[..., None]).reshape(t, d_in)
+            a0 = torch.addmm(b1, y, w1.T) if b1 is not None else y @ w1.T
+            # C_p = W1_p (g . x_p)  [t, P, d_h]
+            cgx = torch.stack([(xp[:, p] * g) @ w1p[:, p].T for p in range(groups)], 1)
+            rinv = 1.0 / r
+            coef = 1.0 / (d_v * r.pow(3))  # [t, P]
+        gp = _act_prime(act, a0) if estimator == "jvp" else None
+        for b in range(0, m, dc):
+            k = min(dc, m - b)
+            rws = t * k
+            if norm is None:
+                dw = t_dir[b:b + k][None]  # [1, k, d_h] broadcast over tokens
+            else:
+                # W1 J u = sum_p T_p / r_p - sum_p C_p (x_p . u_p) / (d_v r_p^3)
+                tb = t_dir[:, b:b + k].reshape(groups, k * d_h)
+                dw = (rinv @ tb).view(t, k, d_h)
+                xu = torch.einsum("tpd,kpd->tkp", xp, up[b:b + k]) * coef[:, None, :]  # [t, k, P]
+                dw = torch.baddbmm(dw, xu, cgx, alpha=-1.0)
+            if estimator == "jvp":
+                (v,) = buffers(rws)
+                v = v.view(t, k, d_h)
+                torch.mul(gp[:, None, :], dw, out=v)
+                v = v.view(rws, d_h)
+            else:
+                ap, am, fp, fm = (q.view(t, k, d_h) for q in buffers(rws))
+                if norm is None:
+                    torch.add(a0[:, None, :], dw, alpha=h, out=ap)
+                    torch.sub(a0[:, None, :], dw, alpha=h, out=am)
+                else:
+                    dw.mul_(h)
+                    torch.add(a0[:, None, :], dw, out=ap)
+                    torch.sub(a0[:, None, :], dw, out=am)
+                if fast_gelu:
+                    torch._C._nn.gelu(ap, approximate=act.approximate, out=fp)
+                    torch._C._nn.gelu(am, approximate=act.approximate, out=fm)
+                    v = fp.sub_(fm).mul_(inv2h)
+                else:
+                    v = act(ap).sub_(act(am)).mul_(inv2h)
+                v = v.reshape(rws, d_h)
+            if lowp:
+                yv = (v.to(bmat.dtype) @ bmat).float()
+            else:
+                yv = v @ bmat
+            out[a:a + t] += torch.linalg.vector_norm(yv, dim=-1).view(t, k).sum(1)
+    out /= m

@@ -195,7 +195,7 @@ def load_adapter(
 
     repo = MODEL_ALIASES.get(model, model)
     local = Path(repo).expanduser()
-    source = str(local) if local.is_dir() else repo
+    source = str(local) if local.is_dir() else _cached_or_reachable(model, repo)
     family = _model_type(model, source)
     cls = adapter_class(family)
     try:
@@ -215,14 +215,43 @@ def load_random_config(alias: str) -> dict[str, Any]:
         text = resources.files("zoocli").joinpath("data", fname).read_text()
     except (FileNotFoundError, OSError):
         raise ZooError(f"the shipped config zoocli/data/{fname} for '{alias}' is missing") from None
-    config = json.loads(text)
-    config.setdefault("_name_or_path", MODEL_ALIASES[alias])
-    return config
+    return json.loads(text)
+
+
+def _cached_or_reachable(model: str, repo: str) -> str:
+    """The local snapshot of ``repo`` if the HF cache has it (no network touched); else ``repo``
+    for a download, but only when the Hub answers: offline, fail at once rather than after the
+    hub client's retries."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo, local_files_only=True)
+    except Exception:  # not cached (LocalEntryNotFoundError and friends), or not a valid repo id
+        pass
+    if not _hub_reachable():
+        raise _not_available(model)
+    return repo
+
+
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
 
 
 def _model_type(model: str, source: str) -> str:
     from transformers import AutoConfig
 
+    if Path(source).is_dir() and not (Path(source) / "config.json").is_file():
+        raise ZooError(f"model directory '{source}' has no config.json")
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=False)
     except OSError:

@@ -182,7 +182,7 @@ class LlavaAdapter(Adapter):
         ip = self.processor.image_processor
         if getattr(ip, "do_pad", False):  # pad to a square, then resize: the square around the image
             s = max(w, h)
-            return ((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2)
+            return _box((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2)
         if not getattr(ip, "do_center_crop", False):
             return (0.0, 0.0, float(w), float(h))
         short = _get(ip.size, "shortest_edge") or min(_get(ip.size, "height") or w, _get(ip.size, "width") or h)
@@ -193,10 +193,12 @@ class LlavaAdapter(Adapter):
             bw, bh = min(cw / sw, 1.0) * w, min(ch / sh, 1.0) * h
         else:
             bw, bh = min(cw / scale, w), min(ch / scale, h)
-        return ((w - bw) / 2, (h - bh) / 2, (w + bw) / 2, (h + bh) / 2)
+        return _box((w - bw) / 2, (h - bh) / 2, (w + bw) / 2, (h + bh) / 2)
 
     @torch.no_grad()
-    def build_inputs(self, prepared: Prepared, encoded: Encoded, kept: Tensor, tokens: Tensor | None = None) -> LLMInputs:
+    def build_inputs(
+        self, prepared: Prepared, encoded: Encoded, kept: Tensor, tokens: Tensor | None = None
+    ) -> LLMInputs:
         kept = torch.as_tensor(kept, dtype=torch.long, device=self.device)
         n = encoded.features.shape[0]
         if kept.numel() and (kept.min() < 0 or kept.max() >= n or (kept[1:] <= kept[:-1]).any()):
@@ -218,7 +220,9 @@ class LlavaAdapter(Adapter):
         return self.splice(prepared.inputs["input_ids"], prepared.inputs["attention_mask"],
                            [slot_keep], [vis[slot_keep]])
 
-    def splice(self, input_ids: Tensor, attention_mask: Tensor, slot_keep: list[Tensor], visual: list[Tensor]) -> LLMInputs:
+    def splice(
+        self, input_ids: Tensor, attention_mask: Tensor, slot_keep: list[Tensor], visual: list[Tensor]
+    ) -> LLMInputs:
         """Embed ``input_ids`` [B, L], drop the placeholders whose ``slot_keep[b]`` is False and scatter
         ``visual[b]`` [k_b, D] into the remaining ones. B > 1 needs equal pruned lengths for now
         (left padding of unequal rows will come with the batched variant)."""
@@ -250,7 +254,9 @@ class LlavaAdapter(Adapter):
         gc = self.model.generation_config
         eos = gc.eos_token_id if gc.eos_token_id is not None else tok.eos_token_id
         eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
-        pad = gc.pad_token_id if gc.pad_token_id is not None else (tok.pad_token_id if tok.pad_token_id is not None else next(iter(eos_ids), 0))
+        pad = gc.pad_token_id if gc.pad_token_id is not None else tok.pad_token_id
+        if pad is None:
+            pad = next(iter(eos_ids), 0)
         clock = _StepClock(self.device)
         device_sync(self.device)
         t0 = time.perf_counter()
@@ -261,8 +267,8 @@ class LlavaAdapter(Adapter):
         )
         device_sync(self.device)
         ids = out[0].tolist()
-        if len(ids) > max_new_tokens:  # some versions return the (embeds-only) prompt slots too
-            ids = ids[-max_new_tokens:]
+        if len(ids) > max_new_tokens:  # versions that also return the (embeds-only) prompt slots
+            ids = ids[inputs.inputs_embeds.shape[1]:]
         for i, t in enumerate(ids):
             if t in eos_ids:
                 ids = ids[:i]
@@ -367,7 +373,7 @@ class LlavaNextAdapter(LlavaAdapter):
             for j in range(npw):
                 x0, x1 = (j * s - px) / sx, ((j + 1) * s - px) / sx
                 y0, y1 = (i * s - py) / sy, ((i + 1) * s - py) / sy
-                out.append((max(0.0, x0), max(0.0, y0), min(float(w), x1), min(float(h), y1)))
+                out.append(_box(max(0.0, x0), max(0.0, y0), min(float(w), x1), min(float(h), y1)))
         return out
 
 
@@ -459,14 +465,13 @@ def build_small_llava(out_dir: Path) -> None:
 
 def _init_on(model_cls, config, device, dtype):
     """Random-init a model directly on ``device`` in ``dtype`` (no fp32 CPU detour)."""
-    old = torch.get_default_dtype()
-    try:
-        torch.set_default_dtype(dtype)
-        with torch.device(device):
-            model = model_cls._from_config(config, dtype=dtype)
-    finally:
-        torch.set_default_dtype(old)
+    with torch.device(device):
+        model = model_cls._from_config(config, dtype=dtype)
     return model.to(device=device, dtype=dtype).eval()
+
+
+def _box(x0: float, y0: float, x1: float, y1: float) -> tuple[float, float, float, float]:
+    return tuple(round(float(v), 4) + 0.0 for v in (x0, y0, x1, y1))  # type: ignore[return-value]
 
 
 def _round_up(n: int, k: int) -> int:

@@ -160,3 +160,7 @@ def select(name: str, inp: PruneInputs, keep: int, **options: Any) -> Selection:
 from zoocli.methods import basic as _basic  # noqa: E402,F401
 from zoocli.methods import divprune as _divprune  # noqa: E402,F401
 from zoocli.methods import zoo as _zoo  # noqa: E402,F401
+from zoocli.methods import fastv as _fastv  # noqa: E402,F401
+from zoocli.methods import sparsevlm as _sparsevlm  # noqa: E402,F401
+from zoocli.methods import visionzip as _visionzip  # noqa: E402,F401
+from zoocli.methods import zspaprune as _zspaprune  # noqa: E402,F401

@@ -1,0 +1,57 @@
+"""Shared fixtures: the offline tiny models, built once per session into a session tmp dir.
+
+``tiny_llava`` / ``tiny_llava_next`` / ``tiny_qwen`` are adapters loaded through
+``load_adapter`` exactly like a real checkpoint (``from_pretrained`` on the built dir), CPU, fp32.
+Tests must not modify the adapters' weights.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+@pytest.fixture(scope="session")
+def zoo_model_cache(tmp_path_factory):
+    """A per-session cache dir for the offline models (no races with ~/.cache or other sessions)."""
+    return tmp_path_factory.mktemp("zoo-models")
+
+
+def _load(name, cache):
+    from zoocli.adapters import load_adapter
+
+    return load_adapter(name, device="cpu", dtype="fp32", cache_dir=cache)
+
+
+@pytest.fixture(scope="session")
+def tiny_llava(zoo_model_cache):
+    return _load("tiny-llava", zoo_model_cache)
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_next(zoo_model_cache):
+    return _load("tiny-llava-next", zoo_model_cache)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen(zoo_model_cache):
+    try:
+        importlib.import_module("zoocli.adapters.qwen2_5_vl")
+    except ImportError as e:
+        pytest.skip(f"Qwen2.5-VL adapter not available: {e}")
+    return _load("tiny-qwen2.5-vl", zoo_model_cache)
+
+
+def make_image(width: int, height: int, seed: int = 0) -> Image.Image:
+    """A deterministic random RGB image."""
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), "RGB")
+
+
+@pytest.fixture
+def rand_image():
+    """Factory: ``rand_image(width, height, seed=0)`` -> a deterministic random RGB image."""
+    return make_image

@@ -1,0 +1,223 @@
+"""The `zoo` command end to end on the offline tiny models (CPU)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from zoocli.cli import app
+
+REPO = Path(__file__).resolve().parent.parent
+CAT = str(REPO / "sample_images" / "cat_chelsea.png")
+CUP = str(REPO / "sample_images" / "coffee_cup.jpg")
+FAST = ["--max-new-tokens", "3", "--m", "8"]
+
+
+@pytest.fixture(autouse=True)
+def _offline_cache(zoo_model_cache, monkeypatch):
+    import zoocli.adapters
+
+    monkeypatch.setattr(zoocli.adapters, "default_cache_dir", lambda: Path(zoo_model_cache))
+
+
+def run(*args, code=0):
+    res = CliRunner().invoke(app, [str(a) for a in args])
+    assert res.exit_code == code, (res.exit_code, res.stdout, res.stderr, res.exception)
+    return res
+
+
+def run_json(*args):
+    return json.loads(run(*args, "--json").stdout)
+
+
+def one_line_error(res, *needles):
+    err = res.stderr.strip()
+    assert "Traceback" not in res.stdout + res.stderr
+    assert len(err.splitlines()) == 1, err
+    for n in needles:
+        assert n in err, err
+
+
+def test_methods_lists_every_registered_method():
+    from zoocli import METHODS
+
+    out = run("methods").stdout
+    for name in METHODS:
+        assert name in out
+    rows = run_json("methods")
+    assert {r["name"] for r in rows} == set(METHODS)
+    assert all({"stage", "families", "paper", "summary"} <= set(r) for r in rows)
+
+
+@pytest.mark.parametrize("model", ["tiny-llava", "tiny-llava-next", "tiny-qwen2.5-vl"])
+def test_ask_json_has_documented_keys(model):
+    d = run_json("ask", CUP, "What is in the cup?", "--model", model, "--keep", "5", *FAST)
+    for key in ("model", "method", "keep", "n_visual_tokens", "kept_indices", "answer", "timings_ms"):
+        assert key in d
+    for key in ("vision", "selection", "prefill", "ttft", "decode", "e2e"):
+        assert key in d["timings_ms"]
+    assert d["method"] == "zoo" and d["keep"] == 5 and len(d["kept_indices"]) == 5
+    assert d["meaningless"] is True
+
+
+@pytest.mark.parametrize("model", ["tiny-llava", "tiny-llava-next", "tiny-qwen2.5-vl"])
+def test_ask_renders_answer_grid_and_timings(model):
+    out = run("ask", CAT, "What animal is this?", "--model", model, "--keep", "50%", *FAST).stdout
+    assert "█" in out and "·" in out
+    assert "prefill" in out and "time to first token" in out
+    assert "meaningless" in out
+
+
+def test_ask_overlay_has_the_image_size(tmp_path):
+    out = tmp_path / "o.png"
+    run("ask", CUP, "q?", "--model", "tiny-llava-next", "--keep", "10", "--overlay", out, *FAST)
+    with Image.open(out) as im, Image.open(CUP) as src:
+        assert im.size == src.size
+
+
+def test_keep_more_than_tokens_is_clamped_with_a_warning():
+    res = run("ask", CUP, "q?", "--model", "tiny-llava", "--keep", "100000", *FAST, "--json")
+    d = json.loads(res.stdout)
+    assert len(d["kept_indices"]) == d["n_visual_tokens"]
+    assert "keeping all" in res.stderr
+
+
+@pytest.mark.parametrize(
+    "args,code,needle",
+    [
+        (["ask", "/no/such.jpg", "q"], 1, "no/such.jpg"),
+        (["ask", __file__, "q"], 1, "not an image"),
+        (["ask", CUP, "   "], 2, "question is empty"),
+        (["ask", CUP, "q", "--keep", "0"], 2, "keep must be at least 1"),
+        (["ask", CUP, "q", "--keep", "-5"], 2, "keep must be at least 1"),
+        (["ask", CUP, "q", "--keep", "lots"], 2, "--keep"),
+        (["ask", CUP, "q", "--m", "0"], 2, "--m must be at least 1"),
+        (["ask", CUP, "q", "--h", "0"], 2, "--h must be a positive number"),
+        (["ask", CUP, "q", "--h", "nan"], 2, "--h must be a positive number"),
+        (["ask", CUP, "q", "--method", "fastestv"], 2, "known:"),
+        (["ask", CUP, "q", "--model", "no-such-family-xyz"], 1, "no-such-family-xyz"),
+        (["ask", CUP, "q", "--model", "tiny-llava", "--dtype", "fp8"], 2, "fp8"),
+    ],
+)
+def test_bad_input_gives_one_line_and_exit_code(args, code, needle, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    res = run(*args, code=code)
+    one_line_error(res, needle)
+
+
+def test_cuda_asked_but_absent(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    res = run("ask", CUP, "q", "--model", "tiny-llava", "--device", "cuda", code=1)
+    one_line_error(res, "CUDA")
+
+
+def test_corrupt_image_is_a_clear_error(tmp_path):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(Path(CUP).read_bytes()[:2000])
+    res = run("ask", bad, "q", "--model", "tiny-llava", code=1)
+    one_line_error(res, "broken.jpg")
+
+
+@pytest.mark.parametrize("model", ["tiny-llava", "tiny-llava-next", "tiny-qwen2.5-vl"])
+def test_score_json_and_heatmap(model, tmp_path):
+    d = run_json("score", CUP, "--model", model, "--m", "8")
+    assert d["n_visual_tokens"] == len(d["tokens"])
+    t = d["tokens"][0]
+    assert {"index", "scope", "row", "col", "sensitivity"} <= set(t)
+    assert d["stats"]["min"] <= d["stats"]["median"] <= d["stats"]["max"]
+    assert d["top"][0]["sensitivity"] == d["stats"]["max"]
+    out = run("score", CUP, "--model", model, "--m", "8", "--overlay", tmp_path / "h.png").stdout
+    assert "median" in out and "top" in out
+    assert (tmp_path / "h.png").exists()
+
+
+def test_score_vs_encoder_reports_spearman():
+    d = run_json("score", CUP, "--model", "tiny-llava", "--m", "2", "--vs-encoder")
+    assert -1 <= d["spearman_encoder_vs_projector"] <= 1
+    assert len(d["encoder_sensitivity"]) == d["n_visual_tokens"]
+
+
+def test_compare_table_json_and_sheet(tmp_path):
+    d = run_json("compare", CUP, "q?", "--model", "tiny-llava-next", "--methods", "divprune,zoo",
+                 "--keep", "12", *FAST)
+    rows = {r["method"]: r for r in d["rows"]}
+    assert list(rows) == ["none", "divprune", "zoo"]
+    assert rows["none"]["kept"] == rows["none"]["total"]
+    assert rows["zoo"]["kept"] == 12 and rows["zoo"]["jaccard_vs_zoo"] == 1.0
+    for key in ("selection_ms", "prefill_ms", "e2e_ms", "speedup_e2e", "answer"):
+        assert key in rows["divprune"]
+    sheet = tmp_path / "sheet.png"
+    out = run("compare", CUP, "q?", "--model", "tiny-llava", "--keep", "4", "--overlay", sheet,
+              *FAST).stdout
+    assert "Jaccard" in out and sheet.exists()
+
+
+BENCH = ["bench", "--model", "tiny-llava", "--budgets", "8,4", "--methods", "zoo,divprune",
+         "--images", CUP, "--repeats", "1", "--warmup", "0", "--max-new-tokens", "2", "--m", "4"]
+
+
+def test_bench_rows_and_resume(tmp_path):
+    out = tmp_path / "r.jsonl"
+    rows = run_json(*BENCH, "--out", out)
+    assert [(r["method"], r["budget"]) for r in rows] == [
+        ("none", "all"), ("zoo", "8"), ("divprune", "8"), ("zoo", "4"), ("divprune", "4")]
+    for r in rows[1:]:
+        for key in ("speedup_prefill", "speedup_ttft", "speedup_e2e", "selection_share_of_ttft"):
+            assert key in r
+        for stage in ("vision", "selection", "prefill", "ttft", "decode", "e2e"):
+            assert set(r[stage]) == {"median", "min", "max"}
+        assert r["peak_memory_mb"] > 0 and r["est_tflops"]["total"] > 0
+    assert len(out.read_text().splitlines()) == 5
+    again = run_json(*BENCH, "--out", out)
+    assert again == []  # every row was already there
+    assert len(out.read_text().splitlines()) == 5
+
+
+def test_bench_out_keeps_rows_when_a_later_row_fails(tmp_path, monkeypatch):
+    import zoocli.bench as bench
+
+    real = bench.run_method
+
+    def flaky(adapter, enc, method, keep, **kw):
+        if method == "divprune":
+            raise RuntimeError("simulated crash")
+        return real(adapter, enc, method, keep, **kw)
+
+    monkeypatch.setattr(bench, "run_method", flaky)
+    out = tmp_path / "r.jsonl"
+    res = CliRunner().invoke(app, [*BENCH, "--out", str(out)])
+    assert res.exit_code != 0
+    kept = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["method"], r["budget"]) for r in kept] == [("none", "all"), ("zoo", "8")]
+
+
+def test_config_file_supplies_defaults_and_flags_win(tmp_path):
+    cfg = tmp_path / "zoo.yaml"
+    cfg.write_text("model: tiny-llava\nkeep: 3\nmethod: divprune\nmax-new-tokens: 2\n")
+    d = run_json("ask", CUP, "q", "--config", cfg)
+    assert d["method"] == "divprune" and len(d["kept_indices"]) == 3
+    d = run_json("ask", CUP, "q", "--config", cfg, "--keep", "5")
+    assert len(d["kept_indices"]) == 5
+
+
+@pytest.mark.parametrize("text,needle", [("kep: 3\n", "kep"), ("m: many\n", "'m'"),
+                                          ("- a\n- b\n", "mapping")])
+def test_config_file_errors_name_the_key(tmp_path, text, needle):
+    cfg = tmp_path / "zoo.yaml"
+    cfg.write_text(text)
+    res = run("ask", CUP, "q", "--config", cfg, code=2)
+    assert needle in res.stderr and "Traceback" not in res.stderr
+
+
+def test_cli_import_does_not_import_transformers():
+    code = "import sys, zoocli.cli; print('transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

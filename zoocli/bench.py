@@ -1,0 +1,203 @@
+"""`zoo bench`: latency of every (method, budget) against the unpruned baseline, in one run.
+
+Every clock read is device-synchronised (``zoocli.timing.Timer``); warm-up runs are left out of
+the figures; each figure is the median (with min and max) over ``repeats`` x images. Speed-ups are
+ratios of medians against the unpruned baseline measured by the same process. Rows are yielded
+as they finish so the caller can append them to ``--out`` at once (a crash loses nothing already
+measured); rows whose key is already in that file are skipped on a rerun (the baseline is always
+re-measured, since the ratios need it, but written only once).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from zoocli.errors import UsageError
+from zoocli.pipeline import check_family, encode_image, parse_keep, run_method
+from zoocli.timing import peak_memory_mb, reset_peak_memory, summarize
+
+STAGES = ("preprocess", "vision", "selection", "prefill", "ttft", "decode", "e2e")
+BASELINE = "none"
+
+
+@dataclass
+class BenchSpec:
+    model: str
+    methods: list[str]
+    budgets: list[str]
+    images: list[str]
+    question: str = "Describe the image in one sentence."
+    repeats: int = 5
+    warmup: int = 1
+    max_new_tokens: int = 32
+    seed: int = 0
+    scope: str = "crop"
+    options: dict[str, Any] = field(default_factory=dict)
+    device: str = ""
+    dtype: str = ""
+    random_weights: bool = False
+
+    def key(self, method: str, budget: str) -> dict[str, Any]:
+        """What identifies a row: a rerun skips rows whose key is already in --out."""
+        opts = self.options if method in ("zoo", "sensitivity", "sum") else {}
+        return {
+            "model": self.model, "device": self.device, "dtype": self.dtype,
+            "random_weights": self.random_weights, "method": method, "budget": budget,
+            "images": list(self.images), "question": self.question, "repeats": self.repeats,
+            "warmup": self.warmup, "max_new_tokens": self.max_new_tokens, "seed": self.seed,
+            "scope": self.scope, "options": opts,
+        }
+
+
+def key_str(key: dict[str, Any]) -> str:
+    return json.dumps(key, sort_keys=True)
+
+
+def done_keys(path: Path | None) -> set[str]:
+    """Keys of the rows already in an --out file; a truncated last line (a crash) is ignored."""
+    if path is None or not Path(path).exists():
+        return set()
+    keys = set()
+    for line in Path(path).read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and "key" in row:
+            keys.add(key_str(row["key"]))
+    return keys
+
+
+def append_row(path: Path, row: dict[str, Any]) -> None:
+    """Append one JSON line and flush it to disk before going on."""
+    import os
+
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def llm_flops(cfg: Any, n_params: int, seq: int, new_tokens: int) -> tuple[float, float]:
+    """Analytic FLOPs of the language model: (prefill, decode). 2 FLOPs per multiply-add of every
+    non-embedding weight per token, plus causal attention scores and values: 2·layers·d·L² for the
+    prefill of L tokens and 4·layers·d·ctx per decoded token."""
+    d = cfg.hidden_size
+    layers = cfg.num_hidden_layers
+    prefill = 2.0 * n_params * seq + 2.0 * layers * d * seq * seq
+    decode = sum(2.0 * n_params + 4.0 * layers * d * (seq + t) for t in range(max(0, new_tokens - 1)))
+    return prefill, decode
+
+
+def selection_flops(method: str, n: int, keep: int, dims: dict[str, int], options: dict) -> float:
+    """Analytic FLOPs of the selection: greedy cosine updates k·N·D·2; ZOO adds the sensitivity
+    (fd/jvp: one second-Linear product per (token, direction), 2·N·m·d_hidden·d, or with rank r
+    2·N·m·d_hidden·r, plus the first Linear once per token and once per direction)."""
+    d = dims["d"]
+    greedy = 2.0 * keep * n * d if method in ("zoo", "divprune", "sum") else 0.0
+    if method not in ("zoo", "sensitivity", "sum"):
+        return greedy
+    m = options.get("m", 64)
+    dh, dv = dims["d_hidden"], dims["d_in"]
+    second = options.get("rank") or d
+    zoo = 2.0 * n * m * dh * second + 2.0 * (n + m) * dv * dh
+    if options.get("estimator") == "naive":
+        zoo = 2 * 2.0 * n * m * (dv * dh + dh * d)
+    return greedy + zoo
+
+
+def _llm_params(adapter) -> tuple[Any, int]:
+    lm = adapter.model.model.language_model
+    emb = lm.get_input_embeddings().weight.numel()
+    n = sum(p.numel() for p in lm.parameters()) - emb
+    return lm.config, n
+
+
+def _projector_dims(adapter) -> dict[str, int]:
+    lin = [m for m in adapter.projector.modules() if m.__class__.__name__ == "Linear"]
+    return {"d_in": lin[0].in_features, "d_hidden": lin[0].out_features, "d": lin[-1].out_features}
+
+
+def bench_rows(
+    adapter, images: Sequence[Any], spec: BenchSpec, skip: set[str] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Measure the baseline, then every (budget, method) not in ``skip``; yield rows as they finish."""
+    skip = skip or set()
+    for name in spec.methods:
+        check_family(adapter, name)
+    cfg, n_llm = _llm_params(adapter)
+    dims = _projector_dims(adapter)
+    plan = [(BASELINE, "all")] + [(m, b) for b in spec.budgets for m in spec.methods if m != BASELINE]
+    base: dict[str, Any] | None = None
+    for method, budget in plan:
+        key = spec.key(method, budget)
+        if method != BASELINE and key_str(key) in skip:
+            if progress:
+                progress(f"skip {method}@{budget}")
+            continue
+        row = _measure(adapter, images, spec, method, budget, cfg, n_llm, dims, progress)
+        row["key"] = key
+        if base is None:
+            base = row
+        else:
+            for stage in ("prefill", "ttft", "e2e"):
+                row[f"speedup_{stage}"] = base[stage]["median"] / row[stage]["median"]
+        if method == BASELINE and key_str(key) in skip:
+            continue
+        yield row
+
+
+def _measure(adapter, images, spec, method, budget, cfg, n_llm, dims, progress):
+    times: dict[str, list[float]] = {s: [] for s in STAGES}
+    peaks, kept, vis, seqs, new_tokens, n_cand = [], [], [], [], [], []
+    for rep in range(spec.warmup + spec.repeats):
+        for img in images:
+            reset_peak_memory(adapter.device)
+            enc = encode_image(adapter, img, spec.question)
+            keep = enc.n if budget == "all" else parse_keep(budget, enc.n)[0]
+            res = run_method(adapter, enc, method, keep, scope=spec.scope, seed=spec.seed,
+                             options=spec.options, max_new_tokens=spec.max_new_tokens)
+            if progress:
+                progress(f"{method}@{budget}")
+            if rep < spec.warmup:
+                continue
+            for s in STAGES:
+                times[s].append(res.timings_ms.get(s, 0.0))
+            peaks.append(peak_memory_mb(adapter.device))
+            kept.append(len(res.kept_indices))
+            n_cand.append(res.n_visual_tokens)
+            vis.append(res.n_llm_visual_kept)
+            seqs.append(int(enc.prepared.inputs["input_ids"].shape[1]) - res.n_llm_visual_full
+                        + res.n_llm_visual_kept)
+            new_tokens.append(res.new_tokens)
+    row: dict[str, Any] = {"method": method, "budget": budget}
+    for s in STAGES:
+        row[s] = summarize(times[s])
+    row["selection_share_of_ttft"] = row["selection"]["median"] / row["ttft"]["median"]
+    row["kept_tokens"] = summarize([float(k) for k in kept])["median"]
+    row["visual_tokens"] = summarize([float(k) for k in n_cand])["median"]
+    row["llm_visual_tokens"] = summarize([float(v) for v in vis])["median"]
+    row["new_tokens"] = summarize([float(t) for t in new_tokens])["median"]
+    row["peak_memory_mb"] = max(peaks)
+    row["peak_memory_kind"] = "cuda_max_allocated" if adapter.device.type == "cuda" else "process_peak_rss"
+    seq = int(summarize([float(s) for s in seqs])["median"])
+    pre, dec = llm_flops(cfg, n_llm, seq, int(row["new_tokens"]))
+    sel = selection_flops(method, int(row["visual_tokens"]), int(row["kept_tokens"]), dims,
+                          spec.options)
+    row["est_tflops"] = {"llm_prefill": pre / 1e12, "llm_decode": dec / 1e12,
+                         "selection": sel / 1e12, "total": (pre + dec + sel) / 1e12}
+    return row
+
+
+def shipped_images() -> list[Path]:
+    """The sample images shipped next to the package (a source checkout)."""
+    root = Path(__file__).resolve().parent.parent / "sample_images"
+    imgs = sorted(p for p in root.glob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    if not imgs:
+        raise UsageError("no shipped sample images found next to the package; pass --images")
+    return imgs

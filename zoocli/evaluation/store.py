@@ -1,0 +1,340 @@
+"""Prediction records on disk: append-only JSON Lines, resume, per-rank shards, merge, summary.
+
+A record is one prediction: ``{"dataset", "id", "method", "budget", "kind", "prediction",
+"extracted", "answers", "score", "correct", "kept_tokens", "timings_ms", ...}`` (``make_record``).
+Its key is ``(dataset, id, method, budget)``; the unpruned baseline is method ``"none"`` (any
+budget, usually None).
+
+``RecordWriter`` appends one line per record and flushes + fsyncs it, so a crash loses at most the
+record being written. On opening it repairs a torn last line (drops it, or ends it with a newline
+when it is a whole record). ``read_records`` / ``done_keys`` ignore a torn last line; a damaged
+line anywhere else is an error naming the file and line.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+from zoocli.errors import UsageError, ZooError
+from zoocli.evaluation.metrics import majority, score_one, yes_no_metrics
+from zoocli.evaluation.samples import Sample
+
+KEY_FIELDS = ("dataset", "id", "method", "budget")
+BASELINE = "none"
+MEAN = "mean"  # the dataset name of the mean-over-datasets row (the paper's Avg column)
+
+
+def _budget(b):
+    """Budgets compare equal across int/float spellings (64 == 64.0)."""
+    if isinstance(b, float) and b.is_integer():
+        return int(b)
+    return b
+
+
+def record_key(record: dict) -> tuple:
+    """``(dataset, id, method, budget)`` of a record."""
+    return (record["dataset"], str(record["id"]), record["method"], _budget(record["budget"]))
+
+
+def make_record(sample: Sample, dataset: str, method: str, budget, prediction: str, *,
+                kept_tokens: int | None = None, timings_ms: dict | None = None, **extra) -> dict:
+    """A scored record for one prediction (score None when the sample has no answers)."""
+    if sample.answers is not None:
+        score, extracted = score_one(sample, prediction)
+    else:
+        score, extracted = None, None
+    rec = {
+        "dataset": dataset, "id": sample.id, "method": method, "budget": _budget(budget),
+        "kind": sample.kind, "prediction": prediction, "extracted": extracted,
+        "answers": sample.answers, "score": score,
+        "correct": None if score is None else score >= 1.0,
+        "kept_tokens": kept_tokens, "timings_ms": timings_ms,
+    }
+    rec.update(extra)
+    return rec
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _repair_tail(path: Path) -> None:
+    """Make ``path`` end with a newline: end a torn-but-whole last record, or drop a torn one."""
+    with open(path, "rb+") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            return
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return
+        pos, tail = size, b""
+        while pos > 0:  # find the last newline, reading backwards
+            step = min(65536, pos)
+            pos -= step
+            f.seek(pos)
+            chunk = f.read(step)
+            i = chunk.rfind(b"\n")
+            if i >= 0:
+                tail = chunk[i + 1:] + tail
+                pos += i + 1
+                break
+            tail = chunk + tail
+        try:
+            whole = isinstance(json.loads(tail.decode("utf-8")), dict)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            whole = False
+        if whole:
+            f.seek(0, os.SEEK_END)
+            f.write(b"\n")
+        else:
+            f.truncate(pos)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+class RecordWriter:
+    """Append records to a JSON Lines file, each flushed and fsynced as it is written.
+
+    ``with RecordWriter(path) as w: w.write(record)``. Creates missing parent folders.
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if self.path.exists():
+                _repair_tail(self.path)
+            self._f = open(self.path, "a", encoding="utf-8")
+        except OSError as e:
+            raise ZooError(f"{self.path}: cannot open for writing ({e.strerror})") from None
+
+    def write(self, record: dict) -> None:
+        for k in KEY_FIELDS:
+            if k not in record:
+                raise ValueError(f"record lacks the key field '{k}'")
+        line = json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n"
+        self._f.write(line)
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def close(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+
+    def __enter__(self) -> RecordWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _paths(paths) -> list[Path]:
+    if isinstance(paths, (str, os.PathLike)):
+        return [Path(paths)]
+    return [Path(p) for p in paths]
+
+
+def read_records(paths, missing_ok: bool = False) -> Iterator[dict]:
+    """Records from one or more files, in file then line order; a torn last line is skipped."""
+    for path in _paths(paths):
+        try:
+            text = path.read_bytes().decode("utf-8", errors="replace")
+        except FileNotFoundError:
+            if missing_ok:
+                continue
+            raise ZooError(f"{path}: no such file") from None
+        except OSError as e:
+            raise ZooError(f"{path}: cannot read ({e.strerror})") from None
+        lines = text.split("\n")
+        last = len(lines) - 1  # the text after the final newline ("" for a clean file)
+        for i, line in enumerate(lines):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                if not isinstance(rec, dict):
+                    raise ValueError
+            except ValueError:
+                if i == last:  # torn by a crash mid-write: that record will be redone
+                    continue
+                raise ZooError(f"{path}, line {i + 1}: not a valid JSON record; the file is "
+                               f"damaged before its end (delete or fix that line)") from None
+            for k in KEY_FIELDS:
+                if k not in rec:
+                    raise ZooError(f"{path}, line {i + 1}: record lacks the field '{k}'")
+            yield rec
+
+
+def done_keys(paths) -> set[tuple]:
+    """Keys ``(dataset, id, method, budget)`` already recorded in ``paths`` (missing files: none).
+
+    Pass every shard of a run, so a resume with another world size still skips finished work.
+    """
+    return {record_key(r) for r in read_records(paths, missing_ok=True)}
+
+
+# --------------------------------------------------------------------------- shards
+
+
+def shard(samples: Sequence, rank: int, world_size: int) -> list:
+    """Round-robin share of ``samples`` for ``rank``: disjoint across ranks, together all of them."""
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise UsageError(f"world size must be a positive integer, got {world_size!r}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise UsageError(f"rank must be an integer in [0, {world_size - 1}], got {rank!r}")
+    return list(samples)[rank::world_size]
+
+
+def shard_path(path, rank: int) -> Path:
+    """``run.jsonl`` -> ``run.rank0.jsonl`` for rank 0."""
+    p = Path(path)
+    suffix = p.suffix or ".jsonl"
+    return p.with_name(f"{p.stem if p.suffix else p.name}.rank{int(rank)}{suffix}")
+
+
+def shard_paths(path, world_size: int) -> list[Path]:
+    return [shard_path(path, r) for r in range(world_size)]
+
+
+_RANK = re.compile(r"\.rank(\d+)\.[^.]+$")
+
+
+def _rank_order(p: Path):
+    m = _RANK.search(p.name)
+    return (int(m.group(1)) if m else math.inf, str(p))
+
+
+def find_shards(path) -> list[Path]:
+    """The existing shard files of ``path`` (``run.rank*.jsonl``), in rank order."""
+    p = Path(path)
+    stem, suffix = (p.stem, p.suffix) if p.suffix else (p.name, ".jsonl")
+    found = [q for q in p.parent.glob(f"{_glob_escape(stem)}.rank*{suffix}") if _RANK.search(q.name)]
+    return sorted(found, key=_rank_order)
+
+
+def _glob_escape(s: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", s)
+
+
+def _sort_key(value):
+    """None < numbers < strings; digit strings sort as numbers ("2" < "10")."""
+    if value is None:
+        return (0, 0, "")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (1, value, "")
+    s = str(value)
+    if s.isdigit():
+        return (1, int(s), "")
+    return (2, 0, s)
+
+
+def _record_order(rec: dict):
+    d, i, m, b = record_key(rec)
+    return (str(d), str(m), _sort_key(b), _sort_key(i))
+
+
+def merge_shards(paths, out) -> int:
+    """Merge shard files into ``out``; returns the record count.
+
+    Deterministic: the same records give the same bytes whatever the order of ``paths``. Records
+    are sorted by (dataset, method, budget, id) and written with sorted keys. When a key occurs
+    more than once, the first in (rank, line) order is kept. ``out`` is replaced atomically.
+    """
+    paths = sorted(_paths(paths), key=_rank_order)
+    if not paths:
+        raise ZooError("no shard files to merge")
+    seen: dict[tuple, dict] = {}
+    for rec in read_records(paths):
+        seen.setdefault(record_key(rec), rec)
+    recs = sorted(seen.values(), key=_record_order)
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "w", encoding="utf-8") as f:
+            for rec in recs:
+                f.write(json.dumps(rec, ensure_ascii=False, sort_keys=True, allow_nan=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except OSError as e:
+        raise ZooError(f"{out}: cannot write ({e.strerror})") from None
+    return len(recs)
+
+
+# --------------------------------------------------------------------------- summary
+
+METRICS = ("score", "accuracy", "precision", "recall", "f1")
+
+
+def dataset_value(records: Sequence[dict], metric: str = "score") -> float | None:
+    """One dataset's figure from its records: "score" = mean per-sample score; "accuracy",
+    "precision", "recall", "f1" = POPE metrics (yes/no records only). None when nothing is scored."""
+    if metric not in METRICS:
+        raise UsageError(f"unknown metric '{metric}'; known: {', '.join(METRICS)}")
+    scored = [r for r in records if r.get("score") is not None]
+    if not scored:
+        return None
+    if metric == "score":
+        return sum(float(r["score"]) for r in scored) / len(scored)
+    yn = [r for r in scored if r.get("kind") == "yesno" and r.get("answers")]
+    if not yn:
+        return None
+    return yes_no_metrics([r.get("extracted") for r in yn], [majority(r["answers"]) for r in yn])[metric]
+
+
+def summarize(records: Iterable[dict], metric: str | dict = "score", baseline: str = BASELINE) -> list[dict]:
+    """Rows ``{"method", "budget", "dataset", "n", "score", "retention"}`` per method x budget x
+    dataset, then per method x budget one row with dataset ``MEAN`` (score and retention averaged
+    over its datasets, the paper's Avg column; ``n`` = number of samples, ``datasets`` = count).
+
+    ``metric``: one name for all datasets or ``{dataset: name}`` (e.g. ``{"pope": "f1"}``; others
+    use "score"). ``retention`` = score / the baseline's score on that dataset (all baseline
+    records of the dataset pooled, whatever their budget); None when there is no baseline or its
+    score is 0. The mean retention is None when any dataset's is None. Duplicate keys: the last
+    record wins. Order: the baseline first, then methods by name; budgets ascending; datasets by name.
+    """
+    latest: dict[tuple, dict] = {}
+    for r in records:
+        latest[record_key(r)] = r
+    groups: dict[tuple, list[dict]] = {}
+    base: dict[str, list[dict]] = {}
+    for (d, _i, m, b), r in latest.items():
+        groups.setdefault((m, b, d), []).append(r)
+        if m == baseline:
+            base.setdefault(d, []).append(r)
+
+    def metric_for(d: str) -> str:
+        return metric.get(d, "score") if isinstance(metric, dict) else metric
+
+    base_value = {d: dataset_value(rs, metric_for(d)) for d, rs in base.items()}
+    rows: list[dict] = []
+    combos = sorted({(m, b) for m, b, _d in groups},
+                    key=lambda mb: (mb[0] != baseline, mb[0], _sort_key(mb[1])))
+    for m, b in combos:
+        per = []
+        for d in sorted(d for mm, bb, d in groups if (mm, bb) == (m, b)):
+            rs = groups[(m, b, d)]
+            value = dataset_value(rs, metric_for(d))
+            bv = base_value.get(d)
+            retention = value / bv if value is not None and bv else None
+            row = {"method": m, "budget": b, "dataset": d, "n": len(rs), "metric": metric_for(d),
+                   "score": value, "retention": retention}
+            rows.append(row)
+            per.append(row)
+        values = [r["score"] for r in per]
+        rets = [r["retention"] for r in per]
+        rows.append({
+            "method": m, "budget": b, "dataset": MEAN, "n": sum(r["n"] for r in per),
+            "datasets": len(per), "metric": "mean",
+            "score": sum(values) / len(values) if per and None not in values else None,
+            "retention": sum(rets) / len(rets) if per and None not in rets else None,
+        })
+    return rows
