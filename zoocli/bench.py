@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from zoocli.errors import UsageError
+from zoocli.methods import parse_method_spec
 from zoocli.pipeline import check_family, encode_image, parse_keep, run_method
 from zoocli.timing import peak_memory_mb, reset_peak_memory, summarize
 
@@ -43,7 +44,7 @@ class BenchSpec:
 
     def key(self, method: str, budget: str) -> dict[str, Any]:
         """What identifies a row: a rerun skips rows whose key is already in --out."""
-        opts = self.options if method in ("zoo", "sensitivity", "sum") else {}
+        opts = self.method_options(method)
         return {
             "model": self.model, "device": self.device, "dtype": self.dtype,
             "random_weights": self.random_weights, "method": method, "budget": budget,
@@ -51,6 +52,14 @@ class BenchSpec:
             "warmup": self.warmup, "max_new_tokens": self.max_new_tokens, "seed": self.seed,
             "scope": self.scope, "options": opts,
         }
+
+    def method_options(self, spec: str) -> dict[str, Any]:
+        """The options a method spec runs with: the command's, overridden by the spec's own."""
+        from zoocli.methods import get_method
+
+        name, extra = parse_method_spec(spec)
+        known = get_method(name).options
+        return {k: v for k, v in {**self.options, **extra}.items() if k in known}
 
 
 def key_str(key: dict[str, Any]) -> str:
@@ -129,7 +138,7 @@ def bench_rows(
     """Measure the baseline, then every (budget, method) not in ``skip``; yield rows as they finish."""
     skip = skip or set()
     for name in spec.methods:
-        check_family(adapter, name)
+        check_family(adapter, parse_method_spec(name)[0])
     cfg, n_llm = _llm_params(adapter)
     dims = _projector_dims(adapter)
     plan = [(BASELINE, "all")] + [(m, b) for b in spec.budgets for m in spec.methods if m != BASELINE]
@@ -153,6 +162,8 @@ def bench_rows(
 
 
 def _measure(adapter, images, spec, method, budget, cfg, n_llm, dims, progress):
+    name = parse_method_spec(method)[0]
+    opts = spec.method_options(method)
     times: dict[str, list[float]] = {s: [] for s in STAGES}
     peaks, kept, vis, seqs, new_tokens, n_cand = [], [], [], [], [], []
     for rep in range(spec.warmup + spec.repeats):
@@ -160,8 +171,8 @@ def _measure(adapter, images, spec, method, budget, cfg, n_llm, dims, progress):
             reset_peak_memory(adapter.device)
             enc = encode_image(adapter, img, spec.question)
             keep = enc.n if budget == "all" else parse_keep(budget, enc.n)[0]
-            res = run_method(adapter, enc, method, keep, scope=spec.scope, seed=spec.seed,
-                             options=spec.options, max_new_tokens=spec.max_new_tokens)
+            res = run_method(adapter, enc, name, keep, scope=spec.scope, seed=spec.seed,
+                             options=opts, max_new_tokens=spec.max_new_tokens)
             if progress:
                 progress(f"{method}@{budget}")
             if rep < spec.warmup:
@@ -187,8 +198,7 @@ def _measure(adapter, images, spec, method, budget, cfg, n_llm, dims, progress):
     row["peak_memory_kind"] = "cuda_max_allocated" if adapter.device.type == "cuda" else "process_peak_rss"
     seq = int(summarize([float(s) for s in seqs])["median"])
     pre, dec = llm_flops(cfg, n_llm, seq, int(row["new_tokens"]))
-    sel = selection_flops(method, int(row["visual_tokens"]), int(row["kept_tokens"]), dims,
-                          spec.options)
+    sel = selection_flops(name, int(row["visual_tokens"]), int(row["kept_tokens"]), dims, opts)
     row["est_tflops"] = {"llm_prefill": pre / 1e12, "llm_decode": dec / 1e12,
                          "selection": sel / 1e12, "total": (pre + dec + sel) / 1e12}
     return row

@@ -21,7 +21,8 @@ app = typer.Typer(
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
     help="zoo: visual-token pruning for vision-language models (ZOO-Prune and its baselines).",
 )
-console = Console()
+# A terminal gets its own width; a file or pipe gets 120 columns so wide tables stay readable.
+console = Console(width=None if sys.stdout.isatty() else 120)
 err = Console(stderr=True)
 
 
@@ -385,7 +386,7 @@ def _split(text: str, what: str) -> list[str]:
 def compare(
     image: Annotated[str, typer.Argument(help="image file")],
     question: Annotated[str, typer.Argument(help="question about the image")],
-    methods: Annotated[str, typer.Option(help="comma-separated methods (the unpruned baseline always runs)")] = "divprune,zoo",
+    methods: Annotated[str, typer.Option(help="comma-separated methods, each optionally with options: zoo:estimator=jvp (the unpruned baseline always runs)")] = "divprune,zoo",
     keep: Annotated[str, typer.Option(help="visual tokens to keep: a count (64) or a share (11%)")] = "64",
     m: MOpt = 64, h: HOpt = 0.01, seed: SeedOpt = 0, estimator: EstOpt = "fd", rank: RankOpt = None,
     model: ModelOpt = "llava-1.5", device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
@@ -397,14 +398,14 @@ def compare(
     config: ConfigOpt = None,
 ) -> None:
     """Run several methods on the same image (encoded once) and compare them with the unpruned model."""
-    from zoocli.methods import get_method
+    from zoocli.methods import parse_method_spec
     from zoocli.pipeline import check_family, encode_image, jaccard, parse_keep, run_method
     from zoocli.render import compare_table, contact_sheet, grids_panel, overlay as draw_overlay
 
     question = _question(question)
     names = _split(methods, "--methods")
     for name in names:
-        get_method(name)
+        parse_method_spec(name)
     parse_keep(keep, 10**9)
     opts = _zoo_options(m, h, estimator, rank)
     if max_new_tokens <= 0:
@@ -412,7 +413,7 @@ def compare(
     img = _image(image)
     adapter = _load(model, device, dtype, random_weights)
     for name in names:
-        check_family(adapter, name)
+        check_family(adapter, parse_method_spec(name)[0])
     enc = encode_image(adapter, img, question)
     k, warn = parse_keep(keep, enc.n)
     if warn:
@@ -422,8 +423,9 @@ def compare(
     with _progress() as bar:
         task = bar.add_task("methods", total=len(order))
         for name in order:
-            results[name] = run_method(adapter, enc, name, enc.n if name == "none" else k,
-                                       scope=budget_scope, seed=seed, options=opts,
+            base_name, extra = parse_method_spec(name)
+            results[name] = run_method(adapter, enc, base_name, enc.n if name == "none" else k,
+                                       scope=budget_scope, seed=seed, options={**opts, **extra},
                                        max_new_tokens=max_new_tokens)
             bar.advance(task)
     base = results["none"].timings_ms
@@ -459,7 +461,7 @@ def compare(
 def bench(
     model: ModelOpt = "llava-1.5",
     budgets: Annotated[str, typer.Option(help="comma-separated budgets: counts (640) or shares (11%)")] = "192,128,64",
-    methods: Annotated[str, typer.Option(help="comma-separated methods (the unpruned baseline always runs)")] = "zoo,divprune",
+    methods: Annotated[str, typer.Option(help="comma-separated methods, each optionally with options: zoo:estimator=jvp:rank=128 (the unpruned baseline always runs)")] = "zoo,divprune",
     images: Annotated[list[str] | None, typer.Option("--images", help="images (repeat the option or comma-separate); default: the shipped samples")] = None,
     question: Annotated[str, typer.Option(help="the question asked of every image")] = "Describe the image in one sentence.",
     repeats: Annotated[int, typer.Option(help="timed repeats per image (median reported)")] = 5,
@@ -474,12 +476,12 @@ def bench(
 ) -> None:
     """Latency of each method x budget against the unpruned model, measured in one run."""
     from zoocli.bench import BenchSpec, append_row, bench_rows, done_keys, shipped_images
-    from zoocli.methods import get_method
+    from zoocli.methods import parse_method_spec
     from zoocli.render import bench_table
 
     names = _split(methods, "--methods")
     for name in names:
-        get_method(name)
+        parse_method_spec(name)
     budget_list = _split(budgets, "--budgets")
     for b in budget_list:
         from zoocli.pipeline import parse_keep

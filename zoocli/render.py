@@ -8,6 +8,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from PIL import Image, ImageDraw
+from rich import box
 from rich.columns import Columns
 from rich.panel import Panel
 from rich.table import Table
@@ -242,22 +243,21 @@ def _med(stat: Mapping[str, float]) -> str:
 
 
 def bench_table(rows: Sequence[Mapping[str, Any]], spec: Any) -> Table:
-    t = Table(title=(f"{spec.model} · {spec.device} {spec.dtype} · {len(spec.images)} images x "
-                     f"{spec.repeats} repeats (median ms; warm-up {spec.warmup} excluded)"),
-              title_justify="left")
-    cols = ["method", "budget", "tokens", "vision", "select", "prefill", "ttft", "decode", "e2e",
-            "prefill x", "ttft x", "e2e x", "select/ttft", "peak MB", "est TFLOPs"]
+    t = Table(title=(f"{spec.model} · {spec.device} {spec.dtype} · {len(spec.images)} image(s) x "
+                     f"{spec.repeats} repeats, median ms (warm-up {spec.warmup} excluded)"),
+              title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    cols = ["method", "budget", "tokens", "select", "prefill", "ttft", "e2e", "ttft×", "e2e×",
+            "sel/ttft"]
     for c in cols:
-        t.add_column(c, justify="left" if c in ("method", "budget") else "right")
+        left = c in ("method", "budget")
+        t.add_column(c, justify="left" if left else "right", no_wrap=True)
     for r in rows:
         t.add_row(
-            r["method"], str(r["budget"]), f"{r['llm_visual_tokens']:.0f}", _med(r["vision"]),
-            _med(r["selection"]), _med(r["prefill"]), _med(r["ttft"]), _med(r["decode"]),
-            _med(r["e2e"]),
-            *(f"{r[f'speedup_{s}']:.2f}" if f"speedup_{s}" in r else "1.00" for s in ("prefill", "ttft", "e2e")),
-            f"{100 * r['selection_share_of_ttft']:.1f}%", f"{r['peak_memory_mb']:.0f}",
-            f"{r['est_tflops']['total']:.3g}",
+            r["method"], str(r["budget"]), f"{r['llm_visual_tokens']:.0f}", _med(r["selection"]),
+            _med(r["prefill"]), _med(r["ttft"]), _med(r["e2e"]),
+            *(f"{r[f'speedup_{s}']:.2f}" if f"speedup_{s}" in r else "1.00" for s in ("ttft", "e2e")),
+            f"{100 * r['selection_share_of_ttft']:.1f}%",
         )
-    t.caption = ("x: speed-up against the unpruned row of this run (ratio of medians); "
-                 "peak MB: CUDA max allocated, or process peak RSS on CPU")
+    t.caption = ("x: speed-up against the unpruned row of this run (ratio of medians). "
+                 "--json adds min/max, vision, decode, peak memory and estimated FLOPs.")
     return t

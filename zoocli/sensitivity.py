@@ -343,6 +343,20 @@ def _probe_width(rows: Callable[[Tensor], Tensor], x: Tensor) -> int:
     return int(rows(x[:1].float()).shape[-1])
 
 
+_MIN_ROWS = 32
+
+
+def _padded(rows, xr: Tensor) -> Tensor:
+    """rows(xr) in fp32, padded to at least ``_MIN_ROWS`` rows. BLAS takes other code paths for
+    a handful of rows, and the finite difference amplifies the different rounding by 1/(2h), so
+    without this the naive result would depend on the chunk size (about 1e-5 relative)."""
+    r = xr.shape[0]
+    if r >= _MIN_ROWS:
+        return rows(xr).float()
+    pad = xr[-1:].expand(_MIN_ROWS - r, -1)
+    return rows(torch.cat([xr, pad])).float()[:r]
+
+
 def _naive(x: Tensor, u: Tensor, h: float, rows, out: Tensor, mb: float) -> None:
     m, d_in = u.shape
     d = _probe_width(rows, x)
@@ -356,7 +370,7 @@ def _naive(x: Tensor, u: Tensor, h: float, rows, out: Tensor, mb: float) -> None
             hub = hu[b:b + dc]
             xp = (xc[:, None, :] + hub[None]).reshape(-1, d_in)
             xm = (xc[:, None, :] - hub[None]).reshape(-1, d_in)
-            diff = rows(xp).float() - rows(xm).float()
+            diff = _padded(rows, xp) - _padded(rows, xm)
             nrm = torch.linalg.vector_norm(diff, dim=-1).view(t, -1)
             out[a:a + t] += nrm.sum(1) / (2 * h)
     out /= m
@@ -372,11 +386,23 @@ def _generic_jvp(x: Tensor, u: Tensor, rows, out: Tensor, mb: float) -> None:
         for b in range(0, m, dc):
             ub = u[b:b + dc]
             k = ub.shape[0]
-            xr = xc[:, None, :].expand(t, k, d_in).reshape(-1, d_in)
-            ur = ub[None].expand(t, k, d_in).reshape(-1, d_in)
+            xr = xc.repeat_interleave(k, dim=0)  # [t*k, d_in], token-major like the output view
+            ur = ub.repeat(t, 1)
             _, jv = torch.func.jvp(rows, (xr,), (ur,))
             out[a:a + t] += torch.linalg.vector_norm(jv.float(), dim=-1).view(t, k).sum(1)
     out /= m
+
+
+def _gelu_mode(act: nn.Module, dev: torch.device) -> str | None:
+    """'none' / 'tanh' when ``act`` computes exactly that GELU (checked on a probe), else None."""
+    if not hasattr(torch._C._nn, "gelu"):
+        return None
+    z = torch.linspace(-8, 8, 257, device=dev)
+    y = act(z)
+    for mode in ("none", "tanh"):
+        if torch.equal(y, nn.functional.gelu(z, approximate=mode)):
+            return mode
+    return None
 
 
 def _act_prime(act: nn.Module, a0: Tensor) -> Tensor:
@@ -392,7 +418,7 @@ def _structured(x: Tensor, u: Tensor, h: float, s: _MLP, estimator: str, rank, o
     b1 = _f32(s.lin1.bias, dev)
     d_h = w1.shape[0]
     act = _module32(s.act, dev)
-    fast_gelu = type(act) is nn.GELU  # aten gelu has an out= variant: no allocation per chunk
+    gelu_mode = _gelu_mode(act, dev)  # exact GELU: aten gelu's out= variant, no allocation per chunk
 
     # the W2 product: v [R, d_h] (fp32, already scaled) -> per-row norms [R]
     w2_raw = s.lin2.weight.detach()
@@ -435,16 +461,24 @@ def _structured(x: Tensor, u: Tensor, h: float, s: _MLP, estimator: str, rank, o
             bufs[rows] = tuple(torch.empty(rows, d_h, device=dev) for _ in range(nb))
         return bufs[rows]
 
+    # a0 = W1 x + b1 for all tokens in one product ([N, d_h], like the features themselves, not
+    # N*m): the finite difference amplifies its rounding by 1/(2h), so it must not depend on how
+    # the tokens are chunked (BLAS may sum differently for different row counts).
+    xf = x.float()
+    if norm is None:
+        a0_all = torch.addmm(b1, xf, w1.T) if b1 is not None else xf @ w1.T
+    else:
+        xpa = xf.view(-1, groups, d_v)
+        r_all = torch.sqrt(xpa.pow(2).mean(-1) + norm.eps)  # [N, P]
+        y = (xpa * g / r_all[..., None]).reshape(-1, d_in)
+        a0_all = torch.addmm(b1, y, w1.T) if b1 is not None else y @ w1.T
+        del y, xpa
     for a in range(0, x.shape[0], tc):
-        xc = x[a:a + tc].float()
-        t = xc.shape[0]
-        if norm is None:
-            a0 = torch.addmm(b1, xc, w1.T) if b1 is not None else xc @ w1.T
-        else:
-            xp = xc.view(t, groups, d_v)
-            r = torch.sqrt(xp.pow(2).mean(-1) + norm.eps)  # [t, P]
-            y = (xp * g / r[..., None]).reshape(t, d_in)
-            a0 = torch.addmm(b1, y, w1.T) if b1 is not None else y @ w1.T
+        a0 = a0_all[a:a + tc]
+        t = a0.shape[0]
+        if norm is not None:
+            xp = xf[a:a + t].view(t, groups, d_v)
+            r = r_all[a:a + t]
             # C_p = W1_p (g . x_p)  [t, P, d_h]
             cgx = torch.stack([(xp[:, p] * g) @ w1p[:, p].T for p in range(groups)], 1)
             rinv = 1.0 / r
@@ -475,9 +509,9 @@ def _structured(x: Tensor, u: Tensor, h: float, s: _MLP, estimator: str, rank, o
                     dw.mul_(h)
                     torch.add(a0[:, None, :], dw, out=ap)
                     torch.sub(a0[:, None, :], dw, out=am)
-                if fast_gelu:
-                    torch._C._nn.gelu(ap, approximate=act.approximate, out=fp)
-                    torch._C._nn.gelu(am, approximate=act.approximate, out=fm)
+                if gelu_mode is not None:
+                    torch._C._nn.gelu(ap, approximate=gelu_mode, out=fp)
+                    torch._C._nn.gelu(am, approximate=gelu_mode, out=fm)
                     v = fp.sub_(fm).mul_(inv2h)
                 else:
                     v = act(ap).sub_(act(am)).mul_(inv2h)

@@ -189,7 +189,9 @@ def load_adapter(
         path = ensure_offline_model(model, cache_dir)
         cls = adapter_class(family)
         try:
-            return cls.load(path, dev, dt, meaningless=True)
+            adapter = cls.load(path, dev, dt, meaningless=True)
+            adapter.model_id = model
+            return adapter
         except OSError as e:
             raise ZooError(f"offline model '{model}' at {path} cannot be loaded: {_one_line(e)}") from None
 

@@ -108,3 +108,56 @@ class Adapter:
     @torch.no_grad()
     def generate(self, inputs: LLMInputs, max_new_tokens: int) -> Generation:
         raise NotImplementedError
+
+    @torch.no_grad()
+    def build_inputs_batch(self, items) -> LLMInputs:
+        """Batched ``build_inputs``: ``items`` is a list of ``(prepared, encoded, kept, tokens)``;
+        each row is built alone, then the rows are LEFT-padded to one length (``left_pad``), so
+        every row keeps its own positions and greedy answers equal those of batch size 1."""
+        return left_pad([self.build_inputs(p, e, k, t) for p, e, k, t in items])
+
+    @torch.no_grad()
+    def generate_batch(self, inputs: LLMInputs, max_new_tokens: int) -> list[Generation]:
+        """Greedy answers for every row of ``inputs``. Fallback: one row at a time (families
+        override it with one batched ``generate``)."""
+        return [self.generate(unpad_row(inputs, b), max_new_tokens)
+                for b in range(inputs.inputs_embeds.shape[0])]
+
+
+def left_pad(rows: list[LLMInputs]) -> LLMInputs:
+    """Stack single-row ``LLMInputs`` [1, L_b, ...] into one batch [B, max L] with LEFT padding:
+    padded slots have zero embeddings, attention mask 0 and position 0 in every position row
+    (``generate`` extends positions from the last column, a real token in every row, and the
+    text row of real tokens is unchanged, as it is ``mask.cumsum - 1``)."""
+    if not rows:
+        raise ValueError("no rows to batch")
+    if any(r.inputs_embeds.shape[0] != 1 for r in rows):
+        raise ValueError("left_pad takes single-row inputs")
+    if any(r.extra for r in rows):
+        raise NotImplementedError("inputs with family-specific extras cannot be batched")
+    if len({r.position_ids is None for r in rows}) != 1:
+        raise ValueError("rows mix implicit and explicit position ids")
+    length = max(r.inputs_embeds.shape[1] for r in rows)
+    e0 = rows[0].inputs_embeds
+    embeds = e0.new_zeros(len(rows), length, e0.shape[2])
+    mask = rows[0].attention_mask.new_zeros(len(rows), length)
+    pos = None
+    if rows[0].position_ids is not None:
+        p0 = rows[0].position_ids
+        pos = p0.new_zeros(*p0.shape[:-2], len(rows), length)  # [..., B, L]
+    for b, r in enumerate(rows):
+        n = r.inputs_embeds.shape[1]
+        embeds[b, length - n:] = r.inputs_embeds[0]
+        mask[b, length - n:] = r.attention_mask[0]
+        if pos is not None:
+            pos[..., b, length - n:] = r.position_ids[..., 0, :]
+    return LLMInputs(embeds, mask, pos, n_visual=max(r.n_visual for r in rows))
+
+
+def unpad_row(inputs: LLMInputs, b: int) -> LLMInputs:
+    """Row ``b`` of a left-padded batch as a single-row ``LLMInputs`` without its padding."""
+    keep = inputs.attention_mask[b].bool()
+    start = int(keep.float().argmax()) if bool(keep.any()) else keep.numel()
+    pos = None if inputs.position_ids is None else inputs.position_ids[..., b:b + 1, start:]
+    return LLMInputs(inputs.inputs_embeds[b:b + 1, start:], inputs.attention_mask[b:b + 1, start:], pos,
+                     n_visual=inputs.n_visual, extra=dict(inputs.extra))

@@ -150,10 +150,13 @@ class LlavaAdapter(Adapter):
         return Prepared(image=image, question=question, inputs=inputs,
                         question_ids=torch.tensor(q, dtype=torch.long, device=self.device))
 
-    def _vision(self, pixel_values: Tensor) -> Tensor:
-        """X for a batch of tiles: [T, P, Dv] (layer(s) per config, CLS dropped for "default")."""
+    def _vision(self, pixel_values: Tensor, stash: dict | None = None) -> Tensor:
+        """X for a batch of tiles: [T, P, Dv] (layer(s) per config, CLS dropped for "default").
+        ``stash``, if given, receives ``signal_input`` (see ``vision_signals``): a reference, no compute."""
         cfg = self.model.config
         hs = self.model.model.vision_tower(pixel_values, output_hidden_states=True).hidden_states
+        if stash is not None:
+            stash["signal_input"] = _feature_layer_input(hs, cfg.vision_feature_layer)
         layers = cfg.vision_feature_layer
         layers = [layers] if isinstance(layers, int) else list(layers)
         xs = [hs[i] for i in layers]
@@ -163,7 +166,8 @@ class LlavaAdapter(Adapter):
 
     @torch.no_grad()
     def encode(self, prepared: Prepared) -> Encoded:
-        x = self._vision(prepared.inputs["pixel_values"])  # [1, P, Dv]
+        stash: dict[str, Any] = {}
+        x = self._vision(prepared.inputs["pixel_values"], stash)  # [1, P, Dv]
         feats = self.projector(x)  # [1, P, D], projected in the library's own layout (bit-identical)
         vision, features = x[0], feats[0]
         n = vision.shape[0]
@@ -174,7 +178,38 @@ class LlavaAdapter(Adapter):
         cells = torch.stack([idx // grid[1], idx % grid[1]], dim=1)
         scope = Scope("image", idx, grid, cells, self._image_box(prepared.image.size))
         return Encoded(vision=vision, features=features, scopes=[scope], n_llm_visual=n,
-                       state={"slot_src": idx, "newline": None})
+                       state={"slot_src": idx, "newline": None, **stash})
+
+    @torch.no_grad()
+    def vision_signals(self, prepared: Prepared, encoded: Encoded) -> dict[str, Tensor]:
+        """VisionZip's signals, per candidate in candidate order: ``cls_attn`` [N] the CLS->patch
+        attention (summed over heads) and ``vision_keys`` [N, Dk] the head-averaged keys, both at
+        the vision layer the features come from (``vision_feature_layer``, -2). That one layer's
+        attention is recomputed from its input hidden state (stashed by ``encode``) with its own
+        ``layer_norm1`` / ``q_proj`` / ``k_proj`` and CLIP's scale: the CLS query row only, so the
+        tower keeps its SDPA attention. LLaVA-NeXT: per tile, mapped to candidates via ``slot_row``."""
+        from zoocli.errors import UsageError
+
+        stash = encoded.state.get("signal_input")
+        if stash is None:
+            raise UsageError("VisionZip needs a single integer vision_feature_layer > 0 "
+                             f"(this model has {self.model.config.vision_feature_layer!r})")
+        layer_index, hidden = stash  # hidden [T, S, Dv]: the input of encoder layer ``layer_index``
+        layer = self.model.model.vision_tower.vision_model.encoder.layers[layer_index]
+        cls_attn, keys = clip_cls_attention(layer, hidden)  # [T, S], [T, S, hd]
+        start = 1 if self.model.config.vision_feature_select_strategy == "default" else 0
+        cls_attn = cls_attn[:, start:].reshape(-1)  # [T*P], X-row order
+        keys = keys[:, start:].reshape(-1, keys.shape[-1])  # [T*P, hd]
+        slot_row = encoded.state.get("slot_row")
+        rows = slot_row[slot_row >= 0] if slot_row is not None else torch.arange(cls_attn.numel())
+        rows = rows.to(cls_attn.device)
+        return {"cls_attn": cls_attn[rows], "vision_keys": keys[rows]}
+
+    def visual_positions(self, prepared: Prepared, encoded: Encoded) -> Tensor:
+        """[N] positions of the candidates in the unpruned LLM sequence (ascending = candidate
+        order); LLaVA-NeXT newline slots are not candidates and are left out."""
+        ph = (prepared.inputs["input_ids"][0] == self.image_token_id).nonzero().squeeze(1)  # [S]
+        return ph[encoded.state["slot_src"].to(ph.device) >= 0]
 
     def _image_box(self, size: tuple[int, int]) -> tuple[float, float, float, float]:
         """The original-image area the processor's (pad-to-square or) resize + center-crop covers."""
@@ -278,6 +313,44 @@ class LlavaAdapter(Adapter):
         return Generation(ids=ids, text=tok.decode(ids, skip_special_tokens=True).strip(),
                           prefill_ms=(first - t0) * 1e3, decode_ms=(last - first) * 1e3)
 
+    @torch.no_grad()
+    def generate_batch(self, inputs: LLMInputs, max_new_tokens: int) -> list[Generation]:
+        """Greedy answers for every row of a (left-padded, ``build_inputs_batch``) batch in one
+        ``generate`` call; positions come from each row's attention mask, as at batch size 1.
+        Timings are the batch's (every row gets the same prefill / decode times)."""
+        from transformers import LogitsProcessorList
+
+        tok = self.processor.tokenizer
+        gc = self.model.generation_config
+        eos = gc.eos_token_id if gc.eos_token_id is not None else tok.eos_token_id
+        eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+        pad = gc.pad_token_id if gc.pad_token_id is not None else tok.pad_token_id
+        if pad is None:
+            pad = next(iter(eos_ids), 0)
+        clock = _StepClock(self.device)
+        device_sync(self.device)
+        t0 = time.perf_counter()
+        out = self.model.generate(
+            inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
+            max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
+            logits_processor=LogitsProcessorList([clock]), **inputs.extra,
+        )
+        device_sync(self.device)
+        if out.shape[1] > max_new_tokens:  # versions that also return the (embeds-only) prompt slots
+            out = out[:, inputs.inputs_embeds.shape[1]:]
+        first = clock.first if clock.first is not None else t0
+        last = clock.last if clock.last is not None else first
+        gens = []
+        for row in out.tolist():
+            ids = row
+            for i, t in enumerate(row):
+                if t in eos_ids:
+                    ids = row[:i]
+                    break
+            gens.append(Generation(ids=ids, text=tok.decode(ids, skip_special_tokens=True).strip(),
+                                   prefill_ms=(first - t0) * 1e3, decode_ms=(last - first) * 1e3))
+        return gens
+
 
 class LlavaNextAdapter(LlavaAdapter):
     """LLaVA-NeXT: scopes "base" (the whole image) then "crop 1..n" (anyres tiles)."""
@@ -320,7 +393,8 @@ class LlavaNextAdapter(LlavaAdapter):
         n_tiles = image_size_to_num_patches(image_size, cfg.image_grid_pinpoints, vc.image_size)
         pv = prepared.inputs["pixel_values"]
         pv = pv[0, :n_tiles] if pv.dim() == 5 else pv[:n_tiles]
-        x = self._vision(pv)  # [T, P, Dv]
+        stash: dict[str, Any] = {}
+        x = self._vision(pv, stash)  # [T, P, Dv]
         feats = self.projector(x)  # [T, P, D], per tile as the library does (bit-identical)
         t, p = x.shape[:2]
         # slot map: run the library's own pack/unpad on row indices; -1 marks newline slots
@@ -349,7 +423,7 @@ class LlavaNextAdapter(LlavaAdapter):
                                 (0.0, 0.0, float(w), float(h)) if k == 0 else boxes[k - 1]))
         return Encoded(vision=vision, features=features, scopes=scopes, n_llm_visual=int(slot_row.numel()),
                        state={"slot_src": slot_src, "slot_row": slot_row, "newline": inner.image_newline,
-                              "n_tiles": t, "tile_grid": (nph, npw)})
+                              "n_tiles": t, "tile_grid": (nph, npw), **stash})
 
     def _tile_boxes(self, h: int, w: int, nph: int, npw: int) -> list[tuple[float, float, float, float]]:
         """Each anyres tile's area in original-image pixels (row-major). The processor resizes the
@@ -468,6 +542,34 @@ def _init_on(model_cls, config, device, dtype):
     with torch.device(device):
         model = model_cls._from_config(config, dtype=dtype)
     return model.to(device=device, dtype=dtype).eval()
+
+
+def _feature_layer_input(hidden_states, feature_layer) -> tuple[int, Tensor] | None:
+    """(encoder layer index, its input hidden state [T, S, Dv]) for the layer whose output is
+    ``hidden_states[feature_layer]`` (hidden_states[0] = the embeddings, [i] = layer i-1's output);
+    None for a list of layers or the embedding output (no attention there)."""
+    if not isinstance(feature_layer, int):
+        return None
+    out = feature_layer if feature_layer >= 0 else len(hidden_states) + feature_layer
+    if not 1 <= out < len(hidden_states):
+        return None
+    return out - 1, hidden_states[out - 1]
+
+
+def clip_cls_attention(layer: nn.Module, hidden: Tensor) -> tuple[Tensor, Tensor]:
+    """For a CLIP encoder ``layer`` and its input ``hidden`` [T, S, Dv]: (the softmax attention the
+    CLS query (row 0) gives every token, summed over heads [T, S] (float32), the keys averaged over
+    heads [T, S, hd]). Same arithmetic as eager ``CLIPAttention``: ``layer_norm1``, ``q_proj`` /
+    ``k_proj``, scores scaled by ``head_dim ** -0.5``, fp32 softmax, no mask."""
+    attn = layer.self_attn
+    x = layer.layer_norm1(hidden)  # [T, S, Dv]
+    t, s = x.shape[:2]
+    hd = attn.head_dim
+    q = attn.q_proj(x[:, :1]).view(t, 1, -1, hd).transpose(1, 2)  # [T, H, 1, hd]
+    k = attn.k_proj(x).view(t, s, -1, hd).transpose(1, 2)  # [T, H, S, hd]
+    w = torch.matmul(q, k.transpose(2, 3)) * attn.scale  # [T, H, 1, S]
+    w = torch.softmax(w, dim=-1, dtype=torch.float32)
+    return w[:, :, 0].sum(dim=1), k.mean(dim=1)
 
 
 def _box(x0: float, y0: float, x1: float, y1: float) -> tuple[float, float, float, float]:

@@ -335,6 +335,11 @@ class Qwen25VLAdapter(Adapter):
             raise ZooError(f"{n_pad} image placeholders but {x.shape[0]} visual tokens")
         return Encoded(x, features, scopes, n_llm_visual=n_pad, state={"grid_thw": grid, "window_index": window_index})
 
+    def visual_positions(self, prepared: Prepared, encoded: Encoded) -> Tensor:
+        """[N] positions of the candidates (the ``<|image_pad|>`` slots, raster order) in the unpruned
+        LLM sequence, ascending."""
+        return (prepared.inputs["input_ids"][0] == self.image_token_id).nonzero().squeeze(1)
+
     @torch.no_grad()
     def build_inputs(
         self, prepared: Prepared, encoded: Encoded, kept: Tensor, tokens: Tensor | None = None

@@ -126,6 +126,34 @@ def get_method(name: str) -> Method:
         raise UnknownNameError("method", name, _METHODS) from None
 
 
+def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"zoo"`` or ``"zoo:estimator=jvp:rank=128"`` -> (method name, options). Lets one run compare
+    variants of a method side by side (``zoo bench --methods zoo,zoo:estimator=jvp``)."""
+    name, *parts = spec.strip().split(":")
+    method = get_method(name)
+    opts: dict[str, Any] = {}
+    for part in parts:
+        key, eq, raw = part.partition("=")
+        if not eq or not key:
+            raise UsageError(f"method spec '{spec}': options are written name:key=value")
+        if key not in method.options:
+            raise UsageError(f"method '{name}' has no option '{key}'; its options: "
+                             f"{', '.join(sorted(method.options)) or 'none'}")
+        opts[key] = _parse_value(raw)
+    return name, opts
+
+
+def _parse_value(raw: str) -> Any:
+    if raw.lower() in ("none", "null"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(raw)
+        except ValueError:
+            pass
+    return raw
+
+
 def check_keep(keep: int) -> int:
     if isinstance(keep, bool) or not isinstance(keep, int):
         raise UsageError(f"keep must be an integer number of tokens, got {keep!r}")
