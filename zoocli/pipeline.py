@@ -66,10 +66,23 @@ class SelectionResult:
     per_scope: list[int]  # kept tokens per scope
 
 
-def prompt_embeddings(adapter: Adapter, prepared: Prepared) -> Tensor:
-    """LLM input embeddings of the question's tokens [T, D] (for prompt-aware methods)."""
-    ids = prepared.question_ids.to(adapter.device)
-    return adapter.model.get_input_embeddings()(ids)
+PROMPT_SCOPES = ("question", "all_text")
+
+
+@torch.no_grad()
+def prompt_embeddings(adapter: Adapter, prepared: Prepared, scope: str = "question") -> Tensor:
+    """LLM input embeddings of the prompt tokens [T, D] (for prompt-aware methods): ``question``:
+    the question's tokens alone; ``all_text``: every non-image token of the prompt (system prompt,
+    chat template, question)."""
+    if scope == "question":
+        ids = prepared.question_ids
+    elif scope == "all_text":
+        ids = prepared.inputs["input_ids"][0]
+        mask = prepared.inputs["attention_mask"][0].bool()
+        ids = ids[mask & (ids != adapter.image_token_id)]
+    else:
+        raise UsageError(f"prompt_scope must be one of {', '.join(PROMPT_SCOPES)}, got {scope!r}")
+    return adapter.model.get_input_embeddings()(ids.to(adapter.device))
 
 
 def prune_inputs(
@@ -104,8 +117,14 @@ def select_tokens(
     method = get_method(method_name)
     options = {k: v for k, v in (options or {}).items() if k in method.options}
     signals = dict(signals or {})
+    if {"cls_attn", "vision_keys"} & method.needs - signals.keys():
+        if not hasattr(adapter, "vision_signals"):
+            raise UsageError(f"method '{method.name}' needs vision attention signals, which the "
+                             f"{adapter.family} adapter does not provide")
+        signals.update(adapter.vision_signals(prepared, encoded))  # the method's cost: timed as selection
     if "prompt" in method.needs and "prompt" not in signals:
-        signals["prompt"] = prompt_embeddings(adapter, prepared)
+        scope_opt = options.get("prompt_scope", method.options.get("prompt_scope", "question"))
+        signals["prompt"] = prompt_embeddings(adapter, prepared, scope_opt)
     n = encoded.features.shape[0]
     if scope == "global" or len(encoded.scopes) == 1:
         groups = [(torch.arange(n, device=encoded.features.device), None)]
@@ -154,6 +173,8 @@ class RunResult:
     meaningless: bool
     scopes: list[dict[str, Any]] = field(default_factory=list)
     scores: list[float] | None = None
+    stage: str = "pre_llm"  # in_llm: selection_ms is the scoring inside the LLM, already in prefill_ms
+    llm_stages: list[dict[str, int]] = field(default_factory=list)  # in-LLM prune stages (layer, before, kept)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -248,7 +269,7 @@ def run_method(
     return RunResult(
         model=adapter.model_id, family=adapter.family, method=method_name, keep=min(keep, n),
         n_visual_tokens=n, n_llm_visual_full=encoded.n_llm_visual, n_llm_visual_kept=inputs.n_visual,
-        kept_indices=sel.kept.tolist(), per_scope=sel.per_scope, answer=gen.text,
+        kept_indices=sel.kept.tolist(), per_scope=sel.per_scope, answer=gen.text.strip(),
         new_tokens=len(gen.ids), timings_ms={k: round(v, 3) for k, v in ms.items()},
         meaningless=adapter.meaningless, scopes=scope_layout(encoded, sel.kept),
         scores=None if sel.scores is None else [round(float(v), 6) for v in sel.scores],
@@ -256,28 +277,47 @@ def run_method(
 
 
 def _run_in_llm(adapter, prepared, encoded, method, keep, timer, t0, max_new_tokens, options, seed):
-    """Methods that prune inside the LLM (FastV, SparseVLM): the adapter drives the layers."""
+    """Methods that prune inside the LLM (FastV, SparseVLM): the unpruned sequence goes in and the
+    adapter drives the decoder layers with the method's prune stages (``zoocli.in_llm``). Selection
+    (the scoring) happens inside the prefill: ``selection`` is reported but is already part of
+    ``prefill`` and ``ttft``. Kept tokens / the grid: what is left after the last stage."""
+    from zoocli.in_llm import n_llm_layers, plan_stages
+
     if not hasattr(adapter, "generate_in_llm"):
         raise UsageError(f"method '{method.name}' prunes inside the LLM, which the "
                          f"{adapter.family} adapter does not support yet")
+    opts = {**method.options, **{k: v for k, v in options.items() if k in method.options}}
+    n = int(encoded.features.shape[0])
     with timer("build"):
-        inputs = adapter.build_inputs(prepared, encoded, torch.arange(encoded.features.shape[0]))
-    res = adapter.generate_in_llm(inputs, method, keep, max_new_tokens,
-                                  {**method.options, **{k: v for k, v in options.items()
-                                                        if k in method.options}})
-    timer.add("selection", res.selection_ms)
+        inputs = adapter.build_inputs(prepared, encoded, torch.arange(n))
+        visual = adapter.visual_positions(prepared, encoded).to(adapter.device)
+    ids = prepared.inputs["input_ids"][0]
+    last_image = int((ids == adapter.image_token_id).nonzero().max())
+    after = torch.arange(ids.numel(), device=ids.device) > last_image
+    text_after = (after & prepared.inputs["attention_mask"][0].bool()).nonzero().squeeze(1).to(adapter.device)
+    n_layers = n_llm_layers(adapter.model)
+    res = adapter.generate_in_llm(
+        inputs, visual,
+        lambda: plan_stages(method.name, keep, inputs, visual, text_after, n_layers, opts),
+        max_new_tokens)
+    timer.add("selection", res.selection_ms)  # inside prefill: not added to ttft
     timer.add("prefill", res.prefill_ms)
     timer.add("decode", res.decode_ms)
     ms = timer.ms
     ms["ttft"] = ms["preprocess"] + ms["vision"] + ms["build"] + ms["prefill"]
     ms["e2e"] = (timer.now() - t0) * 1e3 + ms["preprocess"] + ms["vision"]
-    kept = torch.as_tensor(res.kept, dtype=torch.long)
+    kept = torch.as_tensor(res.kept, dtype=torch.long).cpu()
+    in_kept = torch.zeros(n, dtype=torch.bool)
+    in_kept[kept] = True
     return RunResult(
-        model=adapter.model_id, family=adapter.family, method=method.name, keep=keep,
-        n_visual_tokens=int(encoded.features.shape[0]), n_llm_visual_full=encoded.n_llm_visual,
-        n_llm_visual_kept=res.n_visual_kept, kept_indices=kept.tolist(), per_scope=[len(kept)],
-        answer=res.text, new_tokens=len(res.ids), timings_ms={k: round(v, 3) for k, v in ms.items()},
+        model=adapter.model_id, family=adapter.family, method=method.name, keep=min(keep, n),
+        n_visual_tokens=n, n_llm_visual_full=encoded.n_llm_visual,
+        n_llm_visual_kept=encoded.n_llm_visual - n + int(kept.numel()), kept_indices=kept.tolist(),
+        per_scope=[int(in_kept[s.index.cpu()].sum()) for s in encoded.scopes],
+        answer=res.text.strip(), new_tokens=len(res.ids), timings_ms={k: round(v, 3) for k, v in ms.items()},
         meaningless=adapter.meaningless, scopes=scope_layout(encoded, kept),
+        scores=None if res.scores is None else [None if v != v else round(float(v), 6) for v in res.scores.tolist()],
+        stage="in_llm", llm_stages=res.stages,
     )
 
 
