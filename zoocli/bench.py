@@ -91,15 +91,33 @@ def append_row(path: Path, row: dict[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
-def llm_flops(cfg: Any, n_params: int, seq: int, new_tokens: int) -> tuple[float, float]:
+def llm_flops(cfg: Any, n_params: int, seq: int, new_tokens: int,
+              layer_seqs: Sequence[float] | None = None) -> tuple[float, float]:
     """Analytic FLOPs of the language model: (prefill, decode). 2 FLOPs per multiply-add of every
     non-embedding weight per token, plus causal attention scores and values: 2·layers·d·L² for the
-    prefill of L tokens and 4·layers·d·ctx per decoded token."""
+    prefill of L tokens and 4·layers·d·ctx per decoded token. ``layer_seqs``: the sequence length
+    each layer runs on (in-LLM pruning: full length before the prune layer), else ``seq`` in all."""
     d = cfg.hidden_size
     layers = cfg.num_hidden_layers
-    prefill = 2.0 * n_params * seq + 2.0 * layers * d * seq * seq
-    decode = sum(2.0 * n_params + 4.0 * layers * d * (seq + t) for t in range(max(0, new_tokens - 1)))
+    if layer_seqs is None:
+        prefill = 2.0 * n_params * seq + 2.0 * layers * d * seq * seq
+        decode = sum(2.0 * n_params + 4.0 * layers * d * (seq + t) for t in range(max(0, new_tokens - 1)))
+        return prefill, decode
+    per = n_params / layers
+    prefill = sum(2.0 * per * s + 2.0 * d * s * s for s in layer_seqs)
+    decode = sum(2.0 * per + 4.0 * d * (s + t) for t in range(max(0, new_tokens - 1)) for s in layer_seqs)
     return prefill, decode
+
+
+def layer_lengths(full_len: int, n_candidates: int, n_layers: int, stages: Sequence[dict]) -> list[int]:
+    """The sequence length each LLM layer runs on for an in-LLM run (``RunResult.llm_stages``)."""
+    out, cur = [], full_len
+    by_layer = {s["layer"]: s for s in stages}
+    for i in range(n_layers):
+        if i in by_layer:
+            cur -= by_layer[i]["before"] - by_layer[i]["kept"]
+        out.append(cur)
+    return out
 
 
 def selection_flops(method: str, n: int, keep: int, dims: dict[str, int], options: dict) -> float:
@@ -166,6 +184,8 @@ def _measure(adapter, images, spec, method, budget, cfg, n_llm, dims, progress):
     opts = spec.method_options(method)
     times: dict[str, list[float]] = {s: [] for s in STAGES}
     peaks, kept, vis, seqs, new_tokens, n_cand = [], [], [], [], [], []
+    layer_seqs: list[list[int]] = []  # in-LLM methods: per-layer sequence lengths per run
+    stage = "pre_llm"
     for rep in range(spec.warmup + spec.repeats):
         for img in images:
             reset_peak_memory(adapter.device)
@@ -185,8 +205,12 @@ def _measure(adapter, images, spec, method, budget, cfg, n_llm, dims, progress):
             vis.append(res.n_llm_visual_kept)
             seqs.append(int(enc.prepared.inputs["input_ids"].shape[1]) - res.n_llm_visual_full
                         + res.n_llm_visual_kept)
+            stage = res.stage
+            if res.llm_stages:
+                layer_seqs.append(layer_lengths(int(enc.prepared.inputs["input_ids"].shape[1]),
+                                                res.n_visual_tokens, cfg.num_hidden_layers, res.llm_stages))
             new_tokens.append(res.new_tokens)
-    row: dict[str, Any] = {"method": method, "budget": budget}
+    row: dict[str, Any] = {"method": method, "budget": budget, "stage": stage}
     for s in STAGES:
         row[s] = summarize(times[s])
     row["selection_share_of_ttft"] = row["selection"]["median"] / row["ttft"]["median"]
@@ -197,7 +221,10 @@ def _measure(adapter, images, spec, method, budget, cfg, n_llm, dims, progress):
     row["peak_memory_mb"] = max(peaks)
     row["peak_memory_kind"] = "cuda_max_allocated" if adapter.device.type == "cuda" else "process_peak_rss"
     seq = int(summarize([float(s) for s in seqs])["median"])
-    pre, dec = llm_flops(cfg, n_llm, seq, int(row["new_tokens"]))
+    per_layer = None
+    if layer_seqs:  # in-LLM pruning: early layers run at full length (median per layer over runs)
+        per_layer = [summarize([float(r[i]) for r in layer_seqs])["median"] for i in range(len(layer_seqs[0]))]
+    pre, dec = llm_flops(cfg, n_llm, seq, int(row["new_tokens"]), per_layer)
     sel = selection_flops(name, int(row["visual_tokens"]), int(row["kept_tokens"]), dims, opts)
     row["est_tflops"] = {"llm_prefill": pre / 1e12, "llm_decode": dec / 1e12,
                          "selection": sel / 1e12, "total": (pre + dec + sel) / 1e12}

@@ -227,7 +227,7 @@ def ask(
     image: Annotated[str, typer.Argument(help="image file")],
     question: Annotated[str, typer.Argument(help="question about the image")],
     keep: Annotated[str, typer.Option(help="visual tokens to keep: a count (64) or a share (11%)")] = "64",
-    method: Annotated[str, typer.Option(help="selection method (see `zoo methods`)")] = "zoo",
+    method: Annotated[str, typer.Option(help="selection method (see `zoo methods`), options as name:key=value (fastv:K=3)")] = "zoo",
     m: MOpt = 64, h: HOpt = 0.01, seed: SeedOpt = 0, estimator: EstOpt = "fd", rank: RankOpt = None,
     model: ModelOpt = "llava-1.5", device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
     random_weights: RandomOpt = False,
@@ -238,14 +238,14 @@ def ask(
     config: ConfigOpt = None,
 ) -> None:
     """Answer a question about an image with only --keep visual tokens."""
-    from zoocli.methods import get_method
+    from zoocli.methods import parse_method_spec
     from zoocli.pipeline import run_one
     from zoocli.render import answer_panel, grids_panel, overlay as draw_overlay, timings_table
 
     from zoocli.pipeline import parse_keep
 
     question = _question(question)
-    get_method(method)
+    method, extra = parse_method_spec(method)  # "fastv" or "fastv:K=3"
     parse_keep(keep, 10**9)  # syntax and sign, before anything is loaded
     opts = _zoo_options(m, h, estimator, rank)
     if max_new_tokens <= 0:
@@ -254,7 +254,7 @@ def ask(
     adapter = _load(model, device, dtype, random_weights)
     warnings: list[str] = []
     res = run_one(adapter, img, question, method, keep, scope=budget_scope, seed=seed,
-                  options={**opts}, max_new_tokens=max_new_tokens, warnings=warnings)
+                  options={**opts, **extra}, max_new_tokens=max_new_tokens, warnings=warnings)
     for w in warnings:
         err.print(f"[yellow]warning:[/yellow] {w}", highlight=False)
     if overlay is not None:
@@ -266,7 +266,7 @@ def ask(
         return
     console.print(answer_panel(res.as_dict()))
     console.print(grids_panel(res.scopes))
-    console.print(timings_table(res.timings_ms, res.new_tokens))
+    console.print(timings_table(res.timings_ms, res.new_tokens, in_llm=res.stage == "in_llm"))
 
 
 def _save_png(im, path: Path) -> None:
@@ -434,13 +434,13 @@ def compare(
     for name, r in results.items():
         t = r.timings_ms
         rows.append({
-            "method": name, "kept": len(r.kept_indices), "total": r.n_visual_tokens,
+            "method": name, "stage": r.stage, "kept": len(r.kept_indices), "total": r.n_visual_tokens,
             "llm_visual_tokens": r.n_llm_visual_kept, "answer": r.answer,
             "selection_ms": t.get("selection", 0.0), "prefill_ms": t["prefill"],
             "ttft_ms": t["ttft"], "e2e_ms": t["e2e"],
             "speedup_e2e": base["e2e"] / t["e2e"], "speedup_prefill": base["prefill"] / t["prefill"],
             "jaccard_vs_zoo": None if ref is None else jaccard(r.kept_indices, ref),
-            "kept_indices": r.kept_indices,
+            "kept_indices": r.kept_indices, "llm_stages": r.llm_stages,
         })
     if overlay is not None:
         sheet = contact_sheet([draw_overlay(img, results[n].scopes) for n in order],
@@ -548,6 +548,11 @@ def bench_kernel(
     for r in rows:
         t.add_row(*[f"{v:.3f}" if isinstance(v, float) else str(v) for v in r.values()])
     console.print(t)
+
+
+from zoocli.cli_eval import eval_command  # noqa: E402  (after the helpers it imports from here)
+
+app.command("eval")(eval_command)
 
 
 def main() -> None:

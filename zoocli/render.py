@@ -120,13 +120,19 @@ TIMING_ROWS = [
 ]
 
 
-def timings_table(timings_ms: Mapping[str, float], new_tokens: int | None = None) -> Table:
+def timings_table(timings_ms: Mapping[str, float], new_tokens: int | None = None,
+                  in_llm: bool = False) -> Table:
+    """``in_llm``: the method prunes inside the LLM, so its selection is part of the prefill."""
     t = Table(title="timings", title_justify="left")
     t.add_column("stage")
     t.add_column("ms", justify="right")
     t.add_column("what")
     for key, what in TIMING_ROWS:
         if key in timings_ms:
+            if in_llm and key == "selection":
+                what = "token scoring inside the LLM (already counted in prefill)"
+            elif in_llm and key == "prefill":
+                what = "LLM prefill incl. the in-LLM pruning (to first-token logits)"
             t.add_row(key, f"{timings_ms[key]:.1f}", what)
     if new_tokens:
         t.caption = f"{new_tokens} new tokens"
@@ -228,14 +234,25 @@ def compare_table(rows: Sequence[Mapping[str, Any]], meaningless: bool = False) 
                       ("select ms", "right"), ("prefill ms", "right"), ("e2e ms", "right"),
                       ("speed-up", "right"), ("Jaccard vs zoo", "right")):
         t.add_column(col, justify=just, overflow="fold")
+    in_llm = False
     for r in rows:
         jac = "-" if r["jaccard_vs_zoo"] is None else f"{r['jaccard_vs_zoo']:.2f}"
-        t.add_row(r["method"], f"{r['kept']}/{r['total']}", r["answer"] or "(empty)",
-                  f"{r['selection_ms']:.1f}", f"{r['prefill_ms']:.1f}", f"{r['e2e_ms']:.1f}",
+        mark = IN_LLM_MARK if r.get("stage") == "in_llm" else ""
+        in_llm |= bool(mark)
+        t.add_row(r["method"] + mark, f"{r['kept']}/{r['total']}", r["answer"] or "(empty)",
+                  f"{r['selection_ms']:.1f}{mark}", f"{r['prefill_ms']:.1f}", f"{r['e2e_ms']:.1f}",
                   f"{r['speedup_e2e']:.2f}x", jac)
+    notes = [IN_LLM_NOTE] if in_llm else []
     if meaningless:
-        t.caption = "random weights: answers are meaningless; timings are real"
+        notes.append("random weights: answers are meaningless; timings are real")
+    if notes:
+        t.caption = "\n".join(notes)
     return t
+
+
+IN_LLM_MARK = "*"
+IN_LLM_NOTE = ("* in-LLM method (prunes inside the LLM): select = its scoring, which runs inside the "
+               "prefill and is already counted in prefill and ttft; kept = visual tokens after its last stage")
 
 
 def _med(stat: Mapping[str, float]) -> str:
@@ -251,13 +268,18 @@ def bench_table(rows: Sequence[Mapping[str, Any]], spec: Any) -> Table:
     for c in cols:
         left = c in ("method", "budget")
         t.add_column(c, justify="left" if left else "right", no_wrap=True)
+    in_llm = False
     for r in rows:
+        mark = IN_LLM_MARK if r.get("stage") == "in_llm" else ""
+        in_llm |= bool(mark)
         t.add_row(
-            r["method"], str(r["budget"]), f"{r['llm_visual_tokens']:.0f}", _med(r["selection"]),
+            r["method"] + mark, str(r["budget"]), f"{r['llm_visual_tokens']:.0f}", _med(r["selection"]) + mark,
             _med(r["prefill"]), _med(r["ttft"]), _med(r["e2e"]),
             *(f"{r[f'speedup_{s}']:.2f}" if f"speedup_{s}" in r else "1.00" for s in ("ttft", "e2e")),
             f"{100 * r['selection_share_of_ttft']:.1f}%",
         )
     t.caption = ("x: speed-up against the unpruned row of this run (ratio of medians). "
                  "--json adds min/max, vision, decode, peak memory and estimated FLOPs.")
+    if in_llm:
+        t.caption += "\n" + IN_LLM_NOTE
     return t

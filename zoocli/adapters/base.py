@@ -109,6 +109,21 @@ class Adapter:
     def generate(self, inputs: LLMInputs, max_new_tokens: int) -> Generation:
         raise NotImplementedError
 
+    def visual_positions(self, prepared: Prepared, encoded: Encoded) -> Tensor:
+        """[N] positions of the candidates in the unpruned LLM sequence (ascending = candidate
+        order), for in-LLM pruning."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def generate_in_llm(self, inputs: LLMInputs, visual: Tensor, make_stages, max_new_tokens: int):
+        """Greedy answer with in-LLM prune stages (FastV, SparseVLM) on the unpruned ``inputs``
+        (batch size 1): ``zoocli.in_llm.generate_in_llm`` over this model's decoder layers, no
+        patched classes. ``visual`` from ``visual_positions``; ``make_stages()`` runs inside the
+        timed prefill. Returns ``zoocli.in_llm.InLLMResult``."""
+        from zoocli.in_llm import generate_in_llm
+
+        return generate_in_llm(self, inputs, visual, make_stages, max_new_tokens)
+
     @torch.no_grad()
     def build_inputs_batch(self, items) -> LLMInputs:
         """Batched ``build_inputs``: ``items`` is a list of ``(prepared, encoded, kept, tokens)``;

@@ -195,7 +195,9 @@ class LlavaAdapter(Adapter):
             raise UsageError("VisionZip needs a single integer vision_feature_layer > 0 "
                              f"(this model has {self.model.config.vision_feature_layer!r})")
         layer_index, hidden = stash  # hidden [T, S, Dv]: the input of encoder layer ``layer_index``
-        layer = self.model.model.vision_tower.vision_model.encoder.layers[layer_index]
+        tower = self.model.model.vision_tower
+        tower = getattr(tower, "vision_model", tower)  # CLIPVisionModel wraps it on some versions
+        layer = tower.encoder.layers[layer_index]
         cls_attn, keys = clip_cls_attention(layer, hidden)  # [T, S], [T, S, hd]
         start = 1 if self.model.config.vision_feature_select_strategy == "default" else 0
         cls_attn = cls_attn[:, start:].reshape(-1)  # [T*P], X-row order

@@ -12,7 +12,9 @@ index. ``fastv_stage`` builds the driver stage that computes that signal during 
 Deviations from the official code: the layer K-1 attention row is recomputed for the last query
 only, from that layer's input hidden states (no eager attention for the whole model, so SDPA/flash
 keep working); ties go to the lowest index (``torch.topk`` leaves them unspecified); with a KV cache
-the pruning happens once at prefill (as the official KV-cache mode and the llava-hf port do).
+the pruning happens once at prefill (as the official KV-cache mode and the llava-hf port do); on an LLM
+with at most K layers (the offline tiny models have 2) K is clamped to ``n_layers - 1``
+(``zoocli.in_llm``). LLaVA-NeXT newline tokens are not candidates and are never pruned.
 """
 
 from __future__ import annotations
@@ -41,7 +43,10 @@ def fastv_stage(keep: int, K: int = 2):
     paper="FastV, Chen et al., ECCV 2024 (arXiv:2403.06764)",
     needs=frozenset({"text_attn"}),
     stage="in_llm",
-    deviation="layer K-1 attention recomputed for the last query row only; ties to the lowest index",
+    deviation=(
+        "layer K-1 attention recomputed for the last query row only; ties to the lowest index; "
+        "K clamped to n_layers-1 on LLMs with <= K layers (the offline tiny models)"
+    ),
     options={"K": 2},
 )
 def fastv(inp: PruneInputs, keep: int, K: int = 2) -> Selection:

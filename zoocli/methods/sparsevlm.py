@@ -34,7 +34,9 @@ Deviations from the official v1 code: token recycling (top 30% of the pruned tok
 clustered into n/10+1 merged tokens and re-inserted) is left out, so after each stage exactly
 ``n_keep`` visual tokens remain; kept tokens keep their original position ids (v1 renumbers them
 contiguously; v2 keeps them); the sparse layer's attention is recomputed for the rater rows only
-(official: a patched SDPA layer); batch size 1 as in the official code.
+(official: a patched SDPA layer); batch size 1 as in the official code; on an LLM with fewer than 4
+layers (the offline tiny models) only the last ``n_layers - 1`` stage counts of the schedule run,
+before layers 1 .. n_layers-1 (``zoocli.in_llm``). LLaVA-NeXT newline tokens are never pruned.
 """
 
 from __future__ import annotations
@@ -126,7 +128,8 @@ def sparsevlm_stages(keep: int, n_visual: int, n_layers: int, rater_positions: T
     stage="in_llm",
     deviation=(
         "v1 without token recycling; original position ids kept; rater attention recomputed for the "
-        "rater rows only; budgets other than 64/96/128/192 interpolated between the official schedules"
+        "rater rows only; budgets other than 64/96/128/192 interpolated between the official schedules; "
+        "on LLMs with < 4 layers only the last n_layers-1 stages run"
     ),
 )
 def sparsevlm(inp: PruneInputs, keep: int) -> Selection:

@@ -26,6 +26,11 @@ Deviations from the official code:
   contextual tokens after the dominant ones, in no spatial position). Dominant tokens come first in
   ``idx`` (in descending CLS attention, ties to the lowest index), then the targets.
 - The merge runs in float32 and is cast back to the vision dtype before projection.
+- The signals (``LlavaAdapter.vision_signals``) recompute that one layer's CLS query row from its
+  input hidden state (``layer_norm1``, ``q_proj`` / ``k_proj``, CLIP's scale) instead of running the
+  whole tower with ``output_attentions=True`` (eager everywhere); the pipeline times this as the
+  method's selection cost. LLaVA-NeXT: computed per tile, mapped to the live candidates, and the
+  method runs per crop (the budget split over base + crops, as the official code does per crop).
 - Qwen2.5-VL is unsupported: its vision encoder has no CLS token (so no CLS->patch attention) and
   uses windowed attention in a permuted token order; the third-party ports (EffiVLM-Bench,
   LightCompress) substitute query-averaged attention of a different block, which is not the

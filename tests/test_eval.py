@@ -1,0 +1,263 @@
+"""`zoo eval`: batched inference equals batch size 1, resume, crash safety, torchrun data
+parallelism, the CLI's JSON and errors (offline tiny models, CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from zoocli.cli import app
+from zoocli.eval_runner import Dataset, EvalSpec, run_eval
+from zoocli.evaluation import RecordWriter, load_samples, read_records, summarize
+from zoocli.images import load_image
+from zoocli.pipeline import encode_image, select_tokens
+
+REPO = Path(__file__).resolve().parent.parent
+IMAGES = REPO / "sample_images"
+VOLATILE = ("timings_ms", "batch_rows")  # differ between runs / batchings, nothing else may
+
+PLAIN = [
+    {"id": "a", "image": "cat_chelsea.png", "question": "What animal is this?", "answer": "cat"},
+    {"id": "b", "image": "coffee_cup.jpg", "question": "Is there a cup?", "answer": "yes"},
+    {"id": "c", "image": "receipt_cord.jpg", "question": "What is written at the top of the receipt?",
+     "answer": ["cord", "the cord"]},
+    {"id": "d", "image": "navy_jet_clouds.jpg", "question": "Is there a boat?", "answer": "no"},
+    {"id": "e", "image": "laptop_coding.jpg", "question": "How many laptops?", "answer": "1"},
+]
+POPE = [
+    {"question_id": 1, "image": "cat_chelsea.png", "text": "Is there a cat in the image?", "label": "yes"},
+    {"question_id": 2, "image": "cat_chelsea.png", "text": "Is there a car in the image?", "label": "no"},
+    {"question_id": 3, "image": "coffee_cup.jpg", "text": "Is there a cup in the image?", "label": "yes"},
+]
+FAST = ["--max-new-tokens", "3", "--m", "4", "--model", "tiny-llava"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The tiny models are far faster on one thread than on two contended cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def _offline_cache(zoo_model_cache, monkeypatch):
+    import zoocli.adapters
+
+    monkeypatch.setattr(zoocli.adapters, "default_cache_dir", lambda: Path(zoo_model_cache))
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def run(*args, code=0):
+    res = CliRunner().invoke(app, [str(a) for a in args])
+    assert res.exit_code == code, (res.exit_code, res.stdout, res.stderr, res.exception)
+    return res
+
+
+def stable(path: Path) -> dict:
+    out = {}
+    for r in read_records(path):
+        out[(r["dataset"], r["id"], r["method"], r["budget"])] = {k: v for k, v in r.items() if k not in VOLATILE}
+    return out
+
+
+# ------------------------------------------------------------------------------ batching
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llava", "tiny_qwen"])
+def test_batch_predictions_equal_batch_size_one(fixture, request):
+    """Rows with different kept counts (all, 3, 5, 9, 1), left-padded into one batch, give exactly
+    the tokens each gets alone through the single-row path."""
+    adapter = request.getfixturevalue(fixture)
+    names = ["cat_chelsea.png", "coffee_cup.jpg", "receipt_cord.jpg", "navy_jet_clouds.jpg", "laptop_coding.jpg"]
+    questions = ["What is this?", "Is there a cup? Answer yes or no.", "Read the text.", "Q", "How many?"]
+    items = []
+    for i, (name, q) in enumerate(zip(names, questions)):
+        enc = encode_image(adapter, load_image(str(IMAGES / name)), q)
+        k = [enc.n, 3, 5, 9, 1][i]
+        sel = select_tokens(adapter, enc.prepared, enc.encoded, "divprune", k)
+        items.append((enc.prepared, enc.encoded, sel.kept, sel.tokens))
+    single = [adapter.generate(adapter.build_inputs(*it), 8) for it in items]
+    batch = adapter.generate_batch(adapter.build_inputs_batch(items), 8)
+    assert len({int(it[2].numel()) for it in items}) == len(items)
+    assert [g.ids for g in batch] == [g.ids for g in single]
+    assert [g.text for g in batch] == [g.text for g in single]
+    inputs = adapter.build_inputs_batch(items)
+    lengths = inputs.attention_mask.sum(1)
+    assert inputs.attention_mask[:, -1].all() and len(set(lengths.tolist())) > 1  # left padding
+
+
+def test_runner_batch_sizes_give_the_same_records(tiny_llava, tmp_path):
+    samples = load_samples(write_jsonl(tmp_path / "q.jsonl", PLAIN), image_root=IMAGES)
+    outs = []
+    for bs in (1, 4):
+        spec = EvalSpec(model="tiny-llava", methods=["zoo", "divprune", "visionzip", "fastv"],
+                        budgets=["4", "50%"], batch_size=bs, max_new_tokens=4, options={"m": 4, "h": 0.01})
+        with RecordWriter(tmp_path / f"b{bs}.jsonl") as w:
+            stats = run_eval(tiny_llava, [Dataset("q", samples)], spec, w)
+        assert stats.predictions == len(PLAIN) * 9
+        outs.append(stable(tmp_path / f"b{bs}.jsonl"))
+    assert outs[0] == outs[1]
+    recs = list(outs[1].values())
+    assert {r["budget"] for r in recs} == {None, 4, "50%"}
+    assert all(r["kept_tokens"] == 4 for r in recs if r["budget"] == 4)
+    assert all(r["kept_tokens"] == r["n_visual_tokens"] for r in recs if r["method"] == "none")
+    assert all(r["meaningless"] and r["model"] == "tiny-llava" for r in recs)
+    rows = list(read_records(tmp_path / "b4.jsonl"))
+    assert {r["batch_rows"] for r in rows if r["method"] == "zoo"} == {4, 1}  # 5 samples: 4 + 1
+    assert {r["batch_rows"] for r in rows if r["method"] == "fastv"} == {1}  # in-LLM: one at a time
+    assert all({"vision", "selection", "prefill", "decode", "e2e"} <= set(r["timings_ms"]) for r in rows)
+
+
+# ------------------------------------------------------------------------------ resume / crash
+
+
+def test_crash_mid_run_keeps_finished_batches_and_resume_completes(tiny_llava, tmp_path):
+    samples = load_samples(write_jsonl(tmp_path / "q.jsonl", PLAIN), image_root=IMAGES)
+    spec = EvalSpec(model="tiny-llava", methods=["divprune"], budgets=["4"], batch_size=2, max_new_tokens=4)
+    calls = []
+
+    def dying_loader(path):
+        calls.append(path)
+        if len(calls) == 3:  # the first image of the second batch
+            raise RuntimeError("power cut")
+        return load_image(path)
+
+    out = tmp_path / "run.jsonl"
+    with pytest.raises(RuntimeError, match="power cut"), RecordWriter(out) as w:
+        run_eval(tiny_llava, [Dataset("q", samples)], spec, w, load_image=dying_loader)
+    kept = stable(out)
+    assert {(k[1], k[2]) for k in kept} == {(i, m) for i in ("a", "b") for m in ("none", "divprune")}
+
+    from zoocli.evaluation import done_keys
+
+    with RecordWriter(out) as w:
+        stats = run_eval(tiny_llava, [Dataset("q", samples)], spec, w, done=done_keys(out))
+    assert stats.skipped == 4 and stats.predictions == (len(PLAIN) - 2) * 2
+    with RecordWriter(tmp_path / "clean.jsonl") as w:
+        run_eval(tiny_llava, [Dataset("q", samples)], spec, w)
+    assert stable(out) == stable(tmp_path / "clean.jsonl")
+
+
+def test_cli_resume_reports_the_same_summary_without_running(tiny_llava, tmp_path, monkeypatch):
+    data = write_jsonl(tmp_path / "pope.jsonl", POPE)
+    out = tmp_path / "run.jsonl"
+    args = ["eval", data, "--image-root", IMAGES, "--methods", "zoo", "--budgets", "4", "--out", out, *FAST]
+    first = json.loads(run(*args, "--json").stdout)
+    assert first["run"]["predictions"] == 6
+
+    import zoocli.adapters
+
+    def no_model(*a, **k):
+        raise AssertionError("a finished run must not load the model")
+
+    monkeypatch.setattr(zoocli.adapters, "load_adapter", no_model)
+    second = json.loads(run(*args, "--json").stdout)
+    assert second["run"]["predictions"] == 0 and second["run"]["resumed"] == 6
+    assert second["summary"] == first["summary"] and second["metrics"] == first["metrics"]
+    text = run(*args).stdout
+    assert "0 predictions" in text and "chance" in text
+
+
+def test_resume_refuses_other_settings(tiny_llava, tmp_path):
+    data = write_jsonl(tmp_path / "pope.jsonl", POPE[:1])
+    out = tmp_path / "run.jsonl"
+    run("eval", data, "--image-root", IMAGES, "--methods", "divprune", "--budgets", "4", "--out", out, *FAST)
+    res = run("eval", data, "--image-root", IMAGES, "--methods", "divprune", "--budgets", "4", "--out", out,
+              *FAST[:-2], "--model", "tiny-qwen2.5-vl", code=1)
+    assert "tiny-llava" in res.stderr and "Traceback" not in res.stderr
+
+
+# ------------------------------------------------------------------------------ CLI
+
+
+def test_cli_json_keys_and_pope_metrics(tiny_llava, tmp_path):
+    data = write_jsonl(tmp_path / "pope.jsonl", POPE)
+    d = json.loads(run("eval", data, "--image-root", IMAGES, "--methods", "zoo,divprune", "--budgets", "8,4",
+                       "--batch-size", "2", *FAST, "--json").stdout)
+    for key in ("model", "meaningless", "note", "datasets", "methods", "budgets", "summary", "metrics", "run"):
+        assert key in d
+    assert d["meaningless"] is True and "chance" in d["note"]
+    assert d["methods"] == ["none", "zoo", "divprune"] and d["budgets"] == [8, 4]
+    assert d["datasets"] == [{"name": "pope", "path": str(data), "n": 3}]
+    combos = {(r["method"], r["budget"], r["dataset"]) for r in d["summary"]}
+    assert ("none", None, "pope") in combos and ("zoo", 4, "mean") in combos and len(combos) == 10
+    for r in d["summary"]:
+        assert {"n", "score", "retention", "samples_per_s"} <= set(r)
+    base = [r for r in d["summary"] if r["method"] == "none" and r["dataset"] == "pope"][0]
+    assert base["n"] == 3 and (base["retention"] in (1.0, None))
+    m = d["metrics"][0]
+    assert {"precision", "recall", "f1", "yes_ratio", "accuracy"} <= set(m["yesno"])
+    assert d["run"]["predictions"] == 15 and d["run"]["samples_per_s"] > 0
+
+
+def test_cli_shipped_sample_set_runs_offline(tiny_llava):
+    res = run("eval", "--methods", "zoo", "--budgets", "4", "--batch-size", "8", *FAST)
+    out = res.stdout
+    assert "sample_eval" in out and "zoo" in out and "none" in out
+    assert "76 predictions" in out and "samples/s" in out
+    assert "random weights" in out and "chance" in out
+
+
+@pytest.mark.parametrize("rows, needles", [
+    ([PLAIN[0], {"id": "x", "image": "cat_chelsea.png", "answer": "cat", "question": 3}],
+     ["line 2", "'question'"]),
+    ([PLAIN[0], PLAIN[1], {"id": "y", "image": "cat_chelsea.png", "question": "q"}], ["line 3", "'answer'"]),
+    ([PLAIN[0], {"id": "z", "image": "no_such.png", "question": "q", "answer": "a"}], ["line 2", "no_such.png"]),
+])
+def test_cli_bad_input_is_one_line_error_with_line_number(tmp_path, rows, needles):
+    data = write_jsonl(tmp_path / "bad.jsonl", rows)
+    res = run("eval", data, "--image-root", IMAGES, *FAST, code=1)
+    err = res.stderr.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in res.stdout + res.stderr, err
+    for n in needles:
+        assert n in err, err
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--budgets", "64,abc"], "--budgets"),
+    (["--budgets", "0"], "0"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--methods", "nope"], "nope"),
+])
+def test_cli_bad_options_are_usage_errors(args, needle):
+    res = run("eval", *FAST, *args, code=2)
+    assert len(res.stderr.strip().splitlines()) == 1 and needle in res.stderr
+
+
+# ------------------------------------------------------------------------------ data parallel
+
+
+def test_torchrun_two_processes_equal_one(tiny_llava, zoo_model_cache, tmp_path):
+    data = write_jsonl(tmp_path / "q.jsonl", PLAIN)
+    common = [data, "--image-root", IMAGES, "--methods", "divprune,zoo", "--budgets", "4",
+              "--batch-size", "2", "--max-new-tokens", "3", "--model", "tiny-llava"]
+    run("eval", *common, "--m", "4", "--out", tmp_path / "one.jsonl")
+
+    home = tmp_path / "home"
+    (home / ".cache" / "zoo").mkdir(parents=True)
+    (home / ".cache" / "zoo" / "models").symlink_to(zoo_model_cache)
+    env = {**os.environ, "HOME": str(home), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "zoocli", "eval", *map(str, common), "--zoo-m", "4", "--out", str(tmp_path / "two.jsonl")]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert stable(tmp_path / "two.jsonl") == stable(tmp_path / "one.jsonl")
+    assert res.stdout.count("accuracy retention") == 1  # rank 0 alone prints the summary
+    assert "15 predictions" in res.stdout and "2 processes" in res.stdout
+    assert not list(tmp_path.glob("two.rank*.jsonl"))  # shards merged and removed
+    one = summarize(read_records(tmp_path / "one.jsonl"))
+    two = summarize(read_records(tmp_path / "two.jsonl"))
+    assert one == two
