@@ -230,16 +230,18 @@ def contact_sheet(images: Sequence[Image.Image], labels: Sequence[str], cols: in
 
 def compare_table(rows: Sequence[Mapping[str, Any]], meaningless: bool = False) -> Table:
     t = Table(title="methods on the same image (encoded once)", title_justify="left")
-    for col, just in (("method", "left"), ("kept/total", "right"), ("answer", "left"),
+    for col, just in (("method", "left"), ("kept", "right"), ("answer", "left"),
                       ("select ms", "right"), ("prefill ms", "right"), ("e2e ms", "right"),
-                      ("speed-up", "right"), ("Jaccard vs zoo", "right")):
-        t.add_column(col, justify=just, overflow="fold")
+                      ("speed-up", "right"), ("Jaccard/zoo", "right")):
+        answer = col == "answer"
+        t.add_column(col, justify=just, no_wrap=True, overflow="ellipsis",
+                     max_width=32 if answer else None, min_width=None if answer else len(col))
     in_llm = False
     for r in rows:
         jac = "-" if r["jaccard_vs_zoo"] is None else f"{r['jaccard_vs_zoo']:.2f}"
         mark = IN_LLM_MARK if r.get("stage") == "in_llm" else ""
         in_llm |= bool(mark)
-        t.add_row(r["method"] + mark, f"{r['kept']}/{r['total']}", r["answer"] or "(empty)",
+        t.add_row(r["method"] + mark, f"{r['kept']}/{r['total']}", _short(r["answer"]) or "(empty)",
                   f"{r['selection_ms']:.1f}{mark}", f"{r['prefill_ms']:.1f}", f"{r['e2e_ms']:.1f}",
                   f"{r['speedup_e2e']:.2f}x", jac)
     notes = [IN_LLM_NOTE] if in_llm else []
@@ -253,6 +255,12 @@ def compare_table(rows: Sequence[Mapping[str, Any]], meaningless: bool = False) 
 IN_LLM_MARK = "*"
 IN_LLM_NOTE = ("* in-LLM method (prunes inside the LLM): select = its scoring, which runs inside the "
                "prefill and is already counted in prefill and ttft; kept = visual tokens after its last stage")
+
+
+def _short(text: str, limit: int = 60) -> str:
+    """One line of at most ``limit`` characters (full answers are in --json)."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _med(stat: Mapping[str, float]) -> str:
