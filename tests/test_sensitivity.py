@@ -296,3 +296,37 @@ def test_bad_x():
         token_sensitivity(torch.zeros(3, 2, D_IN), mlp_seq())
     with pytest.raises(UsageError, match="features"):
         token_sensitivity(torch.zeros(3, D_IN + 1), mlp_seq())
+
+
+def test_wrapped_merger_is_recognised():
+    """The adapters hand over the merger inside a row-wise wrapper; it must not fall back to generic."""
+    try:
+        from zoocli.adapters.qwen2_5_vl import MergerProjector
+    except ImportError:  # a stand-in with the same forward
+        class MergerProjector(nn.Module):
+            def __init__(self, merger):
+                super().__init__()
+                self.merger, self.d_v = merger, merger.ln_q.weight.shape[0]
+
+            def forward(self, x):
+                return self.merger(x.reshape(-1, self.d_v)).reshape(*x.shape[:-1], -1)
+
+    q, x = qwen_merger(), merger_tokens(n=20)
+    w = MergerProjector(q)
+    s = S._structure(w)
+    assert s is not None and s.norm is not None and s.module is q
+    for est in ("fd", "jvp", "naive"):
+        assert torch.allclose(token_sensitivity(x, w, m=16, estimator=est),
+                              token_sensitivity(x, q, m=16, estimator=est), rtol=1e-6)
+    assert token_sensitivity(x, w, m=16, rank=8).shape == (20,)
+    # a wrapper that changes the result is not looked through
+    class Scaled(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return 2 * self.inner(x)
+
+    assert S._structure(Scaled(mlp_seq())) is None
+    assert S._structure(Scaled(q)) is None

@@ -44,7 +44,9 @@ W1-sized product per direction plus cheap per-token terms, using the block struc
 the patches: W1 J u = sum_p [W1_p (g (.) u_p) / r_p - W1_p (g (.) x_p) (x_p . u_p) / (d_v r_p^3)].
 The first term is shared by all tokens. Structures are detected from attributes and module types
 (no model names). The activation is checked to act elementwise and the RMSNorm is checked
-numerically against its formula. Anything else takes the generic fp32 path.
+numerically against its formula. A thin wrapper (no parameters of its own, one child with a
+recognised structure, equal outputs on a probe) is looked through: the adapters' row-wise
+``MergerProjector`` around the Qwen merger is one. Anything else takes the generic fp32 path.
 
 Other choices and deviations (official code: AIM-SKKU/ZOO-Prune ``llava_arch.py``):
 
@@ -258,7 +260,36 @@ def _rmsnorm(ln: nn.Module, d_in: int) -> _Norm | None:
 
 
 def _structure(p: nn.Module) -> _MLP | None:
-    """The recognised Linear-act-Linear structure of a projector, or None (generic)."""
+    """The recognised structure of a projector, or None (generic).
+
+    A thin wrapper is looked through: a module with no parameters of its own and a single child
+    whose structure is recognised, provided the wrapper computes the same as the child on a probe
+    (e.g. the adapters' row-wise ``MergerProjector`` around the Qwen2.5-VL merger)."""
+    s = _structure_of(p)
+    if s is not None:
+        return s
+    kids = list(p.children())
+    if len(kids) != 1 or any(True for _ in p.parameters(recurse=False)):
+        return None
+    s = _structure_of(kids[0])
+    if s is None:
+        return None
+    w = s.lin1.weight
+    z = torch.randn(3, s.lin1.in_features, generator=torch.Generator().manual_seed(77)).to(w.device, w.dtype)
+    try:
+        with torch.no_grad():
+            got, want = p(z), _rows_fn(s, kids[0])(z)
+    except Exception:  # noqa: BLE001 - a wrapper that cannot take [R, d_in] rows is not row-wise
+        return None
+    tol = 10 * torch.finfo(w.dtype).eps
+    if not (isinstance(got, Tensor) and got.shape == want.shape
+            and torch.allclose(got.float(), want.float(), rtol=tol, atol=tol)):
+        return None
+    return s
+
+
+def _structure_of(p: nn.Module) -> _MLP | None:
+    """The Linear-act-Linear structure of ``p`` itself (three recognised layouts), or None."""
     parts = [getattr(p, n, None) for n in ("linear_1", "act", "linear_2")]
     if all(isinstance(q, nn.Module) for q in parts) and _mlp_parts(*parts):
         return _MLP(p, *parts)
@@ -333,7 +364,8 @@ def token_sensitivity(x: Tensor, projector: nn.Module, m: int = 64, h: float = 0
         raise UsageError(f"x has {x.shape[1]} features, the projector expects {s.lin1.in_features}")
     mb = _effective_mb(chunk_mb, dev)
     if s is None or estimator == "naive":
-        mod32 = _module32(projector, dev)
+        # the recognised module (maybe inside a wrapper) with its own row layout, else the projector
+        mod32 = _module32(s.module if s is not None else projector, dev)
         rows = _rows_fn(s, mod32)
         if estimator == "jvp":
             _generic_jvp(x, u, rows, out, mb)
