@@ -221,3 +221,16 @@ def test_cli_import_does_not_import_transformers():
     code = "import sys, zoocli.cli; print('transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_out_of_memory_is_one_line_with_advice(monkeypatch):
+    import torch
+
+    import zoocli.pipeline
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(zoocli.pipeline, "run_one", oom)
+    res = run("ask", CUP, "q", "--model", "tiny-llava", code=1)
+    one_line_error(res, "out of memory", "--keep")

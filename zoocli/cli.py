@@ -558,5 +558,10 @@ def bench_kernel(
     console.print(t)
 
 
+from zoocli.cli_eval import eval_command  # noqa: E402  (after the helpers it imports from here)
+
+app.command("eval")(eval_command)
+
+
 def main() -> None:
     app()
