@@ -55,3 +55,11 @@ def make_image(width: int, height: int, seed: int = 0) -> Image.Image:
 def rand_image():
     """Factory: ``rand_image(width, height, seed=0)`` -> a deterministic random RGB image."""
     return make_image
+
+
+def pytest_report_header(config):
+    import torch
+    import transformers
+
+    return (f"torch {torch.__version__}, transformers {transformers.__version__}, "
+            f"CUDA {'available' if torch.cuda.is_available() else 'not available'}")
