@@ -234,3 +234,12 @@ def test_out_of_memory_is_one_line_with_advice(monkeypatch):
     monkeypatch.setattr(zoocli.pipeline, "run_one", oom)
     res = run("ask", CUP, "q", "--model", "tiny-llava", code=1)
     one_line_error(res, "out of memory", "--keep")
+
+
+def test_random_weights_too_big_for_memory_is_refused_up_front(monkeypatch):
+    import zoocli.adapters
+
+    monkeypatch.setattr(zoocli.adapters, "available_bytes", lambda device: 2**30)
+    res = run("ask", CUP, "q", "--model", "llava-next", "--random-weights", "--device", "cpu",
+              "--dtype", "bf16", code=1)
+    one_line_error(res, "llava-next", "GiB", "free on cpu")

@@ -182,6 +182,7 @@ def load_adapter(
                 f"--random-weights needs a model alias, not '{model}'; aliases: {', '.join(MODEL_ALIASES)}"
             )
         config = load_random_config(model)
+        check_memory(model, config, dev, dt)
         return adapter_class(config["model_type"]).from_config(config, dev, dt)
 
     if model in OFFLINE_MODELS:
@@ -206,6 +207,44 @@ def load_adapter(
         if local.is_dir():
             raise ZooError(f"model directory '{local}' cannot be loaded: {_one_line(e)}") from None
         raise _not_available(model) from None
+
+
+def parameter_count(config_dict: dict[str, Any]) -> int:
+    """Parameters of the architecture a config dict describes (built on the meta device: no memory)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    cfg = AutoConfig.for_model(**{k: v for k, v in config_dict.items() if k != "_name_or_path"})
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(cfg)
+    return sum(p.numel() for p in model.parameters())
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Free memory on ``device``: CUDA free memory, or the system's MemAvailable on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_memory(model: str, config_dict: dict[str, Any], device: torch.device, dtype: torch.dtype) -> None:
+    """Refuse, with the numbers, a full-size random model whose weights alone would not fit
+    (rather than letting the system kill the process half way through the build)."""
+    need = parameter_count(config_dict) * torch.finfo(dtype).bits // 8
+    free = available_bytes(device)
+    if free is not None and need > 0.9 * free:
+        gib = 2**30
+        hint = " --dtype bf16," if dtype == torch.float32 else ""
+        raise ZooError(
+            f"--random-weights {model}: its weights alone need {need / gib:.1f} GiB in "
+            f"{str(dtype).replace('torch.', '')}, but only {free / gib:.1f} GiB is free on {device}; "
+            f"try{hint} a GPU, or an offline model (small-llava)"
+        )
 
 
 def load_random_config(alias: str) -> dict[str, Any]:
