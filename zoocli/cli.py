@@ -429,7 +429,8 @@ def compare(
                                        max_new_tokens=max_new_tokens)
             bar.advance(task)
     base = results["none"].timings_ms
-    ref = results["zoo"].kept_indices if "zoo" in results else None
+    zoo_specs = [n for n in order if parse_method_spec(n)[0] == "zoo"]
+    ref = results[zoo_specs[0]].kept_indices if zoo_specs else None
     rows = []
     for name, r in results.items():
         t = r.timings_ms

@@ -316,7 +316,8 @@ def _rows_fn(s: _MLP | None, mod32: nn.Module) -> Callable[[Tensor], Tensor]:
 # estimators
 
 
-def _check(x, m, h, seed, estimator, rank, chunk_mb) -> None:
+def check_options(m=64, h=0.01, seed=0, estimator="fd", rank=None, chunk_mb=256) -> None:
+    """Raise ``UsageError`` for option values ``token_sensitivity`` cannot take."""
     if isinstance(m, bool) or not isinstance(m, numbers.Integral) or m <= 0:
         raise UsageError(f"m must be a positive integer, got {m!r}")
     if isinstance(h, bool) or not isinstance(h, (int, float)) or not math.isfinite(h) or h <= 0:
@@ -333,6 +334,10 @@ def _check(x, m, h, seed, estimator, rank, chunk_mb) -> None:
     if (isinstance(chunk_mb, bool) or not isinstance(chunk_mb, (int, float))
             or not math.isfinite(chunk_mb) or chunk_mb <= 0):
         raise UsageError(f"chunk_mb must be a positive number, got {chunk_mb!r}")
+
+
+def _check(x, m, h, seed, estimator, rank, chunk_mb) -> None:
+    check_options(m, h, seed, estimator, rank, chunk_mb)
     if not isinstance(x, Tensor) or x.dim() != 2 or not x.is_floating_point():
         raise UsageError(f"x must be a float tensor [N, d_in], got {getattr(x, 'shape', type(x))}")
 

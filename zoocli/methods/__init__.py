@@ -84,6 +84,7 @@ class Method:
     families: frozenset[str] = FAMILIES
     deviation: str = ""  # how this differs from the official code; shown by `zoo methods`
     options: Mapping[str, Any] = field(default_factory=dict)  # option name -> default
+    check: Callable[..., None] | None = None  # validates a full set of options (UsageError)
 
 
 _METHODS: dict[str, Method] = {}
@@ -100,6 +101,7 @@ def register(
     families: frozenset[str] | set[str] = FAMILIES,
     deviation: str = "",
     options: Mapping[str, Any] | None = None,
+    check: Callable[..., None] | None = None,
 ) -> Callable[[MethodFn], MethodFn]:
     """Decorator: add ``fn`` to the registry under ``name``."""
 
@@ -108,7 +110,7 @@ def register(
             raise ValueError(f"method '{name}' is registered twice")
         _METHODS[name] = Method(
             name, fn, summary, paper, frozenset(needs), stage, frozenset(families), deviation,
-            MappingProxyType(dict(options or {})),
+            MappingProxyType(dict(options or {})), check,
         )
         return fn
 
@@ -140,6 +142,8 @@ def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
             raise UsageError(f"method '{name}' has no option '{key}'; its options: "
                              f"{', '.join(sorted(method.options)) or 'none'}")
         opts[key] = _parse_value(raw)
+    if method.check is not None:
+        method.check(**{**method.options, **opts})
     return name, opts
 
 
@@ -172,6 +176,8 @@ def select(name: str, inp: PruneInputs, keep: int, **options: Any) -> Selection:
             f"method '{name}' has no option {', '.join(sorted(unknown))}; "
             f"its options: {', '.join(sorted(method.options)) or 'none'}"
         )
+    if method.check is not None:
+        method.check(**{**method.options, **options})
     missing = [s for s in sorted(method.needs) if getattr(inp, s) is None]
     if missing:
         raise UsageError(f"method '{name}' needs {', '.join(missing)}, which were not provided")

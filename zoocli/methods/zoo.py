@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from zoocli.methods import PruneInputs, Selection, register
-from zoocli.sensitivity import token_sensitivity
+from zoocli.sensitivity import check_options, token_sensitivity
 
 ZOO_OPTIONS = {"m": 64, "h": 0.01, "estimator": "fd", "rank": None, "chunk_mb": 256}
 PAPER = "ZOO-Prune (zeroth-order sensitivity-aware diversity), 2025"
@@ -84,6 +84,10 @@ def sum_select(sensitivity: Tensor, z: Tensor, k: int) -> Tensor:
     return _greedy(normalize_scores(sensitivity).to(z.device), z, k, "sum")
 
 
+def check_zoo_options(m, h, estimator, rank, chunk_mb) -> None:
+    check_options(m=m, h=h, estimator=estimator, rank=rank, chunk_mb=chunk_mb)
+
+
 def _sensitivity(inp: PruneInputs, m, h, estimator, rank, chunk_mb) -> Tensor:
     return token_sensitivity(
         inp.vision, inp.projector, m=m, h=h, seed=inp.seed,
@@ -96,7 +100,7 @@ _NEEDS = frozenset({"vision", "projector"})
 
 @register(
     "zoo", summary="ZOO-Prune: zeroth-order sensitivity x diversity, greedy", paper=PAPER,
-    needs=_NEEDS, options=ZOO_OPTIONS,
+    needs=_NEEDS, options=ZOO_OPTIONS, check=check_zoo_options,
     deviation="fp32 finite differences whatever the model dtype; seeded directions",
 )
 def zoo(inp: PruneInputs, keep: int, **opt) -> Selection:
@@ -106,7 +110,7 @@ def zoo(inp: PruneInputs, keep: int, **opt) -> Selection:
 
 @register(
     "sensitivity", summary="ablation: top-k by zeroth-order sensitivity alone", paper=PAPER,
-    needs=_NEEDS, options=ZOO_OPTIONS,
+    needs=_NEEDS, options=ZOO_OPTIONS, check=check_zoo_options,
 )
 def sensitivity(inp: PruneInputs, keep: int, **opt) -> Selection:
     s = _sensitivity(inp, **opt)
@@ -117,7 +121,7 @@ def sensitivity(inp: PruneInputs, keep: int, **opt) -> Selection:
 
 @register(
     "sum", summary="ablation: sensitivity + diversity (sum fusion), greedy", paper=PAPER,
-    needs=_NEEDS, options=ZOO_OPTIONS,
+    needs=_NEEDS, options=ZOO_OPTIONS, check=check_zoo_options,
 )
 def sum_fusion(inp: PruneInputs, keep: int, **opt) -> Selection:
     s = _sensitivity(inp, **opt)
