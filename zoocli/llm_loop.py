@@ -273,8 +273,8 @@ def generate_pruned(
             stage = by_layer[i]
             ctx = StageContext(
                 layer=i - 1, visual=vis_cur, orig=orig, hidden=saved_input[0],
-                attention=lambda rows, _h=saved_input, _pe=pe, _v=valid: attention_rows(
-                    lm.layers[i - 1], _h, rows.to(dev), _pe, _v),
+                attention=lambda rows, _h=saved_input, _pe=pe, _v=valid, _lay=lm.layers[i - 1]: (
+                    attention_rows(_lay, _h, rows.to(dev), _pe, _v)),
             )
             scores = stage.scorer(ctx).float()
             present = torch.searchsorted(visual, orig[vis_cur])
