@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from zoocli.errors import UsageError
+from zoocli.errors import UsageError, ZooError
 from zoocli.methods import parse_method_spec
 from zoocli.pipeline import check_family, encode_image, parse_keep, run_method
 from zoocli.timing import peak_memory_mb, reset_peak_memory, summarize
@@ -71,7 +71,11 @@ def done_keys(path: Path | None) -> set[str]:
     if path is None or not Path(path).exists():
         return set()
     keys = set()
-    for line in Path(path).read_text().splitlines():
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ZooError(f"cannot read --out {path}: {getattr(e, 'strerror', None) or e}") from None
+    for line in text.splitlines():
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
@@ -85,10 +89,13 @@ def append_row(path: Path, row: dict[str, Any]) -> None:
     """Append one JSON line and flush it to disk before going on."""
     import os
 
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise ZooError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def llm_flops(cfg: Any, n_params: int, seq: int, new_tokens: int,

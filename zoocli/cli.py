@@ -138,9 +138,13 @@ ScopeOpt = Annotated[str, typer.Option("--budget-scope",
                                        help="crop: budget split over LLaVA-NeXT crops; global: one selection")]
 
 
-def _zoo_options(m: int, h: float, estimator: str, rank: int | None) -> dict[str, Any]:
+def _zoo_options(m: int, h: float, estimator: str, rank: int | None, seed: int = 0) -> dict[str, Any]:
     import math
 
+    from zoocli.sensitivity import SEED_MAX, SEED_MIN
+
+    if not SEED_MIN <= seed <= SEED_MAX:  # what torch.Generator.manual_seed takes
+        raise UsageError(f"--seed must be in [{SEED_MIN}, {SEED_MAX}], got {seed}")
     if m <= 0:
         raise UsageError(f"--m must be at least 1, got {m}")
     if not math.isfinite(h) or h <= 0:
@@ -170,8 +174,21 @@ def _image(path: str):
     return load_image(path)
 
 
+def _finite(obj: Any) -> Any:
+    """``obj`` with every NaN / infinite float replaced by None: they are not JSON."""
+    import math
+
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def _print_json(obj: Any) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2) + "\n")
+    sys.stdout.write(json.dumps(_finite(obj), indent=2, allow_nan=False) + "\n")
 
 
 def _question(q: str) -> str:
@@ -247,9 +264,10 @@ def ask(
     question = _question(question)
     method, extra = parse_method_spec(method)  # "fastv" or "fastv:K=3"
     parse_keep(keep, 10**9)  # syntax and sign, before anything is loaded
-    opts = _zoo_options(m, h, estimator, rank)
+    opts = _zoo_options(m, h, estimator, rank, seed)
     if max_new_tokens <= 0:
         raise UsageError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    _check_out_file(overlay, "--overlay")
     img = _image(image)
     adapter = _load(model, device, dtype, random_weights)
     warnings: list[str] = []
@@ -267,6 +285,18 @@ def ask(
     console.print(answer_panel(res.as_dict()))
     console.print(grids_panel(res.scopes))
     console.print(timings_table(res.timings_ms, res.new_tokens, in_llm=res.stage == "in_llm"))
+
+
+def _check_out_file(path: Path | None, option: str) -> None:
+    """Refuse, before any model loads, an output path that cannot be a file (a directory, or in a
+    folder that does not exist); other write failures are reported when the file is written."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{option} {path} is a directory; give a file name")
+    if path.parent and not path.parent.exists():
+        raise UsageError(f"cannot write {path}: folder {path.parent} does not exist")
 
 
 def _save_png(im, path: Path) -> None:
@@ -315,7 +345,8 @@ def score(
     from zoocli.sensitivity import token_sensitivity
 
     q = _question(question) if question is not None else "Describe the image."
-    opts = _zoo_options(m, h, estimator, rank)
+    opts = _zoo_options(m, h, estimator, rank, seed)
+    _check_out_file(overlay, "--overlay")
     img = _image(image)
     adapter = _load(model, device, dtype, random_weights)
     enc = encode_image(adapter, img, q)
@@ -407,9 +438,10 @@ def compare(
     for name in names:
         parse_method_spec(name)
     parse_keep(keep, 10**9)
-    opts = _zoo_options(m, h, estimator, rank)
+    opts = _zoo_options(m, h, estimator, rank, seed)
     if max_new_tokens <= 0:
         raise UsageError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    _check_out_file(overlay, "--overlay")
     img = _image(image)
     adapter = _load(model, device, dtype, random_weights)
     for name in names:
@@ -490,11 +522,15 @@ def bench(
         parse_keep(b, 10**9)  # validates the syntax
     if repeats < 1 or warmup < 0 or max_new_tokens < 1:
         raise UsageError("--repeats and --max-new-tokens must be at least 1, --warmup at least 0")
-    opts = _zoo_options(m, h, estimator, rank)
+    opts = _zoo_options(m, h, estimator, rank, seed)
     paths = [p for spec in (images or []) for p in _split(spec, "--images")] or [str(p) for p in shipped_images()]
     imgs = [_image(p) for p in paths]
-    if out is not None and out.parent and not out.parent.exists():
-        raise UsageError(f"cannot write {out}: folder {out.parent} does not exist")
+    _check_out_file(out, "--out")
+    if out is not None:
+        try:  # fail now, not after the baseline has been measured
+            open(out, "a").close()
+        except OSError as e:
+            raise ZooError(f"cannot write {out}: {e.strerror or e}") from None
     adapter = _load(model, device, dtype, random_weights)
     spec = BenchSpec(model=adapter.model_id, methods=names, budgets=budget_list,
                      images=[Path(p).name for p in paths], question=_question(question),

@@ -337,7 +337,7 @@ def _eval(rank: int, world: int, local: int, *, data, answers, image_root, model
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
     if max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-    zoo_opts = _zoo_options(m, h, "fd", None)
+    zoo_opts = _zoo_options(m, h, "fd", None, seed)
     options = {"m": zoo_opts["m"], "h": zoo_opts["h"]}
     sets = _datasets(data, answers, image_root)
     datasets = [d for d, _p in sets]

@@ -272,7 +272,7 @@ def run_method(
         kept_indices=sel.kept.tolist(), per_scope=sel.per_scope, answer=gen.text.strip(),
         new_tokens=len(gen.ids), timings_ms={k: round(v, 3) for k, v in ms.items()},
         meaningless=adapter.meaningless, scopes=scope_layout(encoded, sel.kept),
-        scores=None if sel.scores is None else [round(float(v), 6) for v in sel.scores],
+        scores=None if sel.scores is None else [None if v != v else round(float(v), 6) for v in sel.scores.tolist()],
     )
 
 

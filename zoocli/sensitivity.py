@@ -84,6 +84,8 @@ from torch import Tensor, nn
 from zoocli.errors import UsageError
 
 ESTIMATORS = ("fd", "jvp", "naive")
+# the seeds torch.Generator.manual_seed accepts (a signed or unsigned 64-bit integer)
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 # On CPU, temporaries above ~32 MB are fresh mmaps (page faults on every chunk) and fall out of
 # cache; this cap (measured on a 2-core EPYC, see BENCHMARKS.md) keeps them reusable.
 CPU_CHUNK_MB = 32
@@ -324,6 +326,8 @@ def check_options(m=64, h=0.01, seed=0, estimator="fd", rank=None, chunk_mb=256)
         raise UsageError(f"h must be a positive finite number, got {h!r}")
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise UsageError(f"seed must be an integer, got {seed!r}")
+    if not SEED_MIN <= seed <= SEED_MAX:
+        raise UsageError(f"seed must be in [{SEED_MIN}, {SEED_MAX}], got {seed}")
     if estimator not in ESTIMATORS:
         raise UsageError(f"unknown estimator {estimator!r}; known: {', '.join(ESTIMATORS)}")
     if rank is not None:

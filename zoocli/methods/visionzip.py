@@ -89,6 +89,14 @@ def contextual_merge(hidden: Tensor, keys: Tensor, c: int) -> tuple[Tensor, Tens
     return targets, merged.to(hidden.dtype)
 
 
+def check_visionzip_options(dominant=None, contextual=None) -> None:
+    """Raise ``UsageError`` for non-integer counts (also from a method spec: ``visionzip:dominant=abc``);
+    the split itself is checked against ``keep`` by ``split_budget``."""
+    for name, v in (("dominant", dominant), ("contextual", contextual)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+            raise UsageError(f"visionzip: {name} must be an integer number of tokens, got {v!r}")
+
+
 @register(
     "visionzip",
     summary="dominant tokens by CLS attention + contextual tokens merged on vision keys",
@@ -101,6 +109,7 @@ def contextual_merge(hidden: Tensor, keys: Tensor, c: int) -> tuple[Tensor, Tens
         "(no CLS token in its vision encoder)"
     ),
     options={"dominant": None, "contextual": None},
+    check=check_visionzip_options,
 )
 def visionzip(inp: PruneInputs, keep: int, dominant: int | None = None, contextual: int | None = None) -> Selection:
     n_dom, n_ctx = split_budget(keep, dominant, contextual)

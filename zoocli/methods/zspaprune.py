@@ -59,6 +59,15 @@ def zspaprune_select(features: Tensor, prompt: Tensor, keep: int, core_ratio: fl
     return torch.cat(picked), relevance
 
 
+def check_zspaprune_options(core_ratio=0.6, prompt_scope="question") -> None:
+    """Raise ``UsageError`` for option values ``zspaprune`` cannot take (also from a method spec)."""
+    if (isinstance(core_ratio, bool) or not isinstance(core_ratio, (int, float))
+            or not 0.0 <= float(core_ratio) <= 1.0):
+        raise UsageError(f"zspaprune: core_ratio must be a number in [0, 1], got {core_ratio!r}")
+    if prompt_scope not in PROMPT_SCOPES:
+        raise UsageError(f"zspaprune: prompt_scope must be one of {', '.join(PROMPT_SCOPES)}, got {prompt_scope!r}")
+
+
 @register(
     "zspaprune",
     summary="prompt-relevant core (cosine to the mean prompt embedding) + max-min diverse fill",
@@ -66,11 +75,9 @@ def zspaprune_select(features: Tensor, prompt: Tensor, keep: int, core_ratio: fl
     needs=frozenset({"prompt"}),
     deviation="reconstructed from the abstract and third-party code (no official code); core_ratio unverified",
     options={"core_ratio": 0.6, "prompt_scope": "question"},
+    check=check_zspaprune_options,
 )
 def zspaprune(inp: PruneInputs, keep: int, core_ratio: float = 0.6, prompt_scope: str = "question") -> Selection:
-    if not 0.0 <= float(core_ratio) <= 1.0:
-        raise UsageError(f"zspaprune: core_ratio must be in [0, 1], got {core_ratio}")
-    if prompt_scope not in PROMPT_SCOPES:
-        raise UsageError(f"zspaprune: prompt_scope must be one of {', '.join(PROMPT_SCOPES)}, got {prompt_scope!r}")
+    check_zspaprune_options(core_ratio, prompt_scope)
     idx, relevance = zspaprune_select(inp.features, inp.prompt, keep, float(core_ratio))
     return Selection(idx=idx.to(inp.features.device), scores=relevance)
