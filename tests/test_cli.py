@@ -243,3 +243,15 @@ def test_random_weights_too_big_for_memory_is_refused_up_front(monkeypatch):
     res = run("ask", CUP, "q", "--model", "llava-next", "--random-weights", "--device", "cpu",
               "--dtype", "bf16", code=1)
     one_line_error(res, "llava-next", "GiB", "free on cpu")
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["ask", CUP, "q", "--m", "abc"], "--m"),
+    (["ask", CUP], "Missing argument"),
+    (["nosuchcommand"], "No such command"),
+])
+def test_entry_point_usage_errors_are_one_line(args, needle):
+    res = subprocess.run([sys.executable, "-m", "zoocli", *args], capture_output=True, text=True)
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in res.stderr

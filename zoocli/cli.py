@@ -601,4 +601,20 @@ app.command("eval")(eval_command)
 
 
 def main() -> None:
-    app()
+    """The `zoo` entry point: like ``app()``, but a malformed command line (click's usage errors)
+    is one line on stderr with click's exit code (2), not a boxed multi-line message."""
+    try:
+        code = app(standalone_mode=False)
+    except Exception as e:  # typer vendors click: recognise its exceptions by their interface
+        message, exit_code = getattr(e, "format_message", None), getattr(e, "exit_code", None)
+        if message is None or not isinstance(exit_code, int):
+            raise
+        text = " ".join(str(message()).split())
+        if not text:  # `zoo` alone: the help was already shown
+            sys.exit(exit_code)
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see: {ctx.command_path} --help)" if ctx is not None else ""
+        err.print(f"[red]error:[/red] {text}{hint}", highlight=False,
+                  soft_wrap=True)
+        sys.exit(exit_code)
+    sys.exit(code if isinstance(code, int) else 0)
