@@ -267,7 +267,7 @@ def run_method(
     ms["e2e"] = (timer.now() - t0) * 1e3 + ms["preprocess"] + ms["vision"]
     n = enc.n
     return RunResult(
-        model=adapter.model_id, family=adapter.family, method=method_name, keep=min(keep, n),
+        model=adapter.model_id, family=adapter.family, method=method_name, keep=n if method_name == "none" else min(keep, n),
         n_visual_tokens=n, n_llm_visual_full=encoded.n_llm_visual, n_llm_visual_kept=inputs.n_visual,
         kept_indices=sel.kept.tolist(), per_scope=sel.per_scope, answer=gen.text.strip(),
         new_tokens=len(gen.ids), timings_ms={k: round(v, 3) for k, v in ms.items()},
@@ -310,7 +310,7 @@ def _run_in_llm(adapter, prepared, encoded, method, keep, timer, t0, max_new_tok
     in_kept = torch.zeros(n, dtype=torch.bool)
     in_kept[kept] = True
     return RunResult(
-        model=adapter.model_id, family=adapter.family, method=method.name, keep=min(keep, n),
+        model=adapter.model_id, family=adapter.family, method=method.name, keep=n if method_name == "none" else min(keep, n),
         n_visual_tokens=n, n_llm_visual_full=encoded.n_llm_visual,
         n_llm_visual_kept=encoded.n_llm_visual - n + int(kept.numel()), kept_indices=kept.tolist(),
         per_scope=[int(in_kept[s.index.cpu()].sum()) for s in encoded.scopes],
