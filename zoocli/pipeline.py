@@ -310,7 +310,7 @@ def _run_in_llm(adapter, prepared, encoded, method, keep, timer, t0, max_new_tok
     in_kept = torch.zeros(n, dtype=torch.bool)
     in_kept[kept] = True
     return RunResult(
-        model=adapter.model_id, family=adapter.family, method=method.name, keep=n if method_name == "none" else min(keep, n),
+        model=adapter.model_id, family=adapter.family, method=method.name, keep=min(keep, n),
         n_visual_tokens=n, n_llm_visual_full=encoded.n_llm_visual,
         n_llm_visual_kept=encoded.n_llm_visual - n + int(kept.numel()), kept_indices=kept.tolist(),
         per_scope=[int(in_kept[s.index.cpu()].sum()) for s in encoded.scopes],
