@@ -180,7 +180,15 @@ def test_next_scopes_and_newlines(tiny_llava_next, next_case):
         assert (s.cells >= 0).all() and (s.cells < 4).all()
         assert torch.equal(s.index, s.index.sort().values)
         x0, y0, x1, y1 = s.box
-        assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
+        assert x0 < x1 and y0 < y1 and x0 < w and y0 < h and x1 > 0 and y1 > 0
+        # every candidate (a patch that survived unpadding) has its cell centre inside the image
+        cw, ch = (x1 - x0) / 4, (y1 - y0) / 4
+        cx = x0 + (s.cells[:, 1].double() + 0.5) * cw
+        cy = y0 + (s.cells[:, 0].double() + 0.5) * ch
+        assert ((cx > 0) & (cx < w) & (cy > 0) & (cy < h)).all(), s.name
+    # crops are one resized image cut into equal tiles: every crop cell has the same size
+    sizes = {(round((s.box[2] - s.box[0]) / 4, 3), round((s.box[3] - s.box[1]) / 4, 3)) for s in e.scopes[1:]}
+    assert len(sizes) == 1, sizes
     # newline count = rows of the unpadded grid, from the processor's own arithmetic
     proc = a.processor
     from transformers.image_processing_utils import select_best_resolution
@@ -340,3 +348,14 @@ def test_from_config_random_weights_runs(alias):
     e = a.encode(p)
     assert e.features.shape[0] >= 576
     assert a.generate(a.build_inputs(p, e, torch.arange(e.features.shape[0])), 3).ids == _stock_new_tokens(a, p, 3)
+
+
+@pytest.mark.parametrize("size", [(80, 60), (60, 80), (200, 30), (30, 200)])
+def test_next_crop_cells_have_equal_size_when_tiles_cover_padding(tiny_llava_next, size):
+    """The overlay splits each crop's box evenly into its grid: boxes must be whole tiles (reaching
+    past the image where a tile covers padding), not tiles clipped to the image."""
+    e = tiny_llava_next.encode(tiny_llava_next.prepare(make_image(*size), Q))
+    for s in e.scopes[1:]:
+        cw, ch = (s.box[2] - s.box[0]) / 4, (s.box[3] - s.box[1]) / 4
+        # the anyres resize keeps the aspect ratio, so a patch is square in original pixels
+        assert abs(cw / ch - 1) < 0.05, (s.name, s.box)

@@ -430,7 +430,9 @@ class LlavaNextAdapter(LlavaAdapter):
     def _tile_boxes(self, h: int, w: int, nph: int, npw: int) -> list[tuple[float, float, float, float]]:
         """Each anyres tile's area in original-image pixels (row-major). The processor resizes the
         image to fit the best pinpoint (aspect kept, ceil-rounded) and pads it centred; the box maps
-        the tile back through that, clipped to the image (exact up to the rounding of the resize)."""
+        the tile back through that (exact up to the rounding of the resize). A box may reach past
+        the image where the tile covers padding: cells are the box split evenly, so it is not
+        clipped (drawing clips)."""
         import math
 
         from transformers.image_processing_utils import select_best_resolution
@@ -449,7 +451,7 @@ class LlavaNextAdapter(LlavaAdapter):
             for j in range(npw):
                 x0, x1 = (j * s - px) / sx, ((j + 1) * s - px) / sx
                 y0, y1 = (i * s - py) / sy, ((i + 1) * s - py) / sy
-                out.append(_box(max(0.0, x0), max(0.0, y0), min(float(w), x1), min(float(h), y1)))
+                out.append(_box(x0, y0, x1, y1))
         return out
 
 
