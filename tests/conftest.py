@@ -20,6 +20,14 @@ def zoo_model_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("zoo-models")
 
 
+@pytest.fixture
+def offline_models(zoo_model_cache, monkeypatch):
+    """Commands that load an offline model by name build it in the session cache dir."""
+    import zoocli.adapters
+
+    monkeypatch.setattr(zoocli.adapters, "default_cache_dir", lambda: zoo_model_cache)
+
+
 def _load(name, cache):
     from zoocli.adapters import load_adapter
 

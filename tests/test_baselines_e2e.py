@@ -13,13 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from zoocli.cli import app
 from zoocli.llm_loop import generate_pruned, language_model
 from zoocli.methods.fastv import fastv_stage
 from zoocli.methods.sparsevlm import sparsevlm_raters
 from zoocli.pipeline import encode_image, prompt_embeddings, run_method, run_one, select_tokens
+from cli_helpers import run as _run
 
 REPO = Path(__file__).resolve().parent.parent
 CUP = str(REPO / "sample_images" / "coffee_cup.jpg")
@@ -200,19 +199,6 @@ def test_zspaprune_keeps_most_relevant_token_for_both_prompt_scopes(request, ima
 # ------------------------------------------------------------------------------------------ CLI
 
 
-@pytest.fixture
-def _offline_cache(zoo_model_cache, monkeypatch):
-    import zoocli.adapters
-
-    monkeypatch.setattr(zoocli.adapters, "default_cache_dir", lambda: Path(zoo_model_cache))
-
-
-def _run(*args, code=0):
-    res = CliRunner().invoke(app, [str(a) for a in args])
-    assert res.exit_code == code, (res.exit_code, res.stdout, res.stderr, res.exception)
-    return res
-
-
 def test_methods_lists_stage_and_families():
     rows = {r["name"]: r for r in json.loads(_run("methods", "--json").stdout)}
     assert rows["visionzip"]["families"] == ["llava", "llava_next"]
@@ -221,14 +207,14 @@ def test_methods_lists_stage_and_families():
     assert {"fastv", "sparsevlm", "zspaprune"} <= {n for n, r in rows.items() if "qwen2_5_vl" in r["families"]}
 
 
-@pytest.mark.usefixtures("_offline_cache")
+@pytest.mark.usefixtures("offline_models")
 def test_ask_visionzip_on_qwen_is_a_one_line_usage_error():
     res = _run("ask", CUP, Q, "--model", "tiny-qwen2.5-vl", "--method", "visionzip", code=2)
     err = res.stderr.strip()
     assert len(err.splitlines()) == 1 and "visionzip" in err and "Traceback" not in res.stdout + err
 
 
-@pytest.mark.usefixtures("_offline_cache")
+@pytest.mark.usefixtures("offline_models")
 def test_ask_fastv_with_option_notes_selection_inside_prefill():
     out = _run("ask", CUP, Q, "--model", "tiny-llava", "--method", "fastv:K=1", "--keep", "5",
                "--max-new-tokens", "2").stdout
@@ -238,7 +224,7 @@ def test_ask_fastv_with_option_notes_selection_inside_prefill():
     assert d["stage"] == "in_llm" and len(d["kept_indices"]) == 5 and d["llm_stages"][0]["layer"] == 1
 
 
-@pytest.mark.usefixtures("_offline_cache")
+@pytest.mark.usefixtures("offline_models")
 def test_compare_and_bench_mark_in_llm_methods():
     methods = "visionzip,fastv,sparsevlm,zspaprune"
     d = json.loads(_run("compare", CUP, Q, "--model", "tiny-llava-next", "--methods", methods,

@@ -12,36 +12,14 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from zoocli.cli import app
+from cli_helpers import run, run_json, one_line_error
+
+pytestmark = pytest.mark.usefixtures("offline_models")
 
 REPO = Path(__file__).resolve().parent.parent
 CAT = str(REPO / "sample_images" / "cat_chelsea.png")
 CUP = str(REPO / "sample_images" / "coffee_cup.jpg")
 FAST = ["--max-new-tokens", "3", "--m", "8"]
-
-
-@pytest.fixture(autouse=True)
-def _offline_cache(zoo_model_cache, monkeypatch):
-    import zoocli.adapters
-
-    monkeypatch.setattr(zoocli.adapters, "default_cache_dir", lambda: Path(zoo_model_cache))
-
-
-def run(*args, code=0):
-    res = CliRunner().invoke(app, [str(a) for a in args])
-    assert res.exit_code == code, (res.exit_code, res.stdout, res.stderr, res.exception)
-    return res
-
-
-def run_json(*args):
-    return json.loads(run(*args, "--json").stdout)
-
-
-def one_line_error(res, *needles):
-    err = res.stderr.strip()
-    assert "Traceback" not in res.stdout + res.stderr
-    assert len(err.splitlines()) == 1, err
-    for n in needles:
-        assert n in err, err
 
 
 def test_methods_lists_every_registered_method():

@@ -11,13 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from zoocli.cli import app
 from zoocli.eval_runner import Dataset, EvalSpec, run_eval
 from zoocli.evaluation import RecordWriter, load_samples, read_records, summarize
 from zoocli.images import load_image
 from zoocli.pipeline import encode_image, select_tokens
+from cli_helpers import run
+
+pytestmark = pytest.mark.usefixtures("offline_models")
 
 REPO = Path(__file__).resolve().parent.parent
 IMAGES = REPO / "sample_images"
@@ -48,22 +49,9 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-@pytest.fixture(autouse=True)
-def _offline_cache(zoo_model_cache, monkeypatch):
-    import zoocli.adapters
-
-    monkeypatch.setattr(zoocli.adapters, "default_cache_dir", lambda: Path(zoo_model_cache))
-
-
 def write_jsonl(path: Path, rows) -> Path:
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
     return path
-
-
-def run(*args, code=0):
-    res = CliRunner().invoke(app, [str(a) for a in args])
-    assert res.exit_code == code, (res.exit_code, res.stdout, res.stderr, res.exception)
-    return res
 
 
 def stable(path: Path) -> dict:

@@ -6,36 +6,16 @@ import json
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from zoocli.cli import app
 from zoocli.errors import UsageError
 from zoocli.methods import parse_method_spec
+from cli_helpers import run, one_line_error
+
+pytestmark = pytest.mark.usefixtures("offline_models")
 
 REPO = Path(__file__).resolve().parent.parent
 CUP = str(REPO / "sample_images" / "coffee_cup.jpg")
 FAST = ["--max-new-tokens", "1", "--m", "4"]
-
-
-@pytest.fixture(autouse=True)
-def _offline_cache(zoo_model_cache, monkeypatch):
-    import zoocli.adapters
-
-    monkeypatch.setattr(zoocli.adapters, "default_cache_dir", lambda: Path(zoo_model_cache))
-
-
-def run(*args, code=0):
-    res = CliRunner().invoke(app, [str(a) for a in args])
-    assert res.exit_code == code, (res.exit_code, res.stdout, res.stderr, res.exception)
-    return res
-
-
-def one_line_error(res, *needles):
-    err = res.stderr.strip()
-    assert "Traceback" not in res.stdout + res.stderr
-    assert len(err.splitlines()) == 1, err
-    for n in needles:
-        assert n in err, err
 
 
 def _strict_json(text: str):

@@ -285,35 +285,8 @@ class LlavaAdapter(Adapter):
 
     @torch.no_grad()
     def generate(self, inputs: LLMInputs, max_new_tokens: int) -> Generation:
-        from transformers import LogitsProcessorList
-
-        tok = self.processor.tokenizer
-        gc = self.model.generation_config
-        eos = gc.eos_token_id if gc.eos_token_id is not None else tok.eos_token_id
-        eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
-        pad = gc.pad_token_id if gc.pad_token_id is not None else tok.pad_token_id
-        if pad is None:
-            pad = next(iter(eos_ids), 0)
-        clock = _StepClock(self.device)
-        device_sync(self.device)
-        t0 = time.perf_counter()
-        out = self.model.generate(
-            inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
-            max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
-            logits_processor=LogitsProcessorList([clock]), **inputs.extra,
-        )
-        device_sync(self.device)
-        ids = out[0].tolist()
-        if len(ids) > max_new_tokens:  # versions that also return the (embeds-only) prompt slots
-            ids = ids[inputs.inputs_embeds.shape[1]:]
-        for i, t in enumerate(ids):
-            if t in eos_ids:
-                ids = ids[:i]
-                break
-        first = clock.first if clock.first is not None else t0
-        last = clock.last if clock.last is not None else first
-        return Generation(ids=ids, text=tok.decode(ids, skip_special_tokens=True).strip(),
-                          prefill_ms=(first - t0) * 1e3, decode_ms=(last - first) * 1e3)
+        """Greedy answer of a one-row input, timed (prefill = call to first-token logits)."""
+        return self.generate_batch(inputs, max_new_tokens)[0]
 
     @torch.no_grad()
     def generate_batch(self, inputs: LLMInputs, max_new_tokens: int) -> list[Generation]:

@@ -41,10 +41,10 @@ before layers 1 .. n_layers-1 (``zoocli.in_llm``). LLaVA-NeXT newline tokens are
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from zoocli.methods import PruneInputs, Selection, register
+from zoocli.methods.fastv import topk_lowest_index
 
 SPARSE_LAYERS = (2, 6, 15)  # official pruning_loc for the 32-layer LLaMA of LLaVA-1.5-7B
 OFFICIAL_SCHEDULES = {  # score.py v1: visual tokens kept after each sparse layer (of 576)
@@ -133,5 +133,5 @@ def sparsevlm_stages(keep: int, n_visual: int, n_layers: int, rater_positions: T
     ),
 )
 def sparsevlm(inp: PruneInputs, keep: int) -> Selection:
-    idx = torch.sort(inp.text_attn.float(), descending=True, stable=True).indices[:keep]
+    idx = topk_lowest_index(inp.text_attn, keep)
     return Selection(idx=idx.to(inp.features.device), scores=inp.text_attn)
