@@ -156,6 +156,23 @@ def _zoo_options(m: int, h: float, estimator: str, rank: int | None, seed: int =
     return {"m": m, "h": h, "estimator": estimator, "rank": rank}
 
 
+def _early_checks(question: str, keep: str, specs: list[str], max_new_tokens: int,
+                  overlay: Path | None, zoo: dict[str, Any]):
+    """What `ask` and `compare` validate before anything is loaded: (question, parsed method
+    specs, ZOO options)."""
+    from zoocli.methods import parse_method_spec
+    from zoocli.pipeline import parse_keep
+
+    question = _question(question)
+    parsed = [parse_method_spec(spec) for spec in specs]
+    parse_keep(keep, 10**9)  # syntax and sign; the token count is known after encoding
+    opts = _zoo_options(**zoo)
+    if max_new_tokens <= 0:
+        raise UsageError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    _check_out_file(overlay, "--overlay")
+    return question, parsed, opts
+
+
 def _load(model: str, device: str, dtype: str, random_weights: bool):
     import transformers
 
@@ -255,19 +272,12 @@ def ask(
     config: ConfigOpt = None,
 ) -> None:
     """Answer a question about an image with only --keep visual tokens."""
-    from zoocli.methods import parse_method_spec
     from zoocli.pipeline import run_one
     from zoocli.render import answer_panel, grids_panel, overlay as draw_overlay, timings_table
 
-    from zoocli.pipeline import parse_keep
-
-    question = _question(question)
-    method, extra = parse_method_spec(method)  # "fastv" or "fastv:K=3"
-    parse_keep(keep, 10**9)  # syntax and sign, before anything is loaded
-    opts = _zoo_options(m, h, estimator, rank, seed)
-    if max_new_tokens <= 0:
-        raise UsageError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-    _check_out_file(overlay, "--overlay")
+    question, [(method, extra)], opts = _early_checks(  # method: "fastv" or "fastv:K=3"
+        question, keep, [method], max_new_tokens, overlay,
+        dict(m=m, h=h, estimator=estimator, rank=rank, seed=seed))
     img = _image(image)
     adapter = _load(model, device, dtype, random_weights)
     warnings: list[str] = []
@@ -345,7 +355,7 @@ def score(
     from zoocli.sensitivity import token_sensitivity
 
     q = _question(question) if question is not None else "Describe the image."
-    opts = _zoo_options(m, h, estimator, rank, seed)
+    opts = _zoo_options(m=m, h=h, estimator=estimator, rank=rank, seed=seed)
     _check_out_file(overlay, "--overlay")
     img = _image(image)
     adapter = _load(model, device, dtype, random_weights)
@@ -429,23 +439,17 @@ def compare(
     config: ConfigOpt = None,
 ) -> None:
     """Run several methods on the same image (encoded once) and compare them with the unpruned model."""
-    from zoocli.methods import parse_method_spec
     from zoocli.pipeline import check_family, encode_image, jaccard, parse_keep, run_method
     from zoocli.render import compare_table, contact_sheet, grids_panel, overlay as draw_overlay
 
-    question = _question(question)
     names = _split(methods, "--methods")
-    for name in names:
-        parse_method_spec(name)
-    parse_keep(keep, 10**9)
-    opts = _zoo_options(m, h, estimator, rank, seed)
-    if max_new_tokens <= 0:
-        raise UsageError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-    _check_out_file(overlay, "--overlay")
+    question, parsed, opts = _early_checks(question, keep, names, max_new_tokens, overlay,
+                                           dict(m=m, h=h, estimator=estimator, rank=rank, seed=seed))
+    spec_of = dict(zip(names, parsed, strict=True)) | {"none": ("none", {})}
     img = _image(image)
     adapter = _load(model, device, dtype, random_weights)
-    for name in names:
-        check_family(adapter, parse_method_spec(name)[0])
+    for base_name, _ in parsed:
+        check_family(adapter, base_name)
     enc = encode_image(adapter, img, question)
     k, warn = parse_keep(keep, enc.n)
     if warn:
@@ -455,13 +459,13 @@ def compare(
     with _progress() as bar:
         task = bar.add_task("methods", total=len(order))
         for name in order:
-            base_name, extra = parse_method_spec(name)
+            base_name, extra = spec_of[name]
             results[name] = run_method(adapter, enc, base_name, enc.n if name == "none" else k,
                                        scope=budget_scope, seed=seed, options={**opts, **extra},
                                        max_new_tokens=max_new_tokens)
             bar.advance(task)
     base = results["none"].timings_ms
-    zoo_specs = [n for n in order if parse_method_spec(n)[0] == "zoo"]
+    zoo_specs = [n for n in order if spec_of[n][0] == "zoo"]
     ref = results[zoo_specs[0]].kept_indices if zoo_specs else None
     rows = []
     for name, r in results.items():
@@ -522,7 +526,7 @@ def bench(
         parse_keep(b, 10**9)  # validates the syntax
     if repeats < 1 or warmup < 0 or max_new_tokens < 1:
         raise UsageError("--repeats and --max-new-tokens must be at least 1, --warmup at least 0")
-    opts = _zoo_options(m, h, estimator, rank, seed)
+    opts = _zoo_options(m=m, h=h, estimator=estimator, rank=rank, seed=seed)
     paths = [p for spec in (images or []) for p in _split(spec, "--images")] or [str(p) for p in shipped_images()]
     imgs = [_image(p) for p in paths]
     _check_out_file(out, "--out")

@@ -125,15 +125,12 @@ def select_tokens(
     if "prompt" in method.needs and "prompt" not in signals:
         scope_opt = options.get("prompt_scope", method.options.get("prompt_scope", "question"))
         signals["prompt"] = prompt_embeddings(adapter, prepared, scope_opt)
-    n = encoded.features.shape[0]
-    if scope == "global" or len(encoded.scopes) == 1:
-        groups = [(torch.arange(n, device=encoded.features.device), None)]
-        if len(encoded.scopes) == 1:
-            groups = [(encoded.scopes[0].index.to(encoded.features.device), encoded.scopes[0].grid)]
-        quotas = [min(keep, n)]
+    n, dev = encoded.features.shape[0], encoded.features.device
+    if scope == "global" and len(encoded.scopes) > 1:  # one selection over all crops, no grid
+        groups = [(torch.arange(n, device=dev), None)]
     else:
-        groups = [(s.index.to(encoded.features.device), s.grid) for s in encoded.scopes]
-        quotas = split_budget(keep, [len(g[0]) for g in groups])
+        groups = [(s.index.to(dev), s.grid) for s in encoded.scopes]
+    quotas = split_budget(keep, [len(index) for index, _ in groups])
     kept, tokens, scores = [], [], torch.full((n,), float("nan"))
     has_tokens = False
     for (index, grid), q in zip(groups, quotas):
@@ -152,7 +149,7 @@ def select_tokens(
     return SelectionResult(
         kept=all_kept[order], tokens=merged,
         scores=None if torch.isnan(scores).all() else scores,
-        per_scope=[q for q in quotas],
+        per_scope=quotas,
     )
 
 

@@ -261,7 +261,23 @@ def _rmsnorm(ln: nn.Module, d_in: int) -> _Norm | None:
     return _Norm(weight=w, eps=eps, groups=d_in // d_v, d_v=d_v)
 
 
+_STRUCTURE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _structure(p: nn.Module) -> _MLP | None:
+    """``_detect_structure`` once per projector (and parameter dtype / device): its numerical
+    probes stay off the per-image path."""
+    param = next(p.parameters(), None)
+    key = None if param is None else (param.dtype, param.device)
+    hit = _STRUCTURE.get(p)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    s = _detect_structure(p)
+    _STRUCTURE[p] = (key, s)
+    return s
+
+
+def _detect_structure(p: nn.Module) -> _MLP | None:
     """The recognised structure of a projector, or None (generic).
 
     A thin wrapper is looked through: a module with no parameters of its own and a single child
