@@ -197,7 +197,7 @@ def _measure(adapter, images, spec, method, budget, cfg, n_llm, dims, progress):
         for img in images:
             reset_peak_memory(adapter.device)
             enc = encode_image(adapter, img, spec.question)
-            keep = enc.n if budget == "all" else parse_keep(budget, enc.n)[0]
+            keep = enc.n if budget == "all" else parse_keep(budget, enc.n, "--budgets")[0]
             res = run_method(adapter, enc, name, keep, scope=spec.scope, seed=spec.seed,
                              options=opts, max_new_tokens=spec.max_new_tokens)
             if progress:

@@ -523,7 +523,7 @@ def bench(
     for b in budget_list:
         from zoocli.pipeline import parse_keep
 
-        parse_keep(b, 10**9)  # validates the syntax
+        parse_keep(b, 10**9, "--budgets")  # validates the syntax
     if repeats < 1 or warmup < 0 or max_new_tokens < 1:
         raise UsageError("--repeats and --max-new-tokens must be at least 1, --warmup at least 0")
     opts = _zoo_options(m=m, h=h, estimator=estimator, rank=rank, seed=seed)

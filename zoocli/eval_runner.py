@@ -97,7 +97,7 @@ def budget_value(spec) -> int | str:
     from zoocli.pipeline import parse_keep
 
     text = str(spec).strip()
-    parse_keep(text, 10**9)  # syntax and sign
+    parse_keep(text, 10**9, "--budgets")  # syntax and sign
     return int(text) if text.lstrip("-").isdigit() else text.replace(" ", "")
 
 
@@ -193,7 +193,7 @@ def _run_config(adapter, dataset: str, rows, method_name: str, budget, spec: Eva
         if method_name == BASELINE:
             keeps.append(enc.n)
             continue
-        k, warn = parse_keep(budget, enc.n)
+        k, warn = parse_keep(budget, enc.n, "--budgets")
         if warn:
             warned.add(warn)
         keeps.append(k)

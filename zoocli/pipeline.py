@@ -22,22 +22,22 @@ from zoocli.timing import Timer, device_sync
 BUDGET_SCOPES = ("crop", "global")
 
 
-def parse_keep(spec: str | int, n: int) -> tuple[int, str | None]:
+def parse_keep(spec: str | int, n: int, option: str = "--keep") -> tuple[int, str | None]:
     """``"64"`` or ``"11%"`` (of the ``n`` candidates) -> (tokens, warning). More than ``n`` is
-    clamped to ``n`` with a warning; zero or less is an error."""
+    clamped to ``n`` with a warning; zero or less is an error. ``option`` names the flag in messages."""
     text = str(spec).strip()
     m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*%", text)
     if m:
         pct = float(m.group(1))
         if not 0 < pct <= 100:
-            raise UsageError(f"--keep {text}: a percentage must be in (0, 100]")
+            raise UsageError(f"{option} {text}: a percentage must be in (0, 100]")
         keep = max(1, round(n * pct / 100))
     elif re.fullmatch(r"-?\d+", text):
         keep = check_keep(int(text))
     else:
-        raise UsageError(f"--keep {text!r}: give a token count (64) or a percentage (11%)")
+        raise UsageError(f"{option} {text!r}: give a token count (64) or a percentage (11%)")
     if keep > n:
-        return n, f"--keep {text} is more than the {n} visual tokens: keeping all {n}"
+        return n, f"{option} {text} is more than the {n} visual tokens: keeping all {n}"
     return keep, None
 
 
