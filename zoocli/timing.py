@@ -53,6 +53,22 @@ class Timer:
         self.ms[name] = self.ms.get(name, 0.0) + ms
 
 
+TTFT_STAGES = ("preprocess", "vision", "selection", "build", "prefill")
+
+
+def add_ttft_e2e(ms: dict[str, float], *, selection_in_prefill: bool = False) -> dict[str, float]:
+    """THE definition of time to first token and end to end, used by ask, compare, bench and eval.
+
+    ``ttft`` = preprocess + vision + selection + build + prefill (stages that did not run count 0);
+    for in-LLM methods (``selection_in_prefill``) the selection already happens inside ``prefill``
+    and is not added again. ``e2e`` = ``ttft`` + ``decode``. Sets both keys on ``ms`` and returns it.
+    """
+    stages = [s for s in TTFT_STAGES if not (selection_in_prefill and s == "selection")]
+    ms["ttft"] = sum(ms.get(s, 0.0) for s in stages)
+    ms["e2e"] = ms["ttft"] + ms.get("decode", 0.0)
+    return ms
+
+
 def summarize(values: list[float]) -> dict[str, float]:
     """Median, min and max of repeated measurements (warm-up already left out)."""
     if not values:
