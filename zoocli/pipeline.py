@@ -102,7 +102,7 @@ def prune_inputs(
         kw["vision"] = encoded.vision[index]
     if "projector" in method.needs:
         kw["projector"] = adapter.projector
-    for name in ("cls_attn", "vision_keys", "text_attn"):
+    for name in ("cls_attn", "vision_keys"):
         if name in method.needs:
             kw[name] = signals[name][index]
     if "prompt" in method.needs:
