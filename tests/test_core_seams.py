@@ -63,3 +63,14 @@ def test_adapter_declares_dims_decoder_and_signals(request, fixture):
     ids = torch.tensor([3, 4, 5])
     torch.testing.assert_close(adapter.embed_ids(ids), adapter.model.get_input_embeddings()(ids))
     assert decoder_of(adapter.model).attn_impl == adapter.decoder().attn_impl
+
+
+@pytest.mark.usefixtures("offline_models")
+def test_bad_fastv_option_fails_on_the_command_line_before_the_model_loads():
+    """Regression: ``fastv:K=abc`` was accepted at parse time and failed after loading the model.
+    The model named here does not exist, so reaching the loader would be a different error."""
+    from cli_helpers import one_line_error, run
+
+    res = run("ask", "no-image.png", "q", "--model", "no-such-model", "--keep", "4",
+              "--method", "fastv:K=abc", code=2)
+    one_line_error(res, "fastv", "K")
