@@ -104,12 +104,21 @@ def test_visionzip_declares_no_qwen():
 
 
 def test_fastv_is_topk_of_text_attn_with_lowest_index_ties():
+    # FastV prunes inside the LLM: its plan is one stage before layer K (clamped to n_layers - 1);
+    # the prune loop ranks the last token's attention with ops.stable_topk (ties to the lowest index).
+    from zoocli.methods import LLMView
+    from zoocli.ops import stable_topk
+
     ta = torch.tensor([0.2, 0.7, 0.1, 0.7, 0.05, 0.3])
-    inp = PruneInputs(features=torch.randn(6, 4), text_attn=ta)
-    assert select("fastv", inp, 3).idx.tolist() == [1, 3, 5]
-    assert select("fastv", inp, 3, K=3).idx.tolist() == [1, 3, 5]
+    assert sorted(stable_topk(ta, 3).tolist()) == [1, 3, 5]
     m = get_method("fastv")
-    assert m.stage == "in_llm" and m.options["K"] == 2 and m.needs == {"text_attn"}
+    view = LLMView(n_layers=32, visual=torch.arange(1, 7), text_after=torch.arange(7, 9),
+                   layer0=torch.randn(9, 4))
+    assert [(s.layer, s.n_keep) for s in m.plan(view, 3)] == [(2, 3)]
+    assert [(s.layer, s.n_keep) for s in m.plan(view, 3, K=3)] == [(3, 3)]
+    shallow = LLMView(n_layers=2, visual=view.visual, text_after=view.text_after, layer0=view.layer0)
+    assert [s.layer for s in m.plan(shallow, 3)] == [1]
+    assert m.stage == "in_llm" and m.options["K"] == 2 and m.needs == {"decoder"}
 
 
 # ---------------------------------------------------------------- SparseVLM
@@ -154,8 +163,10 @@ def test_sparsevlm_raters_and_score():
     assert sparsevlm_raters(vis, text).tolist() == [1, 3]
     attn = torch.tensor([[[0.2, 0.4, 0.4], [0.4, 0.2, 0.4]], [[0.4, 0.0, 0.6], [0.2, 0.2, 0.6]]])  # [H=2,R=2,N=3]
     torch.testing.assert_close(sparsevlm_score(attn), torch.tensor([0.3, 0.2, 0.5]))
-    inp = PruneInputs(features=torch.randn(3, 2), text_attn=sparsevlm_score(attn))
-    assert select("sparsevlm", inp, 2).idx.tolist() == [2, 0]
+    # in-LLM: the prune loop keeps the stable top-k of the score (ties to the lowest index)
+    from zoocli.ops import stable_topk
+
+    assert stable_topk(sparsevlm_score(attn), 2).tolist() == [2, 0]
 
 
 # ---------------------------------------------------------------- ZSPAPrune

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from zoocli.llm_loop import generate_pruned, language_model
+from zoocli.adapters.decoder import language_model
+from zoocli.prune_loop import generate_pruned
 from zoocli.methods.fastv import fastv_stage
 from zoocli.methods.sparsevlm import sparsevlm_raters
 from zoocli.pipeline import encode_image, prompt_embeddings, run_method, run_one, select_tokens

@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from zoocli import METHODS, PruneInputs, divprune_select, get_method, select, zoo_select
+from zoocli.methods import LLMView
 from zoocli.errors import UnknownNameError, UsageError
 from zoocli.methods.zoo import normalize_scores, sum_select
 
@@ -135,8 +136,14 @@ def _inputs_for(method, n, seed=0):
     return PruneInputs(**full)
 
 
+# Contract tests run over every pre-LLM method (``select``); in-LLM methods (FastV, SparseVLM) have
+# no selection function and are tested through their ``plan`` below.
+PRE_LLM = sorted(n for n, m in METHODS.items() if m.stage == "pre_llm")
+IN_LLM = sorted(n for n, m in METHODS.items() if m.stage == "in_llm")
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(name=st.sampled_from(sorted(METHODS)), n=st.integers(1, 40), keep=st.integers(1, 60),
+@given(name=st.sampled_from(PRE_LLM), n=st.integers(1, 40), keep=st.integers(1, 60),
        seed=st.integers(0, 3))
 def test_every_method_keeps_k_distinct_in_range(name, n, keep, seed):
     inp = _inputs_for(get_method(name), n, seed)
@@ -154,21 +161,21 @@ def test_every_method_keeps_k_distinct_in_range(name, n, keep, seed):
         assert sel.tokens.shape[0] == want
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("name", PRE_LLM)
 def test_keep_at_least_n_keeps_all(name):
     inp = _inputs_for(get_method(name), 9)
     assert select(name, inp, 9).idx.tolist() == list(range(9))
     assert select(name, inp, 100).idx.tolist() == list(range(9))
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("name", PRE_LLM)
 @pytest.mark.parametrize("keep", [0, -3])
 def test_nonpositive_keep_is_a_clear_error(name, keep):
     with pytest.raises(UsageError, match="keep must be at least 1"):
         select(name, _inputs_for(get_method(name), 9), keep)
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("name", PRE_LLM)
 def test_methods_are_deterministic(name):
     inp = _inputs_for(get_method(name), 20, seed=3)
     opts = {"m": 8} if "m" in get_method(name).options else {}
@@ -221,3 +228,70 @@ def test_small_exhaustive_tie_order():
     for k in range(1, 7):
         assert zoo_select(s, z, k).tolist() == list(range(k))
         assert divprune_select(z, k).tolist() == list(range(k))
+
+
+def _view(n_layers: int, n: int = 12, length: int = 30, seed: int = 0) -> LLMView:
+    g = torch.Generator().manual_seed(seed)
+    return LLMView(n_layers=n_layers, visual=torch.arange(2, 2 + n), text_after=torch.arange(2 + n, length),
+                   layer0=torch.randn(length, 8, generator=g))
+
+
+def test_every_method_has_exactly_one_compute():
+    assert IN_LLM == ["fastv", "sparsevlm"]
+    for m in METHODS.values():
+        assert (m.fn is None) == (m.stage == "in_llm") == (m.plan is not None)
+
+
+@pytest.mark.parametrize("name", IN_LLM)
+@pytest.mark.parametrize("n_layers", [2, 3, 4, 32])
+@pytest.mark.parametrize("keep", [1, 5, 12, 40])
+def test_in_llm_plan_contract(name, n_layers, keep):
+    """A plan: stage layers distinct, ascending, in [1, n_layers); counts in [1, N], non-increasing;
+    the same plan for the same prompt."""
+    view = _view(n_layers)
+    stages = get_method(name).plan(view, keep)
+    layers, counts = [s.layer for s in stages], [s.n_keep for s in stages]
+    assert stages and layers == sorted(set(layers)) and all(1 <= l < n_layers for l in layers)
+    assert all(1 <= c <= view.n for c in counts) and counts == sorted(counts, reverse=True)
+    again = get_method(name).plan(_view(n_layers), keep)
+    assert [(s.layer, s.n_keep) for s in again] == list(zip(layers, counts))
+
+
+@pytest.mark.parametrize("name", IN_LLM)
+def test_in_llm_methods_refuse_select_and_one_layer(name):
+    with pytest.raises(UsageError, match="prunes inside the LLM"):
+        select(name, _inputs_for(None, 8), 3)
+    with pytest.raises(UsageError, match="at least 2 LLM layers"):
+        get_method(name).plan(_view(1), 3)
+
+
+@pytest.mark.parametrize("spec", ["fastv:K=abc", "fastv:K=0", "fastv:K=1.5", "zoo:m=abc", "zoo:h=abc",
+                                  "zoo:chunk_mb=x", "zspaprune:core_ratio=abc", "visionzip:dominant=abc",
+                                  "sensitivity:m=abc", "sum:m=abc"])
+def test_option_values_are_checked_at_parse_time(spec):
+    """Regression: ``fastv:K=abc`` used to pass parsing and fail only after the model loaded."""
+    from zoocli.methods import parse_method_spec
+
+    with pytest.raises(UsageError):
+        parse_method_spec(spec)
+
+
+def test_import_of_registry_and_adapters_skips_torch_and_transformers():
+    """``zoo methods`` / ``zoo models`` / spec parsing stay fast: no torch, no transformers."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, zoocli.methods, zoocli.adapters\n"
+        "from zoocli.methods import METHODS, parse_method_spec\n"
+        "from zoocli.errors import UsageError\n"
+        "rows = [(m.name, m.stage, sorted(m.needs), dict(m.options), m.paper) for m in METHODS.values()]\n"
+        "assert len(rows) == 10, rows\n"
+        "assert parse_method_spec('fastv:K=3') == ('fastv', {'K': 3})\n"
+        "try:\n    parse_method_spec('fastv:K=abc')\nexcept UsageError:\n    pass\n"
+        "else:\n    raise SystemExit('fastv:K=abc accepted')\n"
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

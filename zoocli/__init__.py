@@ -1,7 +1,18 @@
 """zoo: visual-token pruning for vision-language models (ZOO-Prune and its baselines).
 
 The public API: ``token_sensitivity``, ``zoo_select``, ``divprune_select``, the method registry
-(``METHODS``, ``register``, ``get_method``, ``select``) and ``load_adapter`` for models.
+(``METHODS``, ``Method``, ``register``, ``get_method``, ``select``, ``PruneInputs``, ``Selection``)
+and ``load_adapter`` for models.
+
+Where things live: ``methods/`` one file per paper (a ``Method`` object each: metadata, options and
+their check, a selection ``fn`` or an in-LLM ``plan``); ``adapters/`` the only code that reads model
+internals (``base`` the contract, ``decoder`` the pieces the prune loop drives, one file per
+family); ``prune_loop`` in-LLM pruning on an adapter's decoder; ``pipeline`` encode -> select ->
+generate, timed; ``sensitivity`` the zeroth-order estimator; ``ops`` the shared tensor helpers;
+``timing`` the clocks and the TTFT / end-to-end definition; ``analysis`` ``score --vs-encoder``.
+
+Importing ``zoocli``, ``zoocli.methods`` or ``zoocli.adapters`` does not import torch or
+transformers: ``token_sensitivity`` and ``load_adapter`` load on first use.
 """
 
 __version__ = "0.1.0"
@@ -9,7 +20,6 @@ __version__ = "0.1.0"
 from zoocli.methods import METHODS, Method, PruneInputs, Selection, get_method, register, select
 from zoocli.methods.divprune import divprune_select
 from zoocli.methods.zoo import zoo_select
-from zoocli.sensitivity import token_sensitivity
 
 
 def load_adapter(*args, **kwargs):
@@ -17,6 +27,14 @@ def load_adapter(*args, **kwargs):
     from zoocli.adapters import load_adapter as _load
 
     return _load(*args, **kwargs)
+
+
+def __getattr__(name: str):
+    if name == "token_sensitivity":  # imports torch: loaded on first use
+        from zoocli.sensitivity import token_sensitivity
+
+        return token_sensitivity
+    raise AttributeError(f"module 'zoocli' has no attribute {name!r}")
 
 
 __all__ = [

@@ -145,15 +145,13 @@ def selection_flops(method: str, n: int, keep: int, dims: dict[str, int], option
 
 
 def _llm_params(adapter) -> tuple[Any, int]:
-    lm = adapter.model.model.language_model
-    emb = lm.get_input_embeddings().weight.numel()
-    n = sum(p.numel() for p in lm.parameters()) - emb
-    return lm.config, n
+    """(the LLM's dims: ``hidden_size``, ``num_hidden_layers``..., its non-embedding parameters)."""
+    dims = adapter.llm_dims()
+    return dims, dims.n_params
 
 
 def _projector_dims(adapter) -> dict[str, int]:
-    lin = [m for m in adapter.projector.modules() if m.__class__.__name__ == "Linear"]
-    return {"d_in": lin[0].in_features, "d_hidden": lin[0].out_features, "d": lin[-1].out_features}
+    return dict(adapter.llm_dims().projector)
 
 
 def bench_rows(

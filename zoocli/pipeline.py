@@ -1,12 +1,17 @@
 """The pipeline: image + question -> encode -> select k visual tokens -> LLM -> answer, timed.
 
+Two paths, chosen by the method's ``stage``: a pre-LLM method selects on the encoded tokens
+(``select_tokens``: per scope, with exactly the signals it ``needs``, checked against the adapter's
+``provides``) and the adapter generates on the pruned sequence; an in-LLM method's ``plan`` gives
+prune stages that ``zoocli.prune_loop.generate_in_llm`` runs inside the LLM on the unpruned
+sequence. TTFT and end to end come from ``zoocli.timing.add_ttft_e2e`` on both paths.
+
 No printing here: commands render the ``RunResult``. Budgets: ``keep`` counts candidate visual
 tokens (LLaVA-NeXT newline tokens are kept on top and reported in ``n_llm_visual``).
 """
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -16,8 +21,9 @@ from torch import Tensor
 
 from zoocli.adapters.base import Adapter, Encoded, Prepared
 from zoocli.errors import UsageError
-from zoocli.methods import Method, PruneInputs, check_keep, get_method, select
-from zoocli.timing import Timer, device_sync
+from zoocli.methods import LLMView, Method, PruneInputs, check_keep, get_method, select
+from zoocli.ops import jaccard  # noqa: F401  (re-export: cli.py imports it from here)
+from zoocli.timing import Timer, add_ttft_e2e, device_sync
 
 BUDGET_SCOPES = ("crop", "global")
 
@@ -82,7 +88,7 @@ def prompt_embeddings(adapter: Adapter, prepared: Prepared, scope: str = "questi
         ids = ids[mask & (ids != adapter.image_token_id)]
     else:
         raise UsageError(f"prompt_scope must be one of {', '.join(PROMPT_SCOPES)}, got {scope!r}")
-    return adapter.model.get_input_embeddings()(ids.to(adapter.device))
+    return adapter.embed_ids(ids)
 
 
 def prune_inputs(
@@ -90,20 +96,25 @@ def prune_inputs(
     grid, seed: int, signals: dict[str, Tensor],
 ) -> PruneInputs:
     """The ``PruneInputs`` of one scope, holding exactly the signals ``method`` needs."""
+    _check_provides(method, adapter)
     kw: dict[str, Any] = {}
     if "vision" in method.needs:
         kw["vision"] = encoded.vision[index]
     if "projector" in method.needs:
         kw["projector"] = adapter.projector
-    for name in ("cls_attn", "vision_keys", "text_attn"):
+    for name in ("cls_attn", "vision_keys"):
         if name in method.needs:
-            if name not in signals:
-                raise UsageError(f"method '{method.name}' needs {name}, which the "
-                                 f"{adapter.family} adapter does not provide")
             kw[name] = signals[name][index]
     if "prompt" in method.needs:
         kw["prompt"] = signals["prompt"]
     return PruneInputs(features=encoded.features[index], grid=grid, seed=seed, **kw)
+
+
+def _check_provides(method: Method, adapter: Adapter) -> None:
+    missing = sorted(method.needs - adapter.provides)
+    if missing:
+        raise UsageError(f"method '{method.name}' needs {', '.join(missing)}, which the "
+                         f"{adapter.family} adapter does not provide")
 
 
 def select_tokens(
@@ -117,10 +128,8 @@ def select_tokens(
     method = get_method(method_name)
     options = {k: v for k, v in (options or {}).items() if k in method.options}
     signals = dict(signals or {})
+    _check_provides(method, adapter)
     if {"cls_attn", "vision_keys"} & method.needs - signals.keys():
-        if not hasattr(adapter, "vision_signals"):
-            raise UsageError(f"method '{method.name}' needs vision attention signals, which the "
-                             f"{adapter.family} adapter does not provide")
         signals.update(adapter.vision_signals(prepared, encoded))  # the method's cost: timed as selection
     if "prompt" in method.needs and "prompt" not in signals:
         scope_opt = options.get("prompt_scope", method.options.get("prompt_scope", "question"))
@@ -247,10 +256,8 @@ def run_method(
     prepared, encoded = enc.prepared, enc.encoded
     timer = Timer(sync=lambda: device_sync(adapter.device))
     timer.ms.update(enc.timings_ms)
-    t0 = timer.now()
     if method.stage == "in_llm":
-        return _run_in_llm(adapter, prepared, encoded, method, keep, timer, t0, max_new_tokens,
-                           options or {}, seed)
+        return _run_in_llm(adapter, enc, method, keep, timer, max_new_tokens, options or {})
     with timer("selection"):
         sel = select_tokens(adapter, prepared, encoded, method_name, keep, scope=scope, seed=seed,
                             options=options)
@@ -259,9 +266,7 @@ def run_method(
     gen = adapter.generate(inputs, max_new_tokens)
     timer.add("prefill", gen.prefill_ms)
     timer.add("decode", gen.decode_ms)
-    ms = timer.ms
-    ms["ttft"] = ms["preprocess"] + ms["vision"] + ms["selection"] + ms["build"] + ms["prefill"]
-    ms["e2e"] = (timer.now() - t0) * 1e3 + ms["preprocess"] + ms["vision"]
+    ms = add_ttft_e2e(timer.ms)
     n = enc.n
     return RunResult(
         model=adapter.model_id, family=adapter.family, method=method_name, keep=n if method_name == "none" else min(keep, n),
@@ -269,59 +274,57 @@ def run_method(
         kept_indices=sel.kept.tolist(), per_scope=sel.per_scope, answer=gen.text.strip(),
         new_tokens=len(gen.ids), timings_ms={k: round(v, 3) for k, v in ms.items()},
         meaningless=adapter.meaningless, scopes=scope_layout(encoded, sel.kept),
-        scores=None if sel.scores is None else [None if v != v else round(float(v), 6) for v in sel.scores.tolist()],
+        scores=_rounded(sel.scores),
     )
 
 
-def _run_in_llm(adapter, prepared, encoded, method, keep, timer, t0, max_new_tokens, options, seed):
-    """Methods that prune inside the LLM (FastV, SparseVLM): the unpruned sequence goes in and the
-    adapter drives the decoder layers with the method's prune stages (``zoocli.in_llm``). Selection
-    (the scoring) happens inside the prefill: ``selection`` is reported but is already part of
-    ``prefill`` and ``ttft``. Kept tokens / the grid: what is left after the last stage."""
-    from zoocli.in_llm import n_llm_layers, plan_stages
-
-    if not hasattr(adapter, "generate_in_llm"):
-        raise UsageError(f"method '{method.name}' prunes inside the LLM, which the "
-                         f"{adapter.family} adapter does not support yet")
-    opts = {**method.options, **{k: v for k, v in options.items() if k in method.options}}
-    n = int(encoded.features.shape[0])
-    with timer("build"):
-        inputs = adapter.build_inputs(prepared, encoded, torch.arange(n))
-        visual = adapter.visual_positions(prepared, encoded).to(adapter.device)
+def llm_view(adapter: Adapter, prepared: Prepared, inputs, visual: Tensor) -> LLMView:
+    """What an in-LLM method's plan sees of one prompt: candidate positions, the text after the
+    image, the layer-0 states and the decoder depth."""
     ids = prepared.inputs["input_ids"][0]
     last_image = int((ids == adapter.image_token_id).nonzero().max())
     after = torch.arange(ids.numel(), device=ids.device) > last_image
-    text_after = (after & prepared.inputs["attention_mask"][0].bool()).nonzero().squeeze(1).to(adapter.device)
-    n_layers = n_llm_layers(adapter.model)
-    res = adapter.generate_in_llm(
-        inputs, visual,
-        lambda: plan_stages(method.name, keep, inputs, visual, text_after, n_layers, opts),
-        max_new_tokens)
+    text_after = (after & prepared.inputs["attention_mask"][0].bool()).nonzero().squeeze(1)
+    return LLMView(n_layers=len(adapter.decoder().layers), visual=visual,
+                   text_after=text_after.to(adapter.device), layer0=inputs.inputs_embeds[0])
+
+
+def _run_in_llm(adapter, enc: EncodedImage, method: Method, keep, timer, max_new_tokens, options):
+    """Methods that prune inside the LLM (FastV, SparseVLM): the unpruned sequence goes in and the
+    prune loop runs the method's ``plan`` stages (``zoocli.prune_loop``). Selection (plan + scoring)
+    happens inside the prefill: ``selection`` is reported but is already part of ``prefill`` and
+    ``ttft``. Kept tokens / the grid: what is left after the last stage."""
+    from zoocli.prune_loop import generate_in_llm
+
+    _check_provides(method, adapter)
+    opts = method.validate({k: v for k, v in options.items() if k in method.options})
+    prepared, encoded, n = enc.prepared, enc.encoded, enc.n
+    with timer("build"):
+        inputs = adapter.build_inputs(prepared, encoded, torch.arange(n))
+        visual = adapter.visual_positions(prepared, encoded).to(adapter.device)
+    view = llm_view(adapter, prepared, inputs, visual)
+    res = generate_in_llm(adapter, inputs, visual, lambda: method.plan(view, keep, **opts), max_new_tokens)
     timer.add("selection", res.selection_ms)  # inside prefill: not added to ttft
     timer.add("prefill", res.prefill_ms)
     timer.add("decode", res.decode_ms)
-    ms = timer.ms
-    ms["ttft"] = ms["preprocess"] + ms["vision"] + ms["build"] + ms["prefill"]
-    ms["e2e"] = (timer.now() - t0) * 1e3 + ms["preprocess"] + ms["vision"]
+    ms = add_ttft_e2e(timer.ms, selection_in_prefill=True)
     kept = torch.as_tensor(res.kept, dtype=torch.long).cpu()
-    in_kept = torch.zeros(n, dtype=torch.bool)
-    in_kept[kept] = True
     return RunResult(
         model=adapter.model_id, family=adapter.family, method=method.name, keep=min(keep, n),
         n_visual_tokens=n, n_llm_visual_full=encoded.n_llm_visual,
         n_llm_visual_kept=encoded.n_llm_visual - n + int(kept.numel()), kept_indices=kept.tolist(),
-        per_scope=[int(in_kept[s.index.cpu()].sum()) for s in encoded.scopes],
-        answer=res.text.strip(), new_tokens=len(res.ids), timings_ms={k: round(v, 3) for k, v in ms.items()},
-        meaningless=adapter.meaningless, scopes=scope_layout(encoded, kept),
-        scores=None if res.scores is None else [None if v != v else round(float(v), 6) for v in res.scores.tolist()],
-        stage="in_llm", llm_stages=res.stages,
+        per_scope=_per_scope(encoded, kept), answer=res.text.strip(), new_tokens=len(res.ids),
+        timings_ms={k: round(v, 3) for k, v in ms.items()}, meaningless=adapter.meaningless,
+        scopes=scope_layout(encoded, kept), scores=_rounded(res.scores), stage="in_llm", llm_stages=res.stages,
     )
 
 
-def jaccard(a: list[int], b: list[int]) -> float:
-    sa, sb = set(a), set(b)
-    return len(sa & sb) / len(sa | sb) if sa | sb else 1.0
+def _per_scope(encoded: Encoded, kept: Tensor) -> list[int]:
+    in_kept = torch.zeros(encoded.features.shape[0], dtype=torch.bool)
+    in_kept[kept] = True
+    return [int(in_kept[s.index.cpu()].sum()) for s in encoded.scopes]
 
 
-def fmt_ratio(x: float) -> str:
-    return "-" if x is None or not math.isfinite(x) else f"{x:.2f}x"
+def _rounded(scores: Tensor | None) -> list[float | None] | None:
+    """Scores for JSON: 6 decimals, NaN (no score) as None."""
+    return None if scores is None else [None if v != v else round(float(v), 6) for v in scores.tolist()]

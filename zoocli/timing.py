@@ -1,7 +1,9 @@
 """Honest timing: synchronise the device before every clock read, keep warm-up out of the figures.
 
 ``Timer`` records named sections in milliseconds; its clock and sync are injectable so tests need
-neither a GPU nor sleeps. ``summarize`` gives median / min / max over repeats.
+neither a GPU nor sleeps. ``TokenClock`` is the one first / last-token clock (prefill and decode
+times of every generate path); ``add_ttft_e2e`` the one definition of TTFT and end to end;
+``summarize`` gives median / min / max over repeats.
 """
 
 from __future__ import annotations
@@ -51,6 +53,49 @@ class Timer:
 
     def add(self, name: str, ms: float) -> None:
         self.ms[name] = self.ms.get(name, 0.0) + ms
+
+
+class TokenClock:
+    """THE first / last-token clock of every generate path (stock ``generate`` and the prune loop).
+
+    ``start()`` just before the prefill, ``tick()`` when each new token's logits exist (an instance
+    is also a transformers logits processor: ``__call__(input_ids, scores)`` ticks and passes the
+    scores through). ``prefill_ms`` = start -> first tick, ``decode_ms`` = first -> last tick;
+    both 0 when no token came. Every read is device-synchronised.
+    """
+
+    now = staticmethod(time.perf_counter)
+
+    def __init__(self, device: torch.device | str | None = None):
+        self.device = device
+        self.t0: float | None = None
+        self.first: float | None = None
+        self.last: float | None = None
+
+    def _read(self) -> float:
+        device_sync(self.device)
+        return self.now()
+
+    def start(self) -> None:
+        self.t0, self.first, self.last = self._read(), None, None
+
+    def tick(self) -> None:
+        t = self._read()
+        if self.first is None:
+            self.first = t
+        self.last = t
+
+    def __call__(self, input_ids, scores):
+        self.tick()
+        return scores
+
+    @property
+    def prefill_ms(self) -> float:
+        return (self.first - self.t0) * 1e3 if self.first is not None else 0.0
+
+    @property
+    def decode_ms(self) -> float:
+        return (self.last - self.first) * 1e3 if self.first is not None else 0.0
 
 
 TTFT_STAGES = ("preprocess", "vision", "selection", "build", "prefill")

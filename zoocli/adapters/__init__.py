@@ -8,7 +8,7 @@ written once as real checkpoints (``save_pretrained``, safetensors) under
 checkpoint. ``random_weights=True`` builds an alias's full-size architecture from the config
 shipped in ``zoocli/data`` with random weights (for timing without downloading weights).
 
-transformers is imported lazily: importing this module is cheap.
+torch and transformers are imported lazily: importing this module is cheap (``zoo models``).
 """
 
 from __future__ import annotations
@@ -22,9 +22,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from zoocli.errors import UnknownNameError, UsageError, ZooError
+from zoocli.lazy import torch
 
 MODEL_ALIASES: dict[str, str] = {
     "llava-1.5": "llava-hf/llava-1.5-7b-hf",
@@ -58,10 +57,10 @@ ADAPTERS: dict[str, str] = {
     "qwen2_5_vl": "zoocli.adapters.qwen2_5_vl:Qwen25VLAdapter",
 }
 
-_DTYPES = {
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+_DTYPES = {  # name -> torch dtype attribute (resolved when used: importing this module skips torch)
+    "bf16": "bfloat16", "bfloat16": "bfloat16",
+    "fp16": "float16", "float16": "float16", "half": "float16",
+    "fp32": "float32", "float32": "float32", "float": "float32",
 }
 
 
@@ -101,7 +100,7 @@ def resolve_dtype(dtype: str | torch.dtype = "auto", device: str | torch.device 
         return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     if spec not in _DTYPES:
         raise UsageError(f"unknown dtype '{dtype}'; use auto, bf16, fp16 or fp32")
-    return _DTYPES[spec]
+    return getattr(torch, _DTYPES[spec])
 
 
 def _import_ref(ref: str) -> Any:

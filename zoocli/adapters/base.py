@@ -1,6 +1,14 @@
-"""The contract between the pipeline and a model family. Adapters are the only code that touches
-transformers' model classes; they use public submodules and public forward / generate arguments
-only (no monkeypatching, no hard-coded sequence offsets).
+"""The contract between the rest of zoo and a model family. Adapters are the only code that
+touches transformers' model classes; they use public submodules and public forward / generate
+arguments only (no monkeypatching, no hard-coded sequence offsets).
+
+What the rest may ask an ``Adapter`` for: ``prepare`` / ``encode`` / ``build_inputs`` /
+``generate(_batch)`` for an answer; ``provides`` (the signals it can fill, matched against a
+method's ``needs``); ``vision_signals`` (VisionZip's, where provided); ``embed_ids`` (token
+embeddings); ``decoder()`` (the decoder pieces the prune loop drives) and ``visual_positions``;
+``answer_ids`` + ``decode`` (the one EOS rule and text decoding); ``llm_dims`` (parameter counts
+and dims for FLOP estimates); ``encoder_probe`` (``score --vs-encoder``). ``Encoded.state`` is
+private to the adapter that wrote it.
 
 Index spaces:
 - *candidates*: the visual tokens a method may keep, rows of ``Encoded.vision`` / ``.features``.
@@ -13,6 +21,7 @@ Index spaces:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -61,7 +70,6 @@ class LLMInputs:
     attention_mask: Tensor  # [B, L]
     position_ids: Tensor | None  # None: contiguous; Qwen2.5-VL: [4, B, L] (text row + 3 M-RoPE rows)
     n_visual: int  # visual tokens in the sequence (incl. newlines)
-    extra: dict[str, Any] = field(default_factory=dict)  # family-specific forward kwargs
 
 
 @dataclass
@@ -72,10 +80,51 @@ class Generation:
     decode_ms: float  # first token to the last
 
 
+@dataclass
+class EncoderProbe:
+    """The vision encoder as a function of its input embeddings, for ``score --vs-encoder``.
+
+    ``emb`` [T, S, Dv] float32 input embeddings per tile; ``rows`` [N] candidate -> tile * P + patch;
+    ``patches`` P patches per tile; ``offset`` the row of patch 0 in a tile (1 when a CLS row leads);
+    ``features(x [B, S, Dv]) -> [B, P, D]`` the encoder up to the feature layer, then the projector.
+    """
+
+    emb: Tensor
+    rows: Tensor
+    patches: int
+    offset: int
+    features: Callable[[Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class LLMDims:
+    """What FLOP estimates read of the language model and the projector (HF config field names)."""
+
+    hidden_size: int  # D
+    intermediate_size: int  # MLP width
+    num_hidden_layers: int
+    n_params: int  # language-model parameters without the input embedding
+    projector: dict[str, int]  # d_in, d_hidden, d of the projector's first / last Linear
+
+
+def cut_at_eos(ids: list[int], eos: set[int] | frozenset[int], pad: int | None = None) -> list[int]:
+    """THE EOS rule: the ids before the first EOS, padding ids dropped (batched generate pads rows
+    that finished early)."""
+    out = []
+    for t in ids:
+        if t in eos:
+            break
+        if pad is None or t != pad:
+            out.append(t)
+    return out
+
+
 class Adapter:
-    """One VLM family. Subclasses set ``family`` and implement the methods below."""
+    """One VLM family. Subclasses set ``family`` and ``provides`` and implement the methods below."""
 
     family: ClassVar[str] = ""
+    # signals a method may declare in ``needs`` that this adapter fills
+    provides: ClassVar[frozenset[str]] = frozenset({"vision", "projector", "prompt", "decoder"})
 
     def __init__(self, model: nn.Module, processor: Any, model_id: str, meaningless: bool = False):
         self.model = model.eval()
@@ -114,15 +163,58 @@ class Adapter:
         order), for in-LLM pruning."""
         raise NotImplementedError
 
-    @torch.no_grad()
-    def generate_in_llm(self, inputs: LLMInputs, visual: Tensor, make_stages, max_new_tokens: int):
-        """Greedy answer with in-LLM prune stages (FastV, SparseVLM) on the unpruned ``inputs``
-        (batch size 1): ``zoocli.in_llm.generate_in_llm`` over this model's decoder layers, no
-        patched classes. ``visual`` from ``visual_positions``; ``make_stages()`` runs inside the
-        timed prefill. Returns ``zoocli.in_llm.InLLMResult``."""
-        from zoocli.in_llm import generate_in_llm
+    def vision_signals(self, prepared: Prepared, encoded: Encoded) -> dict[str, Tensor]:
+        """``cls_attn`` [N] / ``vision_keys`` [N, Dk] (VisionZip), where ``provides`` says so."""
+        raise NotImplementedError
 
-        return generate_in_llm(self, inputs, visual, make_stages, max_new_tokens)
+    def decoder(self):
+        """The language model's pieces for the prune loop (``zoocli.adapters.decoder.Decoder``)."""
+        from zoocli.adapters.decoder import decoder_of
+
+        return decoder_of(self.model)
+
+    @torch.no_grad()
+    def embed_ids(self, ids: Tensor) -> Tensor:
+        """Token ids [T] -> LLM input embeddings [T, D]."""
+        return self.model.get_input_embeddings()(ids.to(self.device))
+
+    @property
+    def eos_ids(self) -> frozenset[int]:
+        """EOS ids: the generation config's, else the tokenizer's."""
+        from zoocli.adapters.decoder import eos_ids
+
+        ids = eos_ids(self.model)
+        if not ids and getattr(self.processor.tokenizer, "eos_token_id", None) is not None:
+            ids = frozenset({int(self.processor.tokenizer.eos_token_id)})
+        return ids
+
+    def answer_ids(self, ids: list[int], pad: int | None = None) -> list[int]:
+        """Generated ids -> the answer's ids (``cut_at_eos`` with this model's EOS ids)."""
+        return cut_at_eos(ids, self.eos_ids, pad)
+
+    def decode(self, ids: list[int]) -> str:
+        """Answer ids -> text, special tokens skipped."""
+        return self.processor.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def llm_dims(self) -> LLMDims:
+        """Language-model and projector sizes for FLOP estimates."""
+        from zoocli.adapters.decoder import language_model
+
+        lm = language_model(self.model)
+        emb = lm.get_input_embeddings().weight.numel()
+        cfg = lm.config
+        lin = [m for m in self.projector.modules() if isinstance(m, nn.Linear)]
+        return LLMDims(
+            hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+            num_hidden_layers=cfg.num_hidden_layers, n_params=sum(p.numel() for p in lm.parameters()) - emb,
+            projector={"d_in": lin[0].in_features, "d_hidden": lin[0].out_features, "d": lin[-1].out_features},
+        )
+
+    def encoder_probe(self, prepared: Prepared, encoded: Encoded, float32: bool = True) -> EncoderProbe:
+        """The vision encoder as a function of its input embeddings (``score --vs-encoder``)."""
+        from zoocli.errors import UsageError
+
+        raise UsageError(f"--vs-encoder supports LLaVA-1.5 and LLaVA-NeXT, not {self.family}")
 
     @torch.no_grad()
     def build_inputs_batch(self, items) -> LLMInputs:
@@ -148,8 +240,6 @@ def left_pad(rows: list[LLMInputs]) -> LLMInputs:
         raise ValueError("no rows to batch")
     if any(r.inputs_embeds.shape[0] != 1 for r in rows):
         raise ValueError("left_pad takes single-row inputs")
-    if any(r.extra for r in rows):
-        raise NotImplementedError("inputs with family-specific extras cannot be batched")
     if len({r.position_ids is None for r in rows}) != 1:
         raise ValueError("rows mix implicit and explicit position ids")
     length = max(r.inputs_embeds.shape[1] for r in rows)
@@ -175,4 +265,4 @@ def unpad_row(inputs: LLMInputs, b: int) -> LLMInputs:
     start = int(keep.float().argmax()) if bool(keep.any()) else keep.numel()
     pos = None if inputs.position_ids is None else inputs.position_ids[..., b:b + 1, start:]
     return LLMInputs(inputs.inputs_embeds[b:b + 1, start:], inputs.attention_mask[b:b + 1, start:], pos,
-                     n_visual=inputs.n_visual, extra=dict(inputs.extra))
+                     n_visual=inputs.n_visual)

@@ -22,17 +22,17 @@ placeholders (the same scatter transformers does). Positions are contiguous (ren
 
 from __future__ import annotations
 
-import time
+import copy
+
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 from torch import Tensor, nn
-from transformers import LogitsProcessor
 
-from zoocli.adapters.base import Adapter, Encoded, Generation, LLMInputs, Prepared, Scope
-from zoocli.timing import device_sync
+from zoocli.adapters.base import Adapter, Encoded, EncoderProbe, Generation, LLMInputs, Prepared, Scope
+from zoocli.timing import TokenClock, device_sync
 
 # The llava-hf chat templates (LLaVA-1.5: "USER: <image>\n{q} ASSISTANT:"; LLaVA-NeXT vicuna:
 # the same turn format, with an optional system turn printed verbatim).
@@ -62,6 +62,7 @@ class LlavaAdapter(Adapter):
 
     family = "llava"
     chat_template = LLAVA_CHAT_TEMPLATE
+    provides = Adapter.provides | {"cls_attn", "vision_keys"}
 
     # -- loading ---------------------------------------------------------------------------
 
@@ -207,6 +208,41 @@ class LlavaAdapter(Adapter):
         rows = rows.to(cls_attn.device)
         return {"cls_attn": cls_attn[rows], "vision_keys": keys[rows]}
 
+    def encoder_probe(self, prepared: Prepared, encoded: Encoded, float32: bool = True) -> EncoderProbe:
+        """The CLIP tower from its input embeddings (after pre-layernorm) up to the feature layer,
+        CLS dropped per the select strategy, then the projector; float32 copies when the model is
+        in half precision. LLaVA-NeXT: the tiles of this image, candidates mapped via ``slot_row``."""
+        from zoocli.errors import UsageError
+
+        cfg = self.model.config
+        layer = cfg.vision_feature_layer
+        if not isinstance(layer, int):
+            raise UsageError("--vs-encoder needs a single vision feature layer")
+        tower, projector = self.model.model.vision_tower, self.projector
+        if float32 and self.dtype != torch.float32:
+            tower, projector = copy.deepcopy(tower).float(), copy.deepcopy(projector).float()
+        vm = getattr(tower, "vision_model", tower)  # CLIPVisionModel wraps a transformer in v4, not in v5
+        pv = prepared.inputs["pixel_values"]
+        if "n_tiles" in encoded.state:
+            n_tiles = encoded.state["n_tiles"]
+            pv = pv[0, :n_tiles] if pv.dim() == 5 else pv[:n_tiles]
+            rows = encoded.state["slot_row"]
+            rows = rows[rows >= 0]
+        else:
+            rows = torch.arange(encoded.features.shape[0], device=pv.device)
+        emb = vm.pre_layrnorm(vm.embeddings(pv.float()))  # [T, 1+P, Dv]
+        upto = layer if layer >= 0 else len(vm.encoder.layers) + 1 + layer  # hidden_states[k] = after k layers
+        drop_cls = cfg.vision_feature_select_strategy == "default"
+
+        def features(x: Tensor) -> Tensor:  # [B, 1+P, Dv] -> [B, P, D]
+            for blk in vm.encoder.layers[:upto]:
+                out = blk(x, None)
+                x = out[0] if isinstance(out, tuple) else out
+            return projector(x[:, 1:] if drop_cls else x)
+
+        return EncoderProbe(emb=emb, rows=rows, patches=emb.shape[1] - int(drop_cls), offset=int(drop_cls),
+                            features=features)
+
     def visual_positions(self, prepared: Prepared, encoded: Encoded) -> Tensor:
         """[N] positions of the candidates in the unpruned LLM sequence (ascending = candidate
         order); LLaVA-NeXT newline slots are not candidates and are left out."""
@@ -296,34 +332,26 @@ class LlavaAdapter(Adapter):
         from transformers import LogitsProcessorList
 
         tok = self.processor.tokenizer
-        gc = self.model.generation_config
-        eos = gc.eos_token_id if gc.eos_token_id is not None else tok.eos_token_id
-        eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
-        pad = gc.pad_token_id if gc.pad_token_id is not None else tok.pad_token_id
+        pad = self.model.generation_config.pad_token_id
         if pad is None:
-            pad = next(iter(eos_ids), 0)
-        clock = _StepClock(self.device)
-        device_sync(self.device)
-        t0 = time.perf_counter()
+            pad = tok.pad_token_id
+        if pad is None:
+            pad = min(self.eos_ids, default=0)
+        clock = TokenClock(self.device)
+        clock.start()
         out = self.model.generate(
             inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
             max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
-            logits_processor=LogitsProcessorList([clock]), **inputs.extra,
+            logits_processor=LogitsProcessorList([clock]),
         )
         device_sync(self.device)
         if out.shape[1] > max_new_tokens:  # versions that also return the (embeds-only) prompt slots
             out = out[:, inputs.inputs_embeds.shape[1]:]
-        first = clock.first if clock.first is not None else t0
-        last = clock.last if clock.last is not None else first
         gens = []
         for row in out.tolist():
-            ids = row
-            for i, t in enumerate(row):
-                if t in eos_ids:
-                    ids = row[:i]
-                    break
-            gens.append(Generation(ids=ids, text=tok.decode(ids, skip_special_tokens=True).strip(),
-                                   prefill_ms=(first - t0) * 1e3, decode_ms=(last - first) * 1e3))
+            ids = self.answer_ids(row)
+            gens.append(Generation(ids=ids, text=self.decode(ids).strip(), prefill_ms=clock.prefill_ms,
+                                   decode_ms=clock.decode_ms))
         return gens
 
 
@@ -426,21 +454,6 @@ class LlavaNextAdapter(LlavaAdapter):
                 y0, y1 = (i * s - py) / sy, ((i + 1) * s - py) / sy
                 out.append(_box(x0, y0, x1, y1))
         return out
-
-
-class _StepClock(LogitsProcessor):
-    """A logits processor that reads a synchronised clock on its first and last call."""
-
-    def __init__(self, device):
-        self.device, self.first, self.last = device, None, None
-
-    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
-        device_sync(self.device)
-        now = time.perf_counter()
-        if self.first is None:
-            self.first = now
-        self.last = now
-        return scores
 
 
 # ----------------------------------------------------------------------------------------------

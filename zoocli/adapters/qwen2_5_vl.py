@@ -31,7 +31,6 @@ import functools
 import importlib.util
 import inspect
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +39,8 @@ from PIL import Image
 from torch import Tensor, nn
 
 from ..errors import ZooError
-from ..timing import device_sync
-from .base import Adapter, Encoded, Generation, LLMInputs, Prepared, Scope
+from ..timing import TokenClock
+from .base import Adapter, Encoded, Generation, LLMInputs, Prepared, Scope, cut_at_eos
 
 # The official Qwen2-VL / Qwen2.5-VL chat template (chat_template.json of the Instruct checkpoints).
 QWEN_CHAT_TEMPLATE = (
@@ -232,20 +231,6 @@ class MergerProjector(nn.Module):
         return self.merger(x.reshape(-1, self.d_v)).reshape(*lead, -1)  # [..., D]
 
 
-class _Clock:
-    """A LogitsProcessor that reads the synchronised clock on its first and last call (first / last token)."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.first, self.last = device, None, None
-
-    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
-        device_sync(self.device)
-        self.last = time.perf_counter()
-        if self.first is None:
-            self.first = self.last
-        return scores
-
-
 class Qwen25VLAdapter(Adapter):
     family = "qwen2_5_vl"
 
@@ -386,38 +371,26 @@ class Qwen25VLAdapter(Adapter):
         gc.do_sample, gc.num_beams, gc.repetition_penalty = False, 1, 1.0
         gc.temperature = gc.top_p = gc.top_k = None
         gc.max_new_tokens = max_new_tokens
-        eos = gc.eos_token_id if gc.eos_token_id is not None else []
-        eos = set(eos if isinstance(eos, list) else [eos])
-        pad = gc.pad_token_id
+        eos = self.eos_ids
 
         pos, mask = inputs.position_ids, inputs.attention_mask
         if pos is not None:
             # What transformers' own path would cache; only used when position_ids are not passed.
             self.model.model.rope_deltas = pos[1:].amax(dim=(0, 2))[:, None] + 1 - mask.sum(-1, keepdim=True)
-        clock = _Clock(self.device)
-        device_sync(self.device)
-        t0 = time.perf_counter()
+        clock = TokenClock(self.device)
+        clock.start()
         out = self.model.generate(
             inputs_embeds=inputs.inputs_embeds,
             attention_mask=mask,
             position_ids=pos,
             generation_config=gc,
             logits_processor=LogitsProcessorList([clock]),
-            **inputs.extra,
         )
         # with inputs_embeds and no input_ids, generate returns the new tokens only
         gens = []
         for row in out.tolist():
-            new = []
-            for t in row:
-                if t in eos:
-                    break
-                if t != pad:
-                    new.append(t)
-            text = self.processor.tokenizer.decode(new, skip_special_tokens=True)
-            prefill = (clock.first - t0) * 1e3 if clock.first else 0.0
-            decode = (clock.last - clock.first) * 1e3 if clock.first else 0.0
-            gens.append(Generation(new, text, prefill, decode))
+            ids = cut_at_eos(row, eos, gc.pad_token_id)
+            gens.append(Generation(ids, self.decode(ids), clock.prefill_ms, clock.decode_ms))
         return gens
 
 

@@ -1,13 +1,23 @@
 """The registry of token-selection methods and the contract they share.
 
-A method is a pure function ``fn(inp: PruneInputs, keep: int, **options) -> Selection`` on tensors.
-It never reads a model, a config, the environment or a global RNG: everything it may look at is in
-``PruneInputs``, filled by the pipeline from the adapter with exactly the signals the method
-declares in ``needs``.
+A method is one ``Method`` object in one file (``zoocli/methods/<paper>.py``), added with
+``register(Method(...))`` (llm-style plugin objects; the older decorator form ``@register(name, ...)``
+still works). It carries its metadata (summary, paper, deviation, families), the signals it
+``needs``, its option defaults and an option ``check``, and its compute:
 
-``select(name, inp, keep)`` is the one entry point callers use: it enforces the contract for every
-method (``keep <= 0`` is an error, ``keep >= N`` keeps everything, the result holds ``min(keep, N)``
-distinct in-range indices) so each method body only handles ``0 < keep < N``.
+- pre-LLM methods (``stage="pre_llm"``): ``fn(inp: PruneInputs, keep, **options) -> Selection``, a
+  pure function on tensors. It never reads a model, a config, the environment or a global RNG:
+  everything it may look at is in ``PruneInputs``, filled by the pipeline from the adapter with
+  exactly the signals the method declares in ``needs``.
+- in-LLM methods (``stage="in_llm"``, FastV, SparseVLM): ``plan(view: LLMView, keep, **options)``
+  returns the prune stages (``zoocli.prune_loop.PruneStage``) the prune loop runs inside the LLM.
+
+``parse_method_spec("zoo:m=32")`` validates every option (names, types, ranges) at parse time,
+before any model loads. ``select(name, inp, keep)`` is the one entry point for pre-LLM methods: it
+enforces the contract (``keep <= 0`` is an error, ``keep >= N`` keeps everything, the result holds
+``min(keep, N)`` distinct in-range indices) so each method body only handles ``0 < keep < N``.
+
+Importing this package does not import torch (``zoo methods`` lists the registry instantly).
 """
 
 from __future__ import annotations
@@ -15,27 +25,28 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Literal
-
-import torch
-from torch import Tensor, nn
+from typing import TYPE_CHECKING, Any, Literal
 
 from zoocli.errors import UnknownNameError, UsageError
+
+if TYPE_CHECKING:
+    from torch import Tensor, nn
 
 FAMILIES = frozenset({"llava", "llava_next", "qwen2_5_vl"})
 
 
 @dataclass(frozen=True)
 class PruneInputs:
-    """What a method may look at, for one selection scope (one image, or one crop of it).
+    """What a pre-LLM method may look at, for one selection scope (one image, or one crop of it).
 
     ``features`` are the projected tokens Z, in the space the LLM reads; ``vision`` the
     pre-projector tokens X in the projector's input layout, so ``projector(vision)[i] == features[i]``.
     The optional signals are filled only when a method declares them in ``needs``:
     ``cls_attn`` [N] attention each token receives at the vision layer the features come from
     (VisionZip), ``vision_keys`` [N, Dk] that layer's keys (VisionZip's merge metric),
-    ``text_attn`` [N] attention received inside the LLM (FastV), ``prompt`` [T, D] LLM input
-    embeddings of the prompt tokens (ZSPAPrune). ``grid`` is (rows, cols) for one scope.
+    ``text_attn`` [N] attention received inside the LLM (kept for external methods; no adapter
+    provides it), ``prompt`` [T, D] LLM input embeddings of the prompt tokens (ZSPAPrune).
+    ``grid`` is (rows, cols) for one scope.
     """
 
     features: Tensor  # [N, D]
@@ -61,22 +72,47 @@ class Selection:
     ``tokens`` [K, D] optional replacement embeddings aligned with ``idx`` (merging methods such as
     VisionZip: a merged token stands at its target's index); otherwise ``features[idx]`` is used.
     ``scores`` [N] optional per-token scores the method ranked by, for display.
-    ``extra`` vision-space tokens [K, Dv] to be projected (merging before the projector), if any.
     """
 
     idx: Tensor
     tokens: Tensor | None = None
     scores: Tensor | None = None
-    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LLMView:
+    """What an in-LLM method's ``plan`` may look at, for one prompt (batch size 1).
+
+    ``visual`` [N] sequence positions of the candidates in the unpruned LLM input (ascending);
+    ``text_after`` [T] positions of the (unpadded) text tokens after the image; ``layer0`` [L, D]
+    the LLM input embeddings (the layer-0 states); ``n_layers`` the decoder depth.
+    """
+
+    n_layers: int
+    visual: Tensor  # [N]
+    text_after: Tensor  # [T]
+    layer0: Tensor  # [L, D]
+
+    @property
+    def n(self) -> int:
+        return int(self.visual.numel())
 
 
 MethodFn = Callable[..., Selection]
+PlanFn = Callable[..., list]  # (view: LLMView, keep: int, **options) -> list[PruneStage]
 
 
 @dataclass(frozen=True)
 class Method:
+    """One token-selection method: metadata, declared signals, options and its compute.
+
+    ``fn`` (pre-LLM) selects on ``PruneInputs``; ``plan`` (in-LLM) returns prune stages.
+    ``options`` maps option name -> default; ``check(**options)`` raises ``UsageError`` for values
+    the method cannot take (types are also checked against the defaults' types by ``validate``).
+    """
+
     name: str
-    fn: MethodFn
+    fn: MethodFn | None
     summary: str
     paper: str
     needs: frozenset[str] = frozenset()
@@ -85,40 +121,63 @@ class Method:
     deviation: str = ""  # how this differs from the official code; shown by `zoo methods`
     options: Mapping[str, Any] = field(default_factory=dict)  # option name -> default
     check: Callable[..., None] | None = None  # validates a full set of options (UsageError)
+    plan: PlanFn | None = None  # in-LLM methods: the prune stages of one prompt
+
+    def __post_init__(self):
+        object.__setattr__(self, "needs", frozenset(self.needs))
+        object.__setattr__(self, "families", frozenset(self.families))
+        object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
+        if (self.stage == "in_llm") != (self.plan is not None) or (self.fn is None) == (self.plan is None):
+            raise ValueError(f"method '{self.name}': a pre_llm method has fn, an in_llm method has plan")
+
+    def validate(self, options: Mapping[str, Any]) -> dict[str, Any]:
+        """The full option set (defaults + ``options``), checked: names, types, then ``check``."""
+        unknown = set(options) - set(self.options)
+        if unknown:
+            raise UsageError(f"method '{self.name}' has no option {', '.join(sorted(unknown))}; "
+                             f"its options: {', '.join(sorted(self.options)) or 'none'}")
+        for key, value in options.items():
+            _check_type(self.name, key, value, self.options[key])
+        full = {**self.options, **options}
+        if self.check is not None:
+            self.check(**full)
+        return full
+
+
+def _check_type(method: str, key: str, value: Any, default: Any) -> None:
+    """An option value must have its default's type (an int where a float is expected is fine)."""
+    if default is None:
+        return
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        raise UsageError(f"{method}: option {key} must be {type(default).__name__}, got {value!r}")
 
 
 _METHODS: dict[str, Method] = {}
 METHODS: Mapping[str, Method] = MappingProxyType(_METHODS)
 
 
-def register(
-    name: str,
-    *,
-    summary: str,
-    paper: str,
-    needs: frozenset[str] | set[str] = frozenset(),
-    stage: Literal["pre_llm", "in_llm"] = "pre_llm",
-    families: frozenset[str] | set[str] = FAMILIES,
-    deviation: str = "",
-    options: Mapping[str, Any] | None = None,
-    check: Callable[..., None] | None = None,
-) -> Callable[[MethodFn], MethodFn]:
-    """Decorator: add ``fn`` to the registry under ``name``."""
+def register(method: Method | str, **metadata: Any):
+    """Add a method to the registry. ``register(Method(...))`` adds and returns the object;
+    ``@register("name", summary=..., paper=..., ...)`` decorates a pre-LLM ``fn`` (older form)."""
+    if isinstance(method, Method):
+        if method.name in _METHODS:
+            raise ValueError(f"method '{method.name}' is registered twice")
+        _METHODS[method.name] = method
+        return method
 
     def deco(fn: MethodFn) -> MethodFn:
-        if name in _METHODS:
-            raise ValueError(f"method '{name}' is registered twice")
-        _METHODS[name] = Method(
-            name, fn, summary, paper, frozenset(needs), stage, frozenset(families), deviation,
-            MappingProxyType(dict(options or {})), check,
-        )
+        register(Method(name=method, fn=fn, **metadata))
         return fn
 
     return deco
-
-
-def unregister(name: str) -> None:
-    _METHODS.pop(name, None)
 
 
 def get_method(name: str) -> Method:
@@ -129,8 +188,9 @@ def get_method(name: str) -> Method:
 
 
 def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
-    """``"zoo"`` or ``"zoo:estimator=jvp:rank=128"`` -> (method name, options). Lets one run compare
-    variants of a method side by side (``zoo bench --methods zoo,zoo:estimator=jvp``)."""
+    """``"zoo"`` or ``"zoo:estimator=jvp:rank=128"`` -> (method name, options), every option
+    validated (name, type, range) before any model loads. Lets one run compare variants of a
+    method side by side (``zoo bench --methods zoo,zoo:estimator=jvp``)."""
     name, *parts = spec.strip().split(":")
     method = get_method(name)
     opts: dict[str, Any] = {}
@@ -142,8 +202,7 @@ def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
             raise UsageError(f"method '{name}' has no option '{key}'; its options: "
                              f"{', '.join(sorted(method.options)) or 'none'}")
         opts[key] = _parse_value(raw)
-    if method.check is not None:
-        method.check(**{**method.options, **opts})
+    method.validate(opts)
     return name, opts
 
 
@@ -167,26 +226,25 @@ def check_keep(keep: int) -> int:
 
 
 def select(name: str, inp: PruneInputs, keep: int, **options: Any) -> Selection:
-    """Run method ``name`` on one scope under the shared contract (see the module docstring)."""
+    """Run pre-LLM method ``name`` on one scope under the shared contract (module docstring)."""
+    import torch
+
     method = get_method(name)
+    if method.fn is None:
+        raise UsageError(f"method '{name}' prunes inside the LLM: it runs through its plan "
+                         "(zoocli.pipeline.run_method), not select")
     check_keep(keep)
-    unknown = set(options) - set(method.options)
-    if unknown:
-        raise UsageError(
-            f"method '{name}' has no option {', '.join(sorted(unknown))}; "
-            f"its options: {', '.join(sorted(method.options)) or 'none'}"
-        )
-    if method.check is not None:
-        method.check(**{**method.options, **options})
+    full = method.validate(options)
     missing = [s for s in sorted(method.needs) if getattr(inp, s) is None]
     if missing:
         raise UsageError(f"method '{name}' needs {', '.join(missing)}, which were not provided")
     n = inp.n
-    if keep >= n or name == "none":
+    if keep >= n:
         return Selection(idx=torch.arange(n, device=inp.features.device))
-    sel = method.fn(inp, keep, **{**method.options, **options})
+    sel = method.fn(inp, keep, **full)
     idx = sel.idx
-    assert idx.dtype == torch.long and idx.ndim == 1 and idx.numel() == keep, (name, idx.shape)
+    want = n if name == "none" else keep  # the baseline keeps everything whatever the budget
+    assert idx.dtype == torch.long and idx.ndim == 1 and idx.numel() == want, (name, idx.shape)
     return sel
 
 

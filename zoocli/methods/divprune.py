@@ -14,11 +14,14 @@ row chunks, so no N x N matrix is held for large N.
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING
 
-from zoocli.methods import PruneInputs, Selection, register
+from zoocli.lazy import torch
+from zoocli.methods import Method, PruneInputs, Selection, register
 from zoocli.methods.zoo import COS_EPS, _unit, cos_distance
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 _ROW_CHUNK = 1024
 
@@ -49,11 +52,13 @@ def divprune_select(z: Tensor, k: int) -> Tensor:
     return picked
 
 
-@register(
-    "divprune",
+def divprune(inp: PruneInputs, keep: int) -> Selection:
+    return Selection(idx=divprune_select(inp.features, keep))
+
+
+DIVPRUNE = register(Method(
+    name="divprune", fn=divprune,
     summary="greedy max-min cosine diversity on the projected tokens",
     paper="DivPrune, Alvar et al., CVPR 2025 (arXiv:2503.02175)",
     deviation="picked tokens masked explicitly (the official greedy can repeat duplicates)",
-)
-def divprune(inp: PruneInputs, keep: int) -> Selection:
-    return Selection(idx=divprune_select(inp.features, keep))
+))

@@ -23,12 +23,10 @@ N the budget is read as a ratio of 576 (keep * 576 / N), and the counts scaled b
 a different depth the layers are scaled by n_layers / 32. Counts are clamped to [1, N] and made
 non-increasing. The four official budgets at N=576, 32 layers give the official lists exactly.
 
-In ``zoocli.llm_loop`` terms "prune after layer l using layer l's attention" is a ``PruneStage`` at
+In ``zoocli.prune_loop`` terms "prune after layer l using layer l's attention" is a ``PruneStage`` at
 layer l + 1 (the first layer that runs on the pruned sequence, scored on layer l's attention);
-``sparsevlm_stages`` does that conversion.
-
-The registered function is the single-stage form used by the contract and property tests: top-k of
-``text_attn`` [N] (the rater-averaged attention of one stage), ties to the lowest index.
+``sparsevlm_stages`` does that conversion. ``SPARSEVLM.plan`` joins the three steps for one prompt:
+raters from the layer-0 states, the schedule, and the shallow-model rule below, all in this file.
 
 Deviations from the official v1 code: token recycling (top 30% of the pruned tokens by relevance,
 clustered into n/10+1 merged tokens and re-inserted) is left out, so after each stage exactly
@@ -36,15 +34,19 @@ clustered into n/10+1 merged tokens and re-inserted) is left out, so after each 
 contiguously; v2 keeps them); the sparse layer's attention is recomputed for the rater rows only
 (official: a patched SDPA layer); batch size 1 as in the official code; on an LLM with fewer than 4
 layers (the offline tiny models) only the last ``n_layers - 1`` stage counts of the schedule run,
-before layers 1 .. n_layers-1 (``zoocli.in_llm``). LLaVA-NeXT newline tokens are never pruned.
+before layers 1 .. n_layers-1 (``sparsevlm_stages``). LLaVA-NeXT newline tokens are never pruned.
 """
 
 from __future__ import annotations
 
-from torch import Tensor
+from typing import TYPE_CHECKING
 
-from zoocli.methods import PruneInputs, Selection, register
-from zoocli.methods.fastv import topk_lowest_index
+from zoocli.errors import UsageError
+from zoocli.lazy import torch
+from zoocli.methods import LLMView, Method, register
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 SPARSE_LAYERS = (2, 6, 15)  # official pruning_loc for the 32-layer LLaMA of LLaVA-1.5-7B
 OFFICIAL_SCHEDULES = {  # score.py v1: visual tokens kept after each sparse layer (of 576)
@@ -112,26 +114,38 @@ def sparsevlm_score(attn: Tensor) -> Tensor:
 
 
 def sparsevlm_stages(keep: int, n_visual: int, n_layers: int, rater_positions: Tensor):
-    """``zoocli.llm_loop.PruneStage`` list for SparseVLM; ``rater_positions`` are the raters'
-    indices in the ORIGINAL (unpruned) LLM sequence."""
-    from zoocli.llm_loop import PruneStage, rows_scorer
+    """``zoocli.prune_loop.PruneStage`` list for SparseVLM; ``rater_positions`` are the raters'
+    indices in the ORIGINAL (unpruned) LLM sequence. LLMs with fewer than 4 layers (the offline tiny
+    models) run the last ``n_layers - 1`` stage counts of the schedule before layers 1 .. n_layers-1."""
+    from zoocli.prune_loop import PruneStage, rows_scorer
 
     scorer = rows_scorer(rater_positions)
-    return [PruneStage(layer=l + 1, n_keep=n, scorer=scorer) for l, n in sparsevlm_schedule(keep, n_visual, n_layers)]
+    if n_layers >= len(SPARSE_LAYERS) + 1:
+        sched = sparsevlm_schedule(keep, n_visual, n_layers)
+        return [PruneStage(layer=l + 1, n_keep=n, scorer=scorer) for l, n in sched]
+    if n_layers < 2:
+        raise UsageError(f"sparsevlm needs at least 2 LLM layers, this model has {n_layers}")
+    counts = [c for _, c in sparsevlm_schedule(keep, n_visual)][-(n_layers - 1):]
+    return [PruneStage(layer=i + 1, n_keep=c, scorer=scorer) for i, c in enumerate(counts)]
 
 
-@register(
-    "sparsevlm",
+def plan(view: LLMView, keep: int) -> list:
+    """Raters from the layer-0 states of the text after the image, then ``sparsevlm_stages``."""
+    if view.text_after.numel() == 0:
+        raise UsageError("sparsevlm needs text tokens after the image to rate the visual tokens")
+    raters = sparsevlm_raters(view.layer0[view.visual], view.layer0[view.text_after])
+    if raters.numel() == 0:  # all text tokens score the same: every one rates
+        raters = torch.arange(view.text_after.numel(), device=view.text_after.device)
+    return sparsevlm_stages(keep, view.n, view.n_layers, view.text_after[raters])
+
+
+SPARSEVLM = register(Method(
+    name="sparsevlm", fn=None, plan=plan, stage="in_llm", needs=frozenset({"decoder"}),
     summary="v1: text-rater attention at LLM layers 2/6/15, progressively pruned (no recycling)",
     paper="SparseVLM, Zhang et al., ICML 2025 (arXiv:2410.04417)",
-    needs=frozenset({"text_attn"}),
-    stage="in_llm",
     deviation=(
         "v1 without token recycling; original position ids kept; rater attention recomputed for the "
         "rater rows only; budgets other than 64/96/128/192 interpolated between the official schedules; "
         "on LLMs with < 4 layers only the last n_layers-1 stages run"
     ),
-)
-def sparsevlm(inp: PruneInputs, keep: int) -> Selection:
-    idx = topk_lowest_index(inp.text_attn, keep)
-    return Selection(idx=idx.to(inp.features.device), scores=inp.text_attn)
+))

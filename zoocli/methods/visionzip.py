@@ -39,16 +39,14 @@ Deviations from the official code:
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from zoocli.errors import UsageError
-from zoocli.methods import PruneInputs, Selection, register
+from zoocli.lazy import ops, torch
+from zoocli.methods import Method, PruneInputs, Selection, register
 
-
-def _topk_stable(score: Tensor, k: int) -> Tensor:
-    """Indices of the ``k`` largest scores, descending; ties go to the lowest index."""
-    return torch.sort(score.float(), descending=True, stable=True).indices[:k]
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 def split_budget(keep: int, dominant: int | None = None, contextual: int | None = None) -> tuple[int, int]:
@@ -74,8 +72,7 @@ def contextual_merge(hidden: Tensor, keys: Tensor, c: int) -> tuple[Tensor, Tens
     """
     m = hidden.shape[0]
     c = min(c, m)
-    metric = keys.float()
-    metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # [M, Dk]
+    metric = ops.unit_rows(keys)  # [M, Dk]
     step = max(1, m // c)
     targets = torch.arange(0, m, step, device=hidden.device)[:c]  # [c]
     is_target = torch.zeros(m, dtype=torch.bool, device=hidden.device)
@@ -97,25 +94,11 @@ def check_visionzip_options(dominant=None, contextual=None) -> None:
             raise UsageError(f"visionzip: {name} must be an integer number of tokens, got {v!r}")
 
 
-@register(
-    "visionzip",
-    summary="dominant tokens by CLS attention + contextual tokens merged on vision keys",
-    paper="VisionZip, Yang et al., CVPR 2025 (arXiv:2412.04467)",
-    needs=frozenset({"cls_attn", "vision_keys", "vision", "projector"}),
-    families=frozenset({"llava", "llava_next"}),
-    deviation=(
-        "CLS is not fed (llava-hf drops it), so 'dominant' counts patches only (official keeps CLS as "
-        "a dominant token); merged tokens stand at their target's index; Qwen2.5-VL unsupported "
-        "(no CLS token in its vision encoder)"
-    ),
-    options={"dominant": None, "contextual": None},
-    check=check_visionzip_options,
-)
 def visionzip(inp: PruneInputs, keep: int, dominant: int | None = None, contextual: int | None = None) -> Selection:
     n_dom, n_ctx = split_budget(keep, dominant, contextual)
     n = inp.n
     cls_attn = inp.cls_attn.to(inp.features.device)
-    dom = _topk_stable(cls_attn, n_dom)  # [n_dom], always starts with argmax(cls_attn)
+    dom = ops.stable_topk(cls_attn, n_dom)  # [n_dom], always starts with argmax(cls_attn)
     tokens = inp.features[dom]  # [n_dom, D]
     idx = dom
     if n_ctx > 0:
@@ -130,3 +113,20 @@ def visionzip(inp: PruneInputs, keep: int, dominant: int | None = None, contextu
         idx = torch.cat([dom, rest[targets]])
         tokens = torch.cat([tokens, projected.to(tokens.dtype)])
     return Selection(idx=idx, tokens=tokens, scores=inp.cls_attn)
+
+
+VISIONZIP = register(Method(
+    name="visionzip", fn=visionzip,
+    summary="dominant tokens by CLS attention + contextual tokens merged on vision keys",
+    paper="VisionZip, Yang et al., CVPR 2025 (arXiv:2412.04467)",
+    needs=frozenset({"cls_attn", "vision_keys", "vision", "projector"}),
+    families=frozenset({"llava", "llava_next"}),
+    deviation=(
+        "CLS is not fed (llava-hf drops it), so 'dominant' counts patches only (official keeps CLS as "
+        "a dominant token); merged tokens stand at their target's index; Qwen2.5-VL unsupported "
+        "(no CLS token in its vision encoder)"
+    ),
+    options={"dominant": None, "contextual": None},
+    check=check_visionzip_options,
+))
+

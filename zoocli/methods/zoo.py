@@ -18,11 +18,13 @@ before the checkpoint is loaded). Ties go to the lowest index, as with ``torch.a
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING
 
-from zoocli.methods import PruneInputs, Selection, register
-from zoocli.sensitivity import check_options, token_sensitivity
+from zoocli.lazy import torch
+from zoocli.methods import Method, PruneInputs, Selection, register
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 ZOO_OPTIONS = {"m": 64, "h": 0.01, "estimator": "fd", "rank": None, "chunk_mb": 256}
 PAPER = "ZOO-Prune (zeroth-order sensitivity-aware diversity), 2025"
@@ -85,33 +87,25 @@ def sum_select(sensitivity: Tensor, z: Tensor, k: int) -> Tensor:
 
 
 def check_zoo_options(m, h, estimator, rank, chunk_mb) -> None:
+    from zoocli.sensitivity import check_options
+
     check_options(m=m, h=h, estimator=estimator, rank=rank, chunk_mb=chunk_mb)
 
 
 def _sensitivity(inp: PruneInputs, m, h, estimator, rank, chunk_mb) -> Tensor:
+    from zoocli.sensitivity import token_sensitivity
+
     return token_sensitivity(
         inp.vision, inp.projector, m=m, h=h, seed=inp.seed,
         estimator=estimator, rank=rank, chunk_mb=chunk_mb,
     )
 
 
-_NEEDS = frozenset({"vision", "projector"})
-
-
-@register(
-    "zoo", summary="ZOO-Prune: zeroth-order sensitivity x diversity, greedy", paper=PAPER,
-    needs=_NEEDS, options=ZOO_OPTIONS, check=check_zoo_options,
-    deviation="fp32 finite differences whatever the model dtype; seeded directions",
-)
 def zoo(inp: PruneInputs, keep: int, **opt) -> Selection:
     s = _sensitivity(inp, **opt)
     return Selection(idx=zoo_select(s, inp.features, keep), scores=s)
 
 
-@register(
-    "sensitivity", summary="ablation: top-k by zeroth-order sensitivity alone", paper=PAPER,
-    needs=_NEEDS, options=ZOO_OPTIONS, check=check_zoo_options,
-)
 def sensitivity(inp: PruneInputs, keep: int, **opt) -> Selection:
     s = _sensitivity(inp, **opt)
     # stable sort: ties go to the lowest index
@@ -119,10 +113,21 @@ def sensitivity(inp: PruneInputs, keep: int, **opt) -> Selection:
     return Selection(idx=order[:keep].to(inp.features.device), scores=s)
 
 
-@register(
-    "sum", summary="ablation: sensitivity + diversity (sum fusion), greedy", paper=PAPER,
-    needs=_NEEDS, options=ZOO_OPTIONS, check=check_zoo_options,
-)
 def sum_fusion(inp: PruneInputs, keep: int, **opt) -> Selection:
     s = _sensitivity(inp, **opt)
     return Selection(idx=sum_select(s, inp.features, keep), scores=s)
+
+
+_NEEDS = frozenset({"vision", "projector"})
+_ZOO = dict(paper=PAPER, needs=_NEEDS, options=ZOO_OPTIONS, check=check_zoo_options)
+
+ZOO = register(Method(
+    name="zoo", fn=zoo, summary="ZOO-Prune: zeroth-order sensitivity x diversity, greedy",
+    deviation="fp32 finite differences whatever the model dtype; seeded directions", **_ZOO,
+))
+SENSITIVITY = register(Method(
+    name="sensitivity", fn=sensitivity, summary="ablation: top-k by zeroth-order sensitivity alone", **_ZOO,
+))
+SUM = register(Method(
+    name="sum", fn=sum_fusion, summary="ablation: sensitivity + diversity (sum fusion), greedy", **_ZOO,
+))

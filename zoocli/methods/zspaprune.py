@@ -22,29 +22,27 @@ input embeddings rather than hidden states, and cosine max-min as the diversity 
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from zoocli.errors import UsageError
-from zoocli.methods import PruneInputs, Selection, register
+from zoocli.lazy import ops, torch
+from zoocli.methods import Method, PruneInputs, Selection, register
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 PROMPT_SCOPES = ("question", "all_text")
-
-
-def _unit(z: Tensor) -> Tensor:
-    z = z.float()
-    return z / z.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
 def zspaprune_select(features: Tensor, prompt: Tensor, keep: int, core_ratio: float = 0.6) -> tuple[Tensor, Tensor]:
     """(indices in pick order [keep]: core first, then diversity fill; relevance [N])."""
     n = features.shape[0]
     keep = min(int(keep), n)
-    z = _unit(features)  # [N, D]
-    q = _unit(prompt.float().mean(dim=0).to(z.device))  # [D]
+    z = ops.unit_rows(features)  # [N, D]
+    q = ops.unit_rows(prompt.float().mean(dim=0).to(z.device))  # [D]
     relevance = z @ q  # [N]
     n_core = min(keep, max(1, round(core_ratio * keep)))
-    core = torch.sort(relevance, descending=True, stable=True).indices[:n_core]
+    core = ops.stable_topk(relevance, n_core)
     picked = [core]
     taken = torch.zeros(n, dtype=torch.bool, device=z.device)
     taken[core] = True
@@ -68,16 +66,18 @@ def check_zspaprune_options(core_ratio=0.6, prompt_scope="question") -> None:
         raise UsageError(f"zspaprune: prompt_scope must be one of {', '.join(PROMPT_SCOPES)}, got {prompt_scope!r}")
 
 
-@register(
-    "zspaprune",
+def zspaprune(inp: PruneInputs, keep: int, core_ratio: float = 0.6, prompt_scope: str = "question") -> Selection:
+    check_zspaprune_options(core_ratio, prompt_scope)
+    idx, relevance = zspaprune_select(inp.features, inp.prompt, keep, float(core_ratio))
+    return Selection(idx=idx.to(inp.features.device), scores=relevance)
+
+
+ZSPAPRUNE = register(Method(
+    name="zspaprune", fn=zspaprune,
     summary="prompt-relevant core (cosine to the mean prompt embedding) + max-min diverse fill",
     paper="ZSPAPrune, Zhang et al., 2025 (arXiv:2510.17197)",
     needs=frozenset({"prompt"}),
     deviation="reconstructed from the abstract and third-party code (no official code); core_ratio unverified",
     options={"core_ratio": 0.6, "prompt_scope": "question"},
     check=check_zspaprune_options,
-)
-def zspaprune(inp: PruneInputs, keep: int, core_ratio: float = 0.6, prompt_scope: str = "question") -> Selection:
-    check_zspaprune_options(core_ratio, prompt_scope)
-    idx, relevance = zspaprune_select(inp.features, inp.prompt, keep, float(core_ratio))
-    return Selection(idx=idx.to(inp.features.device), scores=relevance)
+))

@@ -13,7 +13,7 @@ from transformers import (
 )
 
 from zoocli.errors import UsageError
-from zoocli.llm_loop import PruneStage, StageContext, generate_pruned, last_token_scorer, rows_scorer
+from zoocli.prune_loop import PruneStage, StageContext, generate_pruned, last_token_scorer, rows_scorer
 
 pytestmark = pytest.mark.slow
 
