@@ -1,15 +1,31 @@
 """zoo: visual-token pruning for vision-language models (ZOO-Prune and its baselines).
 
 The public API: ``token_sensitivity``, ``zoo_select``, ``divprune_select``, the method registry
-(``METHODS``, ``register``, ``get_method``, ``select``) and ``load_adapter`` for models.
+(``METHODS``, ``register``, ``get_method``, ``select``) and ``load_adapter`` for models. The
+names load on first use (PEP 562), so ``import zoocli`` (and `zoo --help`) does not import torch.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-from zoocli.methods import METHODS, Method, PruneInputs, Selection, get_method, register, select
-from zoocli.methods.divprune import divprune_select
-from zoocli.methods.zoo import zoo_select
-from zoocli.sensitivity import token_sensitivity
+_LAZY = {
+    "METHODS": "zoocli.methods", "Method": "zoocli.methods", "PruneInputs": "zoocli.methods",
+    "Selection": "zoocli.methods", "get_method": "zoocli.methods", "register": "zoocli.methods",
+    "select": "zoocli.methods", "divprune_select": "zoocli.methods.divprune",
+    "zoo_select": "zoocli.methods.zoo", "token_sensitivity": "zoocli.sensitivity",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'zoocli' has no attribute {name!r}")
 
 
 def load_adapter(*args, **kwargs):
