@@ -315,3 +315,14 @@ def test_bad_estimator_is_refused_before_loading_by_every_command(command, monke
     monkeypatch.setattr(zoocli.adapters, "load_adapter", no_load)
     res = run(*command, "--model", "tiny-llava", "--estimator", "bogus", code=2)
     one_line_error(res, "--estimator")
+
+
+def test_bad_budget_scope_is_refused_before_loading(monkeypatch):
+    import zoocli.adapters
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before --budget-scope was checked")
+
+    monkeypatch.setattr(zoocli.adapters, "load_adapter", no_load)
+    res = run("ask", CUP, "q", "--model", "tiny-llava", "--budget-scope", "tile", code=2)
+    one_line_error(res, "--budget-scope", "crop, global")

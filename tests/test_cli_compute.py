@@ -104,3 +104,11 @@ def test_score_view_lines():
     assert _text(views[1]) == "sensitivity over 2 tokens (m=8, h=0.01, fd): min 0.5 · median 1 · max 2\n"
     assert "top 1 tokens" in _text(views[2])
     assert _text(views[3]) == "Spearman(encoder-input sensitivity, projector sensitivity) = 0.250\n"
+
+
+def test_bench_planned_runs_counts_warmup_repeats_images_and_the_baseline():
+    from zoocli.bench import BenchSpec, planned_runs
+
+    spec = BenchSpec(model="m", methods=["zoo", "none", "divprune"], budgets=["8", "4", "2"],
+                     images=["a", "b"], repeats=3, warmup=1)
+    assert planned_runs(spec) == (1 + 3 * 2) * (3 + 1) * 2
