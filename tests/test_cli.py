@@ -233,3 +233,95 @@ def test_entry_point_usage_errors_are_one_line(args, needle):
     assert res.returncode == 2
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0] and "Traceback" not in res.stderr
+
+
+# ---- fast start (issue 12): no torch / transformers for help, version, listings, completion
+
+_PROBE = """
+import runpy, sys
+sys.argv = ["zoo", *sys.argv[1:]]
+try:
+    runpy.run_module("zoocli", run_name="__main__")
+except SystemExit as e:
+    code = e.code
+heavy = sorted(m for m in ("torch", "transformers") if m in sys.modules)
+print("HEAVY=" + ",".join(heavy), "CODE=" + str(code), file=sys.stderr)
+"""
+
+
+def _probe(*args, env=None):
+    """Run `zoo ARGS` in a fresh interpreter; (stdout, heavy modules imported, exit code)."""
+    import os
+
+    res = subprocess.run([sys.executable, "-c", _PROBE, *args], capture_output=True, text=True,
+                         cwd=REPO, env={**os.environ, **(env or {})}, timeout=120)
+    tail = res.stderr.strip().splitlines()[-1]
+    heavy, code = tail.split(" ")
+    return res.stdout, heavy.removeprefix("HEAVY="), code.removeprefix("CODE=")
+
+
+@pytest.mark.parametrize("args", [["--help"], ["ask", "--help"], ["eval", "--help"], ["--version"],
+                                  ["--show-completion", "bash"]])
+def test_fast_start_imports_neither_torch_nor_transformers(args):
+    out, heavy, code = _probe(*args)
+    assert heavy == "" and code in ("0", "None"), (heavy, code)
+    assert out.strip()
+
+
+def test_version_is_the_package_metadata_version():
+    from importlib.metadata import version
+
+    out, _heavy, _code = _probe("--version")
+    assert out.strip() == f"zoo {version('zoo-prune')}"
+
+
+def test_shell_completion_completes_command_names():
+    out, heavy, _code = _probe(env={"_ZOO_COMPLETE": "complete_bash", "COMP_WORDS": "zoo as",
+                                    "COMP_CWORD": "1"})
+    assert out.split() == ["ask"] and heavy == ""
+
+
+@pytest.mark.parametrize("args", [["methods"], ["models"]])
+def test_listings_import_neither_torch_nor_transformers(args):
+    out, heavy, code = _probe(*args)
+    assert heavy == "" and code in ("0", "None"), (heavy, code)
+
+
+# ---- the method options are declared once: every command that runs a method takes them all
+
+GROUP = {"--m", "--zoo-m", "--h", "--zoo-h", "--seed", "--estimator", "--rank", "--budget-scope"}
+
+
+@pytest.mark.parametrize("command,scope", [("ask", True), ("compare", True), ("bench", True),
+                                           ("eval", True), ("score", False)])
+def test_every_method_command_takes_the_method_options(command, scope):
+    import typer.main
+
+    click_app = typer.main.get_command(app)
+    flags = {o for p in click_app.commands[command].params for o in p.opts}
+    want = GROUP if scope else GROUP - {"--budget-scope"}
+    assert want <= flags and (scope or "--budget-scope" not in flags)
+
+
+@pytest.mark.parametrize("command", [["ask", CUP, "q"], ["compare", CUP, "q"], ["bench"], ["eval"],
+                                     ["score", CUP]])
+def test_bad_estimator_is_refused_before_loading_by_every_command(command, monkeypatch):
+    import zoocli.adapters
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before --estimator was checked")
+
+    monkeypatch.setattr(zoocli.adapters, "load_adapter", no_load)
+    res = run(*command, "--model", "tiny-llava", "--estimator", "bogus", code=2)
+    one_line_error(res, "--estimator")
+
+
+def test_bad_budget_scope_is_refused_before_loading(monkeypatch):
+    import zoocli.adapters
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before --budget-scope was checked")
+
+    monkeypatch.setattr(zoocli.adapters, "load_adapter", no_load)
+    res = run("ask", CUP, "q", "--model", "tiny-llava", "--budget-scope", "tile", code=2)
+    one_line_error(res, "--budget-scope", "crop, global")

@@ -249,3 +249,37 @@ def test_torchrun_two_processes_equal_one(tiny_llava, zoo_model_cache, tmp_path)
     one = summarize(read_records(tmp_path / "one.jsonl"))
     two = summarize(read_records(tmp_path / "two.jsonl"))
     assert one == two
+
+
+# ------------------------------------------------------------------------------ method options
+
+
+def test_cli_estimator_rank_and_scope_reach_the_method_options(tiny_llava, tmp_path, monkeypatch):
+    """Regression: `eval` hard-coded the fd estimator and dropped --rank and --budget-scope."""
+    import zoocli.eval_runner
+
+    seen = []
+    real = zoocli.eval_runner.run_eval
+
+    def spy(adapter, datasets, spec, writer, **kw):
+        seen.append(spec)
+        return real(adapter, datasets, spec, writer, **kw)
+
+    monkeypatch.setattr(zoocli.eval_runner, "run_eval", spy)
+    data = write_jsonl(tmp_path / "pope.jsonl", POPE[:1])
+    d = json.loads(run("eval", data, "--image-root", IMAGES, "--methods", "zoo", "--budgets", "4",
+                       "--estimator", "jvp", "--rank", "2", "--budget-scope", "global", *FAST,
+                       "--out", tmp_path / "run.jsonl", "--json").stdout)
+    assert seen[0].options["estimator"] == "jvp" and seen[0].options["rank"] == 2
+    assert seen[0].scope == "global"
+    assert d["settings"]["estimator"] == "jvp" and d["settings"]["scope"] == "global"
+    recs = list(read_records(tmp_path / "run.jsonl"))
+    assert len(recs) == 2 and all(r["settings"]["rank"] == 2 for r in recs)
+
+
+def test_cli_default_estimator_keeps_old_settings_resumable(tiny_llava, tmp_path):
+    """Files written before eval took --estimator / --rank (always fd, full rank) still resume."""
+    data = write_jsonl(tmp_path / "pope.jsonl", POPE[:1])
+    d = json.loads(run("eval", data, "--image-root", IMAGES, "--methods", "divprune", "--budgets", "4",
+                       *FAST, "--json").stdout)
+    assert "estimator" not in d["settings"] and "rank" not in d["settings"]

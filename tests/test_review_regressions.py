@@ -80,7 +80,7 @@ def test_ask_json_is_valid_json_when_some_crops_get_no_budget():
 # ---- `--json` never prints NaN / Infinity (e.g. Spearman of constant scores is NaN)
 
 def test_print_json_writes_null_for_non_finite_numbers(capsys):
-    from zoocli.cli import _print_json
+    from zoocli.cli.common import print_json as _print_json
 
     _print_json({"a": float("nan"), "b": [1.5, float("inf"), {"c": -float("inf")}], "d": 2})
     assert _strict_json(capsys.readouterr().out) == {"a": None, "b": [1.5, None, {"c": None}], "d": 2}
@@ -89,24 +89,24 @@ def test_print_json_writes_null_for_non_finite_numbers(capsys):
 # ---- output paths: a directory is refused before any model loads; an unwritable --out is one line
 
 def test_overlay_that_is_a_directory_is_refused_up_front(tmp_path, monkeypatch):
-    import zoocli.cli
+    import zoocli.adapters
 
     def no_load(*a, **k):
         raise AssertionError("the model was loaded before the --overlay path was checked")
 
-    monkeypatch.setattr(zoocli.cli, "_load", no_load)
+    monkeypatch.setattr(zoocli.adapters, "load_adapter", no_load)
     for cmd in (["ask", CUP, "q"], ["score", CUP], ["compare", CUP, "q"]):
         res = run(*cmd, "--model", "tiny-llava", "--overlay", tmp_path, code=2)
         one_line_error(res, "--overlay", "directory")
 
 
 def test_bench_out_unwritable_or_unreadable_is_one_line(tmp_path, monkeypatch):
-    import zoocli.cli
+    import zoocli.adapters
 
     def no_load(*a, **k):
         raise AssertionError("the model was loaded before --out was checked")
 
-    monkeypatch.setattr(zoocli.cli, "_load", no_load)
+    monkeypatch.setattr(zoocli.adapters, "load_adapter", no_load)
     bench = ["bench", "--model", "tiny-llava", "--images", CUP, "--budgets", "4", "--methods", "divprune",
              "--repeats", "1", "--warmup", "0", "--max-new-tokens", "1"]
     res = run(*bench, "--out", tmp_path, code=2)

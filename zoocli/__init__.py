@@ -15,6 +15,9 @@ Importing ``zoocli``, ``zoocli.methods`` or ``zoocli.adapters`` does not import 
 transformers: ``token_sensitivity`` and ``load_adapter`` load on first use.
 """
 
+from __future__ import annotations
+
+
 __version__ = "0.1.0"
 
 from zoocli.methods import METHODS, Method, PruneInputs, Selection, get_method, register, select

@@ -21,7 +21,6 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from zoocli.ops import spearman  # noqa: F401  (re-export: ``zoo score --vs-encoder`` imports it from here)
 from zoocli.sensitivity import directions
 
 

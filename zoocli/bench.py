@@ -19,10 +19,11 @@ from typing import Any
 from zoocli.errors import UsageError, ZooError
 from zoocli.methods import parse_method_spec
 from zoocli.pipeline import check_family, encode_image, parse_keep, run_method
+from zoocli.compare import BASELINE, speedups
 from zoocli.timing import peak_memory_mb, reset_peak_memory, summarize
 
 STAGES = ("preprocess", "vision", "selection", "prefill", "ttft", "decode", "e2e")
-BASELINE = "none"
+SPEEDUP_STAGES = ("prefill", "ttft", "e2e")
 
 
 @dataclass
@@ -64,6 +65,12 @@ class BenchSpec:
 
 def key_str(key: dict[str, Any]) -> str:
     return json.dumps(key, sort_keys=True)
+
+
+def planned_runs(spec: BenchSpec) -> int:
+    """Model runs of a full bench (warm-up included): the progress bar's total."""
+    rows = 1 + len(spec.budgets) * len([m for m in spec.methods if m != BASELINE])
+    return rows * (spec.repeats + spec.warmup) * len(spec.images)
 
 
 def done_keys(path: Path | None) -> set[str]:
@@ -176,21 +183,20 @@ def bench_rows(
         row["key"] = key
         if base is None:
             base = row
-        else:
-            for stage in ("prefill", "ttft", "e2e"):
-                row[f"speedup_{stage}"] = base[stage]["median"] / row[stage]["median"]
+        else:  # ratios of medians against this run's baseline
+            row |= speedups({s: base[s]["median"] for s in SPEEDUP_STAGES},
+                            {s: row[s]["median"] for s in SPEEDUP_STAGES}, SPEEDUP_STAGES)
         if method == BASELINE and key_str(key) in skip:
             continue
         yield row
 
 
 def _measure(adapter, images, spec, method, budget, cfg, n_llm, dims, progress):
+    """One row: ``spec.warmup`` untimed then ``spec.repeats`` timed runs of ``method`` at
+    ``budget`` on every image; medians (min, max) per stage, tokens, peak memory, FLOPs."""
     name = parse_method_spec(method)[0]
     opts = spec.method_options(method)
-    times: dict[str, list[float]] = {s: [] for s in STAGES}
-    peaks, kept, vis, seqs, new_tokens, n_cand = [], [], [], [], [], []
-    layer_seqs: list[list[int]] = []  # in-LLM methods: per-layer sequence lengths per run
-    stage = "pre_llm"
+    runs = []
     for rep in range(spec.warmup + spec.repeats):
         for img in images:
             reset_peak_memory(adapter.device)
@@ -200,32 +206,52 @@ def _measure(adapter, images, spec, method, budget, cfg, n_llm, dims, progress):
                              options=opts, max_new_tokens=spec.max_new_tokens)
             if progress:
                 progress(f"{method}@{budget}")
-            if rep < spec.warmup:
-                continue
-            for s in STAGES:
-                times[s].append(res.timings_ms.get(s, 0.0))
-            peaks.append(peak_memory_mb(adapter.device))
-            kept.append(len(res.kept_indices))
-            n_cand.append(res.n_visual_tokens)
-            vis.append(res.n_llm_visual_kept)
-            seqs.append(int(enc.prepared.inputs["input_ids"].shape[1]) - res.n_llm_visual_full
-                        + res.n_llm_visual_kept)
-            stage = res.stage
-            if res.llm_stages:
-                layer_seqs.append(layer_lengths(int(enc.prepared.inputs["input_ids"].shape[1]),
-                                                res.n_visual_tokens, cfg.num_hidden_layers, res.llm_stages))
-            new_tokens.append(res.new_tokens)
-    row: dict[str, Any] = {"method": method, "budget": budget, "stage": stage}
+            if rep >= spec.warmup:  # warm-up runs never reach the figures
+                runs.append(_observe(adapter, enc, res, cfg))
+    row = _row(method, budget, runs, adapter)
+    _add_flops(row, runs, cfg, n_llm, dims, name, opts)
+    return row
+
+
+def _observe(adapter, enc, res, cfg) -> dict[str, Any]:
+    """What one timed run contributes to its row."""
+    full_len = int(enc.prepared.inputs["input_ids"].shape[1])
+    return {
+        "ms": {s: res.timings_ms.get(s, 0.0) for s in STAGES}, "peak": peak_memory_mb(adapter.device),
+        "kept": len(res.kept_indices), "candidates": res.n_visual_tokens,
+        "llm_visual": res.n_llm_visual_kept, "stage": res.stage, "new_tokens": res.new_tokens,
+        "seq": full_len - res.n_llm_visual_full + res.n_llm_visual_kept,
+        # in-LLM methods: the sequence length each layer runs on
+        "layer_seqs": (layer_lengths(full_len, res.n_visual_tokens, cfg.num_hidden_layers, res.llm_stages)
+                       if res.llm_stages else None),
+    }
+
+
+def _median(runs: list[dict], key: str) -> float:
+    return summarize([float(r[key]) for r in runs])["median"]
+
+
+def _row(method: str, budget: str, runs: list[dict], adapter) -> dict[str, Any]:
+    row: dict[str, Any] = {"method": method, "budget": budget,
+                           "stage": runs[-1]["stage"] if runs else "pre_llm"}
     for s in STAGES:
-        row[s] = summarize(times[s])
+        row[s] = summarize([r["ms"][s] for r in runs])
     row["selection_share_of_ttft"] = row["selection"]["median"] / row["ttft"]["median"]
-    row["kept_tokens"] = summarize([float(k) for k in kept])["median"]
-    row["visual_tokens"] = summarize([float(k) for k in n_cand])["median"]
-    row["llm_visual_tokens"] = summarize([float(v) for v in vis])["median"]
-    row["new_tokens"] = summarize([float(t) for t in new_tokens])["median"]
-    row["peak_memory_mb"] = max(peaks)
+    row["kept_tokens"] = _median(runs, "kept")
+    row["visual_tokens"] = _median(runs, "candidates")
+    row["llm_visual_tokens"] = _median(runs, "llm_visual")
+    row["new_tokens"] = _median(runs, "new_tokens")
+    row["peak_memory_mb"] = max(r["peak"] for r in runs)
     row["peak_memory_kind"] = "cuda_max_allocated" if adapter.device.type == "cuda" else "process_peak_rss"
-    seq = int(summarize([float(s) for s in seqs])["median"])
+    return row
+
+
+def _add_flops(row: dict[str, Any], runs: list[dict], cfg, n_llm: int, dims: dict[str, int],
+               name: str, opts: dict) -> None:
+    """``row["est_tflops"]``: analytic LLM prefill / decode and selection FLOPs (``llm_flops``,
+    ``selection_flops``) at the median sequence length (per layer for in-LLM pruning)."""
+    seq = int(_median(runs, "seq"))
+    layer_seqs = [r["layer_seqs"] for r in runs if r["layer_seqs"] is not None]
     per_layer = None
     if layer_seqs:  # in-LLM pruning: early layers run at full length (median per layer over runs)
         per_layer = [summarize([float(r[i]) for r in layer_seqs])["median"] for i in range(len(layer_seqs[0]))]
@@ -233,7 +259,6 @@ def _measure(adapter, images, spec, method, budget, cfg, n_llm, dims, progress):
     sel = selection_flops(name, int(row["visual_tokens"]), int(row["kept_tokens"]), dims, opts)
     row["est_tflops"] = {"llm_prefill": pre / 1e12, "llm_decode": dec / 1e12,
                          "selection": sel / 1e12, "total": (pre + dec + sel) / 1e12}
-    return row
 
 
 def shipped_images() -> list[Path]:

@@ -15,7 +15,7 @@ configuration starts. A crash therefore loses at most the batch being generated.
 
 Methods that prune inside the LLM (FastV, SparseVLM) run one sample at a time through
 ``pipeline.run_method`` (the in-LLM driver is batch size 1); their records say ``"batch_rows": 1``
-and their ``e2e`` is ``run_method``'s. Methods are named by spec: ``"zoo"`` or
+and their selection is not added again (it runs inside the prefill). Methods are named by spec: ``"zoo"`` or
 ``"zoo:estimator=jvp"`` (``methods.parse_method_spec``); the spec as written is the record's
 ``method``, so variants of one method are separate rows.
 
@@ -25,7 +25,8 @@ pruning), ``batch_rows`` (rows of the generate batch it was in), ``meaningless``
 weights). ``kept_tokens``: visual
 candidates kept (all of them for the baseline). ``timings_ms``: ``preprocess``, ``vision`` and
 ``selection`` are the sample's own; ``build``, ``prefill`` and ``decode`` are the batch's time
-divided by its rows (each row's share); ``e2e`` is their sum, so ``n / sum(e2e)`` is the
+divided by its rows (each row's share); ``ttft`` and ``e2e`` follow ``timing.add_ttft_e2e`` (e2e
+is the sum of the stages), so ``n / sum(e2e)`` is the
 samples-per-second of that configuration with encoding counted for every configuration (as if
 each ran alone). Budgets are stored as ints for counts (``64``) and as written for shares
 (``"11%"``); the baseline's budget is None.
@@ -44,7 +45,7 @@ from zoocli.errors import UsageError, ZooError
 from zoocli.evaluation import BASELINE, RecordWriter, Sample, make_record, shard
 from zoocli.evaluation.store import record_key
 from zoocli.methods import get_method, parse_method_spec
-from zoocli.timing import Timer, device_sync
+from zoocli.timing import Timer, add_ttft_e2e, device_sync
 
 
 
@@ -206,8 +207,9 @@ def _run_config(adapter, dataset: str, rows, method_name: str, budget, spec: Eva
         for (s, enc), k in zip(rows, keeps):
             res = run_method(adapter, enc, name, k, scope=spec.scope, seed=spec.seed,
                              options=options, max_new_tokens=spec.max_new_tokens)
-            t = {key: res.timings_ms.get(key, 0.0) for key in
-                 ("preprocess", "vision", "selection", "build", "prefill", "decode", "e2e")}
+            t = add_ttft_e2e({key: res.timings_ms.get(key, 0.0) for key in
+                              ("preprocess", "vision", "selection", "build", "prefill", "decode")},
+                             selection_in_prefill=True)
             out.append(make_record(s, dataset, method_name, budget, res.answer,
                                    kept_tokens=len(res.kept_indices), timings_ms=_round(t),
                                    n_visual_tokens=enc.n, batch_rows=1, **extra))
@@ -248,7 +250,7 @@ def _run_config(adapter, dataset: str, rows, method_name: str, budget, spec: Eva
     out = []
     for (s, enc), p, g, share in zip(rows, per, gens, shares):
         t = {"preprocess": p["preprocess"], "vision": p["vision"], "selection": p["selection"], **share}
-        t["e2e"] = sum(t.values())
+        add_ttft_e2e(t)
         out.append(make_record(s, dataset, method_name, budget, g.text, kept_tokens=p["kept"],
                                timings_ms=_round(t), n_visual_tokens=enc.n, batch_rows=n_rows, **extra))
     return out

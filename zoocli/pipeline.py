@@ -22,7 +22,6 @@ from torch import Tensor
 from zoocli.adapters.base import Adapter, Encoded, Prepared
 from zoocli.errors import UsageError
 from zoocli.methods import LLMView, Method, PruneInputs, check_keep, get_method, select
-from zoocli.ops import jaccard  # noqa: F401  (re-export: cli.py imports it from here)
 from zoocli.timing import Timer, add_ttft_e2e, device_sync
 
 BUDGET_SCOPES = ("crop", "global")

@@ -10,6 +10,8 @@ from typing import Any
 from PIL import Image, ImageDraw
 from rich import box
 from rich.columns import Columns
+from rich.console import RenderableType
+from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
@@ -98,14 +100,15 @@ def answer_panel(result: Mapping[str, Any]) -> Panel:
     title = (f"{result['method']} · kept {len(result['kept_indices'])}/{result['n_visual_tokens']} "
              f"visual tokens ({kept}/{total} in the LLM) · {result['model']}")
     return Panel(Text(result["answer"] or "(empty answer)") if not note else
-                 Text.from_markup(_escape(result["answer"] or "(empty answer)") + note),
+                 Text.from_markup(escape(result["answer"] or "(empty answer)") + note),
                  title=title, title_align="left")
 
 
-def _escape(s: str) -> str:
-    from rich.markup import escape
-
-    return escape(s)
+def ask_view(result: Mapping[str, Any], scopes, timings_ms: Mapping[str, float],
+             new_tokens: int | None) -> list[RenderableType]:
+    """`zoo ask`: the answer, the kept-token grids, the timings."""
+    return [answer_panel(result), grids_panel(scopes),
+            timings_table(timings_ms, new_tokens, in_llm=result.get("stage") == "in_llm")]
 
 
 TIMING_ROWS = [
@@ -291,3 +294,124 @@ def bench_table(rows: Sequence[Mapping[str, Any]], spec: Any) -> Table:
     if in_llm:
         t.caption += "\n" + IN_LLM_NOTE
     return t
+
+
+# ----------------------------------------------------------------------------- views of commands
+
+def compare_view(rows: Sequence[Mapping[str, Any]], results: Mapping[str, Any],
+                 meaningless: bool) -> list[RenderableType]:
+    """`zoo compare`: the table, then each method's kept-token grids (the baseline keeps all)."""
+    return [compare_table(rows, meaningless)] + [
+        grids_panel(r.scopes, title=name) for name, r in results.items() if name != "none"]
+
+
+def top_tokens_table(top: Sequence[Mapping[str, Any]]) -> Table:
+    t = Table(title=f"top {len(top)} tokens", title_justify="left")
+    for col in ("rank", "token", "scope", "row", "col", "sensitivity"):
+        t.add_column(col, justify="right")
+    for r, tok in enumerate(top, 1):
+        t.add_row(str(r), str(tok["index"]), tok["scope"], str(tok["row"]), str(tok["col"]),
+                  f"{tok['sensitivity']:.4g}")
+    return t
+
+
+def score_view(out: Mapping[str, Any], scopes, values: Sequence[float]) -> list[RenderableType]:
+    """`zoo score`: the heatmap, the statistics line, the top tokens, the encoder Spearman."""
+    st = out["stats"]
+    views: list[RenderableType] = [
+        heat_panel(scopes, values, st["min"], st["max"]),
+        Text(f"sensitivity over {len(values)} tokens (m={out['m']}, h={out['h']}, "
+             f"{out['estimator']}): min {st['min']:.4g} · median {st['median']:.4g} · "
+             f"max {st['max']:.4g}"),
+        top_tokens_table(out["top"]),
+    ]
+    if "spearman_encoder_vs_projector" in out:
+        views.append(Text(f"Spearman(encoder-input sensitivity, projector sensitivity) = "
+                          f"{out['spearman_encoder_vs_projector']:.3f}"))
+    return views
+
+
+def models_table(rows: Iterable[Sequence[str]]) -> Table:
+    """`zoo models`: (name, HF id or family, source) rows."""
+    t = Table(title="models", title_justify="left")
+    for col in ("name", "HF id / family", "source"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(*r)
+    return t
+
+
+def kernel_table(rows: Sequence[Mapping[str, Any]], *, n: int, m: int, repeats: int,
+                 warmup: int) -> Table:
+    """`zoo bench-kernel`: one row per estimator."""
+    r0 = rows[0]
+    t = Table(title=(f"sensitivity estimators · N={n}, m={m}, {r0['d_in']}->{r0['d_hidden']}->"
+                     f"{r0['d_out']} GELU, fp32 · {r0['device']}, torch {r0['torch']}, "
+                     f"{r0['threads']} threads · median of {repeats} (warm-up {warmup} excluded)"),
+              title_justify="left")
+    for col in ("estimator", "W2 spectrum", "median ms", "min ms", "max ms", "vs naive",
+                "Spearman vs naive"):
+        t.add_column(col, justify="left" if col in ("estimator", "W2 spectrum") else "right")
+    for r in rows:
+        sp, rho = r.get("speedup_vs_naive"), r.get("spearman_vs_naive")
+        t.add_row(r["name"], r["spectrum"], f"{r['median_ms']:.0f}", f"{r['min_ms']:.0f}",
+                  f"{r['max_ms']:.0f}", "" if sp is None else f"{sp:.1f}x",
+                  "" if rho is None else f"{rho:.4f}")
+    t.caption = "the SVD row is paid once per projector (cached), not per call"
+    return t
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def eval_table(rows: Sequence[Mapping[str, Any]], datasets: Sequence[str], tput: Mapping[tuple, dict],
+               meaningless: bool, mean_name: str = "mean") -> Table:
+    """`zoo eval`: score % and retention % per dataset (and their mean), samples/s."""
+    title = "accuracy retention (score %, retention % of the unpruned model)"
+    if meaningless:
+        title += " — RANDOM WEIGHTS: scores at chance"
+    t = Table(title=title, title_justify="left")
+    t.add_column("method")
+    t.add_column("budget", justify="right")
+    cols = list(datasets) + ([mean_name] if len(datasets) > 1 else [])
+    for header in list(datasets) + (["Avg"] if len(datasets) > 1 else []):
+        t.add_column(f"{header}\nscore", justify="right")
+        t.add_column("ret.", justify="right")
+    t.add_column("samples/s", justify="right")
+    by: dict[tuple, dict] = {}
+    for r in rows:
+        by.setdefault((r["method"], r["budget"]), {})[r["dataset"]] = r
+    for (m, b), per in by.items():
+        cells = [m, "all" if b is None else str(b)]
+        for d in cols:
+            r = per.get(d)
+            cells += ["-", "-"] if r is None else [_pct(r["score"]), _pct(r["retention"])]
+        sp = tput.get((m, b), {}).get("samples_per_s")
+        cells.append("-" if sp is None else f"{sp:.2f}")
+        t.add_row(*cells)
+    return t
+
+
+def eval_run_line(run: Mapping[str, Any], out: str) -> Text:
+    """``15 predictions in 3.2 s (4.70 samples/s, batch size 2, 2 processes); 6 already in run.jsonl``."""
+    sp = run["samples_per_s"]
+    line = f"{run['predictions']} predictions in {run['seconds']:.1f} s"
+    if sp:
+        line += f" ({sp:.2f} samples/s, batch size {run['batch_size']}"
+        line += (f", {run['world_size']} processes" if run["world_size"] > 1 else "") + ")"
+    if run["resumed"]:
+        line += f"; {run['resumed']} already in {out}"
+    return Text(line)
+
+
+def eval_view(rows, datasets, tput, meaningless: bool, run: Mapping[str, Any], out: str,
+              kept_out: str | None, chance_note: str, mean_name: str = "mean") -> list[RenderableType]:
+    """`zoo eval`: the table, the run line, where the predictions are, the chance note."""
+    views: list[RenderableType] = [eval_table(rows, datasets, tput, meaningless, mean_name),
+                                   eval_run_line(run, out)]
+    if kept_out:
+        views.append(Text(f"predictions: {kept_out}"))
+    if meaningless:
+        views.append(Text(chance_note, style="bold yellow"))
+    return views

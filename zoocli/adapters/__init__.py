@@ -160,6 +160,14 @@ def _not_available(model: str) -> ZooError:
     )
 
 
+def _quiet_transformers() -> None:
+    """zoo reports loading itself: transformers' own info logging and progress bars stay off."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
 def load_adapter(
     model: str = DEFAULT_MODEL,
     device: str | torch.device = "auto",
@@ -174,6 +182,7 @@ def load_adapter(
     """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    _quiet_transformers()
 
     if random_weights:
         if model not in MODEL_ALIASES:

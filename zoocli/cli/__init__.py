@@ -1,0 +1,93 @@
+"""The `zoo` command: a Typer app with one module per command, each parse -> call -> render.
+
+    ask.py      zoo ask IMAGE QUESTION        one pruned answer, its grid and timings
+    score.py    zoo score IMAGE [QUESTION]    the sensitivity heatmap
+    compare.py  zoo compare IMAGE QUESTION    several methods on one encoded image
+    bench.py    zoo bench                     latency per method x budget
+    eval.py     zoo eval [DATA...]            accuracy retention (batched, resumable, torchrun)
+    kernel.py   zoo bench-kernel              the sensitivity estimators alone
+    catalog.py  zoo methods / zoo models      what can be run
+    common.py   what they share: option types, the method-option group, --config, errors, JSON
+
+Known errors become one line on stderr and a non-zero exit (2 for usage errors). torch and
+transformers are imported inside command bodies only, so `zoo --help`, `zoo --version` and shell
+completion start without them.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+from zoocli.cli.ask import ask
+from zoocli.cli.bench import bench
+from zoocli.cli.catalog import methods, models
+from zoocli.cli.common import err
+from zoocli.cli.compare import compare
+from zoocli.cli.eval import eval_command
+from zoocli.cli.kernel import bench_kernel
+from zoocli.cli.score import score
+
+app = typer.Typer(
+    no_args_is_help=True, add_completion=True, pretty_exceptions_enable=False,
+    help="zoo: visual-token pruning for vision-language models (ZOO-Prune and its baselines).",
+)
+
+
+def version() -> str:
+    """The installed distribution's version (package metadata), else ``zoocli.__version__``."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("zoo-prune")
+    except PackageNotFoundError:
+        import zoocli
+
+        return zoocli.__version__
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"zoo {version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    show_version: Annotated[bool, typer.Option(
+        "--version", help="Print the version and exit.", is_eager=True,
+        callback=_print_version)] = False,
+) -> None:
+    """zoo: visual-token pruning for vision-language models (ZOO-Prune and its baselines)."""
+
+
+app.command()(methods)
+app.command()(models)
+app.command()(ask)
+app.command()(score)
+app.command()(compare)
+app.command()(bench)
+app.command("bench-kernel")(bench_kernel)
+app.command("eval")(eval_command)
+
+
+def main() -> None:
+    """The `zoo` entry point: like ``app()``, but a malformed command line (click's usage errors)
+    is one line on stderr with click's exit code (2), not a boxed multi-line message."""
+    try:
+        code = app(standalone_mode=False)
+    except Exception as e:  # typer vendors click: recognise its exceptions by their interface
+        message, exit_code = getattr(e, "format_message", None), getattr(e, "exit_code", None)
+        if message is None or not isinstance(exit_code, int):
+            raise
+        text = " ".join(str(message()).split())
+        if not text:  # `zoo` alone: the help was already shown
+            sys.exit(exit_code)
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see: {ctx.command_path} --help)" if ctx is not None else ""
+        err.print(f"[red]error:[/red] {text}{hint}", highlight=False, soft_wrap=True)
+        sys.exit(exit_code)
+    sys.exit(code if isinstance(code, int) else 0)

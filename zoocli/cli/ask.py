@@ -1,0 +1,54 @@
+"""`zoo ask IMAGE QUESTION`: one pruned answer with its grid and timings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from zoocli.cli.common import (
+    ConfigOpt, DeviceOpt, DtypeOpt, ImageArg, JsonOpt, KeepOpt, MaxNewOpt, MethodOptions, ModelOpt,
+    QuestionArg, RandomOpt, console, early_checks, handle_errors, load_image, load_model,
+    method_options, print_json, save_png, warn,
+)
+
+
+@handle_errors
+@method_options()
+def ask(
+    image: ImageArg,
+    question: QuestionArg,
+    keep: KeepOpt = "64",
+    method: Annotated[str, typer.Option(help=(
+        "selection method (see `zoo methods`), options as name:key=value (fastv:K=3)"))] = "zoo",
+    opts: MethodOptions = MethodOptions(),
+    model: ModelOpt = "llava-1.5", device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
+    random_weights: RandomOpt = False,
+    max_new_tokens: MaxNewOpt = 64,
+    overlay: Annotated[Path | None, typer.Option(help="write a PNG with dropped patches dimmed")] = None,
+    json_out: JsonOpt = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Answer a question about an image with only --keep visual tokens."""
+    from zoocli import render
+    from zoocli.pipeline import run_one
+
+    question, [(name, extra)], zoo = early_checks(  # name: "fastv" from "fastv:K=3"
+        question, keep, [method], max_new_tokens, overlay, opts)
+    img = load_image(image)
+    adapter = load_model(model, device, dtype, random_weights)
+    warnings: list[str] = []
+    res = run_one(adapter, img, question, name, keep, scope=opts.budget_scope, seed=opts.seed,
+                  options={**zoo, **extra}, max_new_tokens=max_new_tokens, warnings=warnings)
+    for w in warnings:
+        warn(w)
+    if overlay is not None:
+        save_png(render.overlay(img, res.scopes), overlay)
+    if json_out:
+        d = res.as_dict()
+        d.pop("scopes")
+        print_json(d)
+        return
+    for renderable in render.ask_view(res.as_dict(), res.scopes, res.timings_ms, res.new_tokens):
+        console.print(renderable)

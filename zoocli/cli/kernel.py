@@ -1,0 +1,34 @@
+"""`zoo bench-kernel`: the sensitivity estimators on a LLaVA-1.5-7B-sized projector."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from zoocli.cli.common import DeviceOpt, JsonOpt, MOpt, console, handle_errors, print_json
+from zoocli.errors import UsageError
+
+
+@handle_errors
+def bench_kernel(
+    device: DeviceOpt = "cpu",
+    n: Annotated[int, typer.Option("--n", help="tokens")] = 576,
+    m: MOpt = 64,
+    repeats: Annotated[int, typer.Option(help="timed repeats (median reported)")] = 3,
+    warmup: Annotated[int, typer.Option(help="untimed warm-up runs")] = 1,
+    json_out: JsonOpt = False,
+) -> None:
+    """Benchmark the sensitivity estimators on a LLaVA-1.5-7B-sized projector (1024->4096->4096)."""
+    from zoocli import render
+    from zoocli.adapters import resolve_device
+    from zoocli.kernel_bench import sensitivity_bench
+
+    if repeats < 1 or warmup < 0 or n < 1 or m < 1:
+        raise UsageError("--repeats, --n and --m must be at least 1, --warmup at least 0")
+    rows = sensitivity_bench(device=str(resolve_device(device)), n=n, m=m, repeats=repeats,
+                             warmup=warmup)
+    if json_out:
+        print_json(rows)
+        return
+    console.print(render.kernel_table(rows, n=n, m=m, repeats=repeats, warmup=warmup))

@@ -1,0 +1,59 @@
+"""`zoo score IMAGE [QUESTION]`: a sensitivity heatmap laid out like the image."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from zoocli.cli.common import (
+    ConfigOpt, DeviceOpt, DtypeOpt, ImageArg, JsonOpt, MethodOptions, ModelOpt, RandomOpt,
+    check_out_file, console, err, handle_errors, load_image, load_model, method_options, print_json,
+    progress, question_text, save_png,
+)
+
+
+@handle_errors
+@method_options(budget_scope=False)
+def score(
+    image: ImageArg,
+    question: Annotated[str | None, typer.Argument(help="question (sets the chat context)")] = None,
+    opts: MethodOptions = MethodOptions(),
+    model: ModelOpt = "llava-1.5", device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
+    random_weights: RandomOpt = False,
+    top: Annotated[int, typer.Option(help="how many of the most sensitive tokens to list")] = 10,
+    overlay: Annotated[Path | None, typer.Option(help="write a PNG of the heatmap over the image")] = None,
+    vs_encoder: Annotated[bool, typer.Option("--vs-encoder", help=(
+        "also estimate sensitivity at the vision encoder's input (costs 2·m encoder passes per "
+        "token: use a small --m) and report its Spearman correlation with the projector's"))] = False,
+    json_out: JsonOpt = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Show where the zeroth-order sensitivity is: a heatmap laid out like the image."""
+    from zoocli import render
+    from zoocli.score import encoder_agreement, score_image, summary
+
+    q = question_text(question) if question is not None else "Describe the image."
+    zoo = opts.zoo()
+    check_out_file(overlay, "--overlay")
+    img = load_image(image)
+    adapter = load_model(model, device, dtype, random_weights)
+    scored = score_image(adapter, img, q, seed=opts.seed, zoo=zoo)
+    out = {"model": adapter.model_id, "n_visual_tokens": len(scored.values), "m": opts.m,
+           "h": opts.h, "seed": opts.seed, "estimator": opts.estimator, "rank": opts.rank,
+           **summary(scored.values, scored.layout, top)}
+    if vs_encoder:
+        with progress() as bar:
+            task = bar.add_task("encoder passes", total=None)
+            out |= encoder_agreement(adapter, scored, m=opts.m, h=opts.h, seed=opts.seed,
+                                     progress=lambda done, total: bar.update(task, completed=done, total=total))
+    if overlay is not None:
+        save_png(render.heat_overlay(img, scored.layout, scored.values), overlay)
+    if json_out:
+        print_json(out)
+        return
+    for renderable in render.score_view(out, scored.layout, scored.values):
+        console.print(renderable)
+    if adapter.meaningless:
+        err.print("[yellow]random weights: these sensitivities describe no trained model[/yellow]")
