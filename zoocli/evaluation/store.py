@@ -7,8 +7,9 @@ budget, usually None).
 
 ``RecordWriter`` appends one line per record and flushes + fsyncs it, so a crash loses at most the
 record being written. On opening it repairs a torn last line (drops it, or ends it with a newline
-when it is a whole record); it refuses a file that is not zoo's own records (``zoocli.outfile``). ``read_records`` / ``done_keys`` ignore a torn last line; a damaged
-line anywhere else is an error naming the file and line.
+when it is a whole record); it refuses a file that is not zoo's own records (``zoocli.outfile``).
+``read_records`` / ``done_keys`` ignore a torn last line; a damaged line anywhere else is an error
+naming the file and line. ``merge_shards`` only appends to its output, never replaces it.
 """
 
 from __future__ import annotations
