@@ -41,7 +41,7 @@ def test_foreign_file_is_refused_and_untouched(tmp_path, name):
     p = tmp_path / name
     p.write_bytes(FOREIGN[name])
     for open_it in (lambda: RecordWriter(p), lambda: append_row(p, bench_row(1)), lambda: bench_done_keys(p)):
-        with pytest.raises(ZooError, match="not a zoo JSON Lines file") as e:
+        with pytest.raises(ZooError, match="not a zoo JSON Lines file|cannot read --out") as e:
             open_it()
         assert "\n" not in str(e.value) and str(p) in str(e.value)
     assert p.read_bytes() == FOREIGN[name]

@@ -70,18 +70,16 @@ def done_keys(path: Path | None) -> set[str]:
     """Keys of the rows already in an --out file; a torn last line (a crash) is ignored. The file
     must be new, empty or zoo's own bench rows: anything else (another file, a FIFO, a device) is
     refused with one line, before anything is measured (``zoocli.outfile.check_jsonl``)."""
-    from zoocli.outfile import BENCH_HEADS, BENCH_KEYS, check_jsonl
+    from zoocli.outfile import BENCH_HEADS, BENCH_KEYS, check_jsonl, check_regular
 
-    if path is None:
-        return set()
-    check_jsonl(path, BENCH_KEYS, BENCH_HEADS)
-    if not Path(path).exists():
+    if path is None or not check_regular(path):  # a FIFO or device is refused, never opened
         return set()
     keys = set()
     try:
         text = Path(path).read_bytes().decode("utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise ZooError(f"cannot read --out {path}: {getattr(e, 'strerror', None) or e}") from None
+    check_jsonl(path, BENCH_KEYS, BENCH_HEADS)
     for line in text.split("\n"):
         try:
             row = json.loads(line)
@@ -97,7 +95,7 @@ def append_row(path: Path, row: dict[str, Any]) -> None:
     first (never appended after), the file is checked and locked (``zoocli.outfile.JsonlOut``)."""
     from zoocli.outfile import BENCH_HEADS, BENCH_KEYS, JsonlOut
 
-    with JsonlOut(path, BENCH_KEYS, BENCH_HEADS) as out:
+    with JsonlOut(path, BENCH_KEYS, BENCH_HEADS, make_parents=False) as out:
         out.append(row)
 
 

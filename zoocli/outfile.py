@@ -185,14 +185,17 @@ class JsonlOut:
     ``with JsonlOut(path, keys) as out: out.append(row)``. Creates missing parent folders.
     """
 
-    def __init__(self, path, keys: Sequence[str], heads: Sequence[bytes] = (), what: str = "--out"):
+    def __init__(self, path, keys: Sequence[str], heads: Sequence[bytes] = (), what: str = "--out",
+                 make_parents: bool = True):
         self.path, self.keys, self.what = Path(path), tuple(keys), what
         self._fd, self._lock = -1, None
         check_regular(self.path, what)  # before the lock file is made next to it
+        if not make_parents and not self.path.parent.is_dir():
+            raise ZooError(f"{what} {self.path}: cannot write (folder {self.path.parent} does not exist)")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise ZooError(f"{what} {self.path}: cannot create its folder ({_err(e)})") from None
+            raise ZooError(f"{what} {self.path}: cannot write (cannot create its folder: {_err(e)})") from None
         lock = output_lock(self.path, what)
         lock.__enter__()
         self._lock = lock
@@ -213,7 +216,7 @@ class JsonlOut:
         try:
             fd = os.open(self.path, flags, 0o644)
         except OSError as e:
-            raise ZooError(f"{self.what} {self.path}: cannot open for writing ({_err(e)})") from None
+            raise ZooError(f"{self.what} {self.path}: cannot write ({_err(e)})") from None
         kind = _kind(os.fstat(fd).st_mode)  # swapped for something else since the check
         if kind:
             os.close(fd)
