@@ -128,3 +128,40 @@ def test_decompression_bomb(tmp_path):
     Image.new("L", (300, 300)).save(tmp_path / "big.png")
     _one_line_error(tmp_path / "big.png", "decompression bomb", max_pixels=10_000)
     assert load_image(tmp_path / "big.png", max_pixels=90_000).size == (300, 300)
+
+
+# --------------------------------------------------------------------------- hostile files (issue 11)
+
+
+def test_eps_named_jpg_never_reaches_ghostscript(tmp_path):
+    from zoocli.images import FORMATS
+
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nnewpath 0 0 moveto showpage\n%%EOF\n"
+    (tmp_path / "x.jpg").write_bytes(eps)
+    with pytest.raises(ZooError, match=r"not an image file zoo reads \(JPEG, PNG, WEBP, BMP, GIF, TIFF\)"):
+        load_image(tmp_path / "x.jpg")
+    assert "EPS" not in FORMATS
+    # another decoder outside the list (TGA, which Pillow would otherwise pick by content) is refused too
+    Image.new("RGB", (4, 4)).save(tmp_path / "t.tga")
+    (tmp_path / "t.png").write_bytes((tmp_path / "t.tga").read_bytes())
+    with pytest.raises(ZooError, match="not an image file zoo reads"):
+        load_image(tmp_path / "t.png")
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF"])
+def test_every_supported_format_loads(tmp_path, fmt):
+    Image.new("RGB", (6, 4), (1, 2, 3)).save(tmp_path / "a.img", format=fmt)
+    assert load_image(tmp_path / "a.img").size == (6, 4)
+
+
+def test_fifo_named_jpg_is_refused_at_once(tmp_path):
+    import os
+
+    p = tmp_path / "f.jpg"
+    os.mkfifo(p)  # opening it would block forever: it must never be opened
+    with pytest.raises(ZooError, match="not a regular file"):
+        load_image(p)
+    long_name = tmp_path / ("x" * 10_000 + ".jpg")
+    with pytest.raises(ZooError, match="cannot be opened .*File name too long") as e:
+        load_image(long_name)
+    assert len(str(e.value)) < 400

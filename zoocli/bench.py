@@ -74,18 +74,23 @@ def planned_runs(spec: BenchSpec) -> int:
 
 
 def done_keys(path: Path | None) -> set[str]:
-    """Keys of the rows already in an --out file; a truncated last line (a crash) is ignored."""
-    if path is None or not Path(path).exists():
+    """Keys of the rows already in an --out file; a torn last line (a crash) is ignored. The file
+    must be new, empty or zoo's own bench rows: anything else (another file, a FIFO, a device) is
+    refused with one line, before anything is measured (``zoocli.outfile.check_jsonl``)."""
+    from zoocli.outfile import BENCH_HEADS, BENCH_KEYS, check_jsonl, check_regular
+
+    if path is None or not check_regular(path):  # a FIFO or device is refused, never opened
         return set()
     keys = set()
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_bytes().decode("utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise ZooError(f"cannot read --out {path}: {getattr(e, 'strerror', None) or e}") from None
-    for line in text.splitlines():
+    check_jsonl(path, BENCH_KEYS, BENCH_HEADS)
+    for line in text.split("\n"):
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # the torn last line (check_jsonl vetted the others)
             continue
         if isinstance(row, dict) and "key" in row:
             keys.add(key_str(row["key"]))
@@ -93,16 +98,12 @@ def done_keys(path: Path | None) -> set[str]:
 
 
 def append_row(path: Path, row: dict[str, Any]) -> None:
-    """Append one JSON line and flush it to disk before going on."""
-    import os
+    """Append one JSON line and flush it to disk before going on; a torn last line is repaired
+    first (never appended after), the file is checked and locked (``zoocli.outfile.JsonlOut``)."""
+    from zoocli.outfile import BENCH_HEADS, BENCH_KEYS, JsonlOut
 
-    try:
-        with open(path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as e:
-        raise ZooError(f"cannot write {path}: {e.strerror or e}") from None
+    with JsonlOut(path, BENCH_KEYS, BENCH_HEADS, make_parents=False) as out:
+        out.append(row)
 
 
 def llm_flops(cfg: Any, n_params: int, seq: int, new_tokens: int,

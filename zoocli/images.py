@@ -5,10 +5,18 @@ their original size: grayscale, RGBA / LA (composited on white), palette images 
 transparency, 16-bit and 32-bit integer / float images (scaled to 8 bits), CMYK, and EXIF-rotated
 photos (turned upright). Missing files, directories, non-images, truncated or corrupt files and
 decompression bombs raise ``ZooError``.
+
+Only regular files are opened (a FIFO, device or socket named ``f.jpg`` is refused from its
+``os.stat``, never opened, so it cannot hang), and only in the formats of ``FORMATS``: Pillow
+picks the decoder by content, so without the list a ``.jpg`` holding EPS would run Ghostscript,
+and other rarely used decoders would see hostile files. Anything else is "not an image file zoo
+reads", whatever its name.
 """
 
 from __future__ import annotations
 
+import os
+import stat
 import warnings
 from pathlib import Path
 
@@ -17,20 +25,20 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from zoocli.errors import ZooError
 
+# The decoders zoo lets Pillow use (the formats of the benchmarks' and users' photos); EPS, PDF,
+# PSD, ICNS, SGI, TGA, ... are refused whatever the file is called.
+FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 DEFAULT_MAX_PIXELS = 100_000_000  # 100 MP: larger files are refused as likely decompression bombs
 
 
 def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """The image at ``path`` as an upright RGB image; ``ZooError`` (one line) on any failure."""
     p = Path(path)
-    if not p.exists():
-        raise ZooError(f"image '{p}' does not exist")
-    if p.is_dir():
-        raise ZooError(f"image '{p}' is a directory, not an image file")
+    _check_regular(p)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit below
-            im = Image.open(p)
+            im = Image.open(p, formats=FORMATS)
             w, h = im.size
             if w * h > max_pixels:
                 raise ZooError(
@@ -43,7 +51,7 @@ def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
     except Image.DecompressionBombError as e:  # over twice Pillow's own limit, raised by open()
         raise ZooError(f"image '{p}' is too large (possible decompression bomb): {e}") from None
     except UnidentifiedImageError:
-        raise ZooError(f"'{p}' is not an image file Pillow can read") from None
+        raise ZooError(f"'{p}' is not an image file zoo reads ({', '.join(FORMATS)})") from None
     except PermissionError:
         raise ZooError(f"image '{p}' cannot be read (permission denied)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
@@ -53,6 +61,39 @@ def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
         return to_rgb(im)
     except (OSError, ValueError) as e:
         raise ZooError(f"image '{p}' cannot be converted to RGB: {_one_line(e)}") from None
+
+
+def check_aspect(size: tuple[int, int], max_aspect: float | None, model: str, reason: str,
+                 name: str | Path | None = None) -> None:
+    """``ZooError`` when an image of ``size`` (width, height) is longer than ``max_aspect`` : 1 in
+    either direction (a model family's limit, with ``reason``); ``max_aspect`` None: no limit."""
+    w, h = size
+    if w < 1 or h < 1:
+        raise ZooError(f"image {f'{name!s} ' if name else ''}is {w}x{h} pixels: it has no area")
+    ratio = max(w, h) / min(w, h)
+    if max_aspect is not None and ratio > max_aspect:
+        what = f"image '{_short(Path(name))}'" if name else "the image"
+        raise ZooError(f"{what} is {w}x{h} pixels, an aspect ratio of {ratio:.4g}:1; {model} takes at "
+                       f"most {max_aspect:g}:1 ({reason}); crop or pad it first")
+
+
+def _check_regular(p: Path) -> None:
+    """``ZooError`` unless ``p`` (after symlinks) is an existing regular file; nothing is opened."""
+    try:
+        mode = os.stat(p).st_mode
+    except FileNotFoundError:
+        raise ZooError(f"image '{p}' does not exist") from None
+    except OSError as e:  # a name too long, a loop of symlinks, a path through a file, ...
+        raise ZooError(f"image '{_short(p)}' cannot be opened ({e.strerror or type(e).__name__})") from None
+    if stat.S_ISDIR(mode):
+        raise ZooError(f"image '{p}' is a directory, not an image file")
+    if not stat.S_ISREG(mode):
+        raise ZooError(f"image '{p}' is not a regular file (a FIFO, device or socket); zoo reads only files")
+
+
+def _short(p: Path, limit: int = 200) -> str:
+    s = str(p)
+    return s if len(s) <= limit else s[:limit // 2] + "..." + s[-limit // 2:]
 
 
 def to_rgb(im: Image.Image) -> Image.Image:

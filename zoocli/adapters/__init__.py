@@ -207,6 +207,10 @@ def load_adapter(
     repo = MODEL_ALIASES.get(model, model)
     local = Path(repo).expanduser()
     source = str(local) if local.is_dir() else _cached_or_reachable(model, repo)
+    if Path(source).is_dir():  # a broken file is one line naming it (zoocli.adapters.checkpoint)
+        from zoocli.adapters.checkpoint import check_checkpoint_dir
+
+        check_checkpoint_dir(source)
     family = _model_type(model, source)
     cls = adapter_class(family)
     try:
@@ -215,6 +219,12 @@ def load_adapter(
         if local.is_dir():
             raise ZooError(f"model directory '{local}' cannot be loaded: {_one_line(e)}") from None
         raise _not_available(model) from None
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:  # not out-of-memory: that is the CLI's
+        if not Path(source).is_dir() or isinstance(e, torch.OutOfMemoryError):
+            raise
+        from zoocli.adapters.checkpoint import load_error
+
+        raise load_error(source, e) from None
 
 
 def parameter_count(config_dict: dict[str, Any]) -> int:

@@ -32,6 +32,8 @@ from PIL import Image
 from torch import Tensor, nn
 
 from zoocli.adapters.base import Adapter, Encoded, EncoderProbe, Generation, LLMInputs, Prepared, Scope
+from zoocli.adapters.prompt import prompt_batch, question_ids
+from zoocli.text import user_text
 from zoocli.timing import TokenClock, device_sync
 
 # The llava-hf chat templates (LLaVA-1.5: "USER: <image>\n{q} ASSISTANT:"; LLaVA-NeXT vicuna:
@@ -63,6 +65,22 @@ class LlavaAdapter(Adapter):
     family = "llava"
     chat_template = LLAVA_CHAT_TEMPLATE
     provides = Adapter.provides | {"cls_attn", "vision_keys"}
+    # LLaVA-1.5 resizes the short side to the tower's input and keeps only the centre square:
+    # a 20000x1 image becomes a 6.7M x 336 px strip (a 27 GB buffer) of which it sees 1/20000
+    max_aspect: float | None = 20.0
+    aspect_reason = ("it resizes the short side to its input size and keeps only the centre square, "
+                     "so a longer image is mostly thrown away after a huge resize")
+
+    @classmethod
+    def check_image(cls, size: tuple[int, int], name=None) -> None:
+        """Refuse (``ZooError``, one line with the limit and why) an image this family cannot take."""
+        from zoocli.images import check_aspect
+
+        check_aspect(size, cls.max_aspect, cls.family_name(), cls.aspect_reason, name)
+
+    @classmethod
+    def family_name(cls) -> str:
+        return "LLaVA-1.5"
 
     # -- loading ---------------------------------------------------------------------------
 
@@ -138,16 +156,19 @@ class LlavaAdapter(Adapter):
         return int(self.model.config.image_token_id)
 
     def prepare(self, image: Image.Image, question: str) -> Prepared:
-        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-        prompt = self.processor.apply_chat_template(conversation, add_generation_prompt=True)
-        batch = self.processor(images=image, text=prompt, return_tensors="pt")
+        self.check_image(image.size)
+        question = user_text(question)  # undecodable bytes -> U+FFFD; token-like text stays text
+        batch = prompt_batch(  # the question is tokenised as plain text (zoocli.adapters.prompt)
+            self.processor,
+            lambda text: [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}],
+            question, lambda prompt: self.processor(images=image, text=prompt, return_tensors="pt"))
         inputs = {}
         for k, v in batch.items():
             if not isinstance(v, Tensor):
                 continue
             v = v.to(self.device)
             inputs[k] = v.to(self.dtype) if v.is_floating_point() else v
-        q = self.processor.tokenizer(question, add_special_tokens=False)["input_ids"]
+        q = question_ids(self.processor.tokenizer, question)
         return Prepared(image=image, question=question, inputs=inputs,
                         question_ids=torch.tensor(q, dtype=torch.long, device=self.device))
 
@@ -360,6 +381,11 @@ class LlavaNextAdapter(LlavaAdapter):
 
     family = "llava_next"
     chat_template = LLAVA_NEXT_CHAT_TEMPLATE
+    max_aspect = None  # anyres resizes into a pinpoint grid and pads: no blow-up at any aspect ratio
+
+    @classmethod
+    def family_name(cls) -> str:
+        return "LLaVA-NeXT"
 
     @classmethod
     def model_class(cls):

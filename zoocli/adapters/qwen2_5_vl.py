@@ -39,8 +39,10 @@ from PIL import Image
 from torch import Tensor, nn
 
 from ..errors import ZooError
+from ..text import user_text
 from ..timing import TokenClock
 from .base import Adapter, Encoded, Generation, LLMInputs, Prepared, Scope, cut_at_eos
+from .prompt import prompt_batch, question_ids
 
 # The official Qwen2-VL / Qwen2.5-VL chat template (chat_template.json of the Instruct checkpoints).
 QWEN_CHAT_TEMPLATE = (
@@ -233,6 +235,16 @@ class MergerProjector(nn.Module):
 
 class Qwen25VLAdapter(Adapter):
     family = "qwen2_5_vl"
+    # transformers' smart_resize (Qwen2-VL image processor) raises above 200:1
+    max_aspect = 200.0
+    aspect_reason = "transformers' smart_resize, which fits it to whole 28 px patches, refuses longer images"
+
+    @classmethod
+    def check_image(cls, size: tuple[int, int], name=None) -> None:
+        """Refuse (``ZooError``, one line with the limit and why) an image this family cannot take."""
+        from zoocli.images import check_aspect
+
+        check_aspect(size, cls.max_aspect, "Qwen2.5-VL", cls.aspect_reason, name)
 
     # ---- loading ----------------------------------------------------------------------------------
     @classmethod
@@ -281,12 +293,15 @@ class Qwen25VLAdapter(Adapter):
         return self.model.config.image_token_id
 
     def prepare(self, image: Image.Image, question: str) -> Prepared:
+        self.check_image(image.size)
         image = image.convert("RGB")
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-        prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        batch = self.processor(text=[prompt], images=[image], return_tensors="pt")
+        question = user_text(question)  # undecodable bytes -> U+FFFD; token-like text stays text
+        batch = prompt_batch(  # the question is tokenised as plain text (zoocli.adapters.prompt)
+            self.processor,
+            lambda text: [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}],
+            question, lambda prompt: self.processor(text=[prompt], images=[image], return_tensors="pt"))
         inputs = {k: v.to(self.device) for k, v in batch.items() if isinstance(v, Tensor)}
-        q_ids = self.processor.tokenizer(question, add_special_tokens=False)["input_ids"]
+        q_ids = question_ids(self.processor.tokenizer, question)
         return Prepared(image, question, inputs, torch.tensor(q_ids, dtype=torch.long, device=self.device))
 
     @torch.no_grad()

@@ -33,6 +33,8 @@ Every problem stops with a ``ZooError`` naming the file, the line number and the
 from __future__ import annotations
 
 import json
+import os
+import stat
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -71,6 +73,9 @@ class Sample:
 
 def _open_text(path: Path) -> str:
     try:
+        mode = os.stat(path).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):  # a FIFO would hang, a device never end
+            raise ZooError(f"{_short(path)}: not a regular file (a FIFO, device or socket); give a .jsonl file")
         return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ZooError(f"{path}: no such file") from None
@@ -92,14 +97,32 @@ def _jsonl(path: Path, text: str | None = None) -> Iterator[tuple[int, dict]]:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise ZooError(f"{path}, line {n}: not valid JSON ({e.msg} at column {e.colno})") from None
+        except RecursionError:
+            raise ZooError(f"{path}, line {n}: not valid JSON (nested too deeply)") from None
+        except ValueError as e:  # an integer over Python's digit limit, ...
+            raise ZooError(f"{path}, line {n}: not valid JSON ({_clip(str(e))})") from None
         if not isinstance(obj, dict):
             raise ZooError(f"{path}, line {n}: expected a JSON object, got {type(obj).__name__}")
         yield n, obj
 
 
 def _show(v) -> str:
-    s = json.dumps(v, ensure_ascii=False)
+    try:
+        s = json.dumps(v, ensure_ascii=False)
+    except (RecursionError, ValueError):  # nested to the limit, a huge integer
+        s = f"a {type(v).__name__}"
     return s if len(s) <= 40 else s[:37] + "..."
+
+
+def _clip(s: str, limit: int = 120) -> str:
+    s = " ".join(s.split())
+    return s if len(s) <= limit else s[:limit - 3] + "..."
+
+
+def _short(p, limit: int = 200) -> str:
+    """A path for a message: long ones keep their start and end."""
+    s = str(p)
+    return s if len(s) <= limit else s[:limit // 2] + "..." + s[-(limit // 2):]
 
 
 def _where(path, n) -> str:
@@ -202,7 +225,7 @@ def load_answers(path) -> list[_Answer]:
     if text.lstrip().startswith("{"):  # maybe one JSON document (often a single line)
         try:
             whole = json.loads(text)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # then read as JSON Lines, which names the line
             whole = None
         if isinstance(whole, dict) and isinstance(whole.get("data"), list):  # TextVQA official
             out = []
@@ -221,7 +244,7 @@ def load_answers(path) -> list[_Answer]:
                                                      for v in whole.values()):  # GQA official
             out = []
             for qid, e in whole.items():
-                where = f"entry '{qid}'"
+                where = f"entry '{_clip(qid, 40)}'"
                 answers = [_str(path, where, e, "answer")]
                 q = _str(path, where, e, "question", required=False)
                 out.append(_Answer(str(qid), question_key(q) if q else None, answers, False, where))
@@ -252,13 +275,22 @@ def detect_format(keys) -> str | None:
     return None
 
 
-def _image(path, n, obj, image_root: Path | None) -> str:
+def _image(path, n, obj, image_root: Path | None, allow_outside: bool = False) -> str:
+    """The image path joined to ``image_root``; it must resolve (after symlinks) inside the root
+    unless ``allow_outside``, and be an existing regular file."""
     rel = _str(path, n, obj, "image")
     if image_root is None:
         return rel
+    if "\0" in rel:
+        raise ZooError(f"{path}, line {n}: field 'image' contains a NUL character")
     full = image_root / rel
-    if not full.is_file():
-        raise ZooError(f"{path}, line {n}: field 'image': no such image file {full}")
+    if not allow_outside:
+        real, root = os.path.realpath(full), os.path.realpath(image_root)
+        if os.path.commonpath([real, root]) != root:
+            raise ZooError(f"{path}, line {n}: field 'image': {_show(rel)} is outside the image folder "
+                           f"{_short(image_root)} (after symlinks); images must be inside it")
+    if not os.path.isfile(full):  # False for a FIFO / device, a name too long, a loop of links
+        raise ZooError(f"{path}, line {n}: field 'image': no such image file {_short(full)}")
     return str(full)
 
 
@@ -279,11 +311,13 @@ def _mc_gold(path, n, answers: list[str], choices: list[str]) -> list[str]:
     return out
 
 
-def load_samples(path, answers=None, image_root=None) -> list[Sample]:
+def load_samples(path, answers=None, image_root=None, allow_outside_root: bool = False) -> list[Sample]:
     """Read a question file (POPE, LLaVA questions + ``answers`` file, or plain JSONL).
 
     ``image_root``: a folder; each image is then checked to exist and ``Sample.image`` is the
-    joined path. Without it ``Sample.image`` is the file's string as written.
+    joined path. Without it ``Sample.image`` is the file's string as written. An image that
+    resolves outside ``image_root`` after symlinks (``../x.jpg``, an absolute path, a link out) is
+    refused with its line number unless ``allow_outside_root``.
     """
     path = Path(path)
     root = Path(image_root) if image_root is not None else None
@@ -311,7 +345,7 @@ def load_samples(path, answers=None, image_root=None) -> list[Sample]:
                 r["sid"] = _id(path, n, obj, "question_id", required=False)
             if r["sid"] is None:
                 r["sid"] = n
-            r["image"] = _image(path, n, obj, root)
+            r["image"] = _image(path, n, obj, root, allow_outside_root)
             r["question"] = _str(path, n, obj, "question")
             if "answer" in obj and "answers" in obj:
                 raise ZooError(f"{path}, line {n}: has both 'answer' and 'answers'; keep one")
@@ -332,7 +366,7 @@ def load_samples(path, answers=None, image_root=None) -> list[Sample]:
                 r["answers"] = _mc_gold(path, n, r["answers"], ch)
         else:
             r["sid"] = _id(path, n, obj, "question_id")
-            r["image"] = _image(path, n, obj, root)
+            r["image"] = _image(path, n, obj, root, allow_outside_root)
             r["question"] = _str(path, n, obj, "text")
             if "category" in obj:
                 r["category"] = _str(path, n, obj, "category")

@@ -7,8 +7,9 @@ budget, usually None).
 
 ``RecordWriter`` appends one line per record and flushes + fsyncs it, so a crash loses at most the
 record being written. On opening it repairs a torn last line (drops it, or ends it with a newline
-when it is a whole record). ``read_records`` / ``done_keys`` ignore a torn last line; a damaged
-line anywhere else is an error naming the file and line.
+when it is a whole record); it refuses a file that is not zoo's own records (``zoocli.outfile``).
+``read_records`` / ``done_keys`` ignore a torn last line; a damaged line anywhere else is an error
+naming the file and line. ``merge_shards`` only appends to its output, never replaces it.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 from zoocli.errors import UsageError, ZooError
 from zoocli.evaluation.metrics import majority, score_one, yes_no_metrics
 from zoocli.evaluation.samples import Sample
+from zoocli.outfile import JsonlOut, check_regular
 
 KEY_FIELDS = ("dataset", "id", "method", "budget")
 BASELINE = "none"
@@ -62,68 +64,28 @@ def make_record(sample: Sample, dataset: str, method: str, budget, prediction: s
 # --------------------------------------------------------------------------- writing
 
 
-def _repair_tail(path: Path) -> None:
-    """Make ``path`` end with a newline: end a torn-but-whole last record, or drop a torn one."""
-    with open(path, "rb+") as f:
-        size = f.seek(0, os.SEEK_END)
-        if size == 0:
-            return
-        f.seek(size - 1)
-        if f.read(1) == b"\n":
-            return
-        pos, tail = size, b""
-        while pos > 0:  # find the last newline, reading backwards
-            step = min(65536, pos)
-            pos -= step
-            f.seek(pos)
-            chunk = f.read(step)
-            i = chunk.rfind(b"\n")
-            if i >= 0:
-                tail = chunk[i + 1:] + tail
-                pos += i + 1
-                break
-            tail = chunk + tail
-        try:
-            whole = isinstance(json.loads(tail.decode("utf-8")), dict)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            whole = False
-        if whole:
-            f.seek(0, os.SEEK_END)
-            f.write(b"\n")
-        else:
-            f.truncate(pos)
-        f.flush()
-        os.fsync(f.fileno())
+# how zoo's rows start (``RecordWriter``: make_record order; ``merge_shards``: sorted keys), so a
+# torn first row is recognised as zoo's own
+ROW_HEADS = (b'{"dataset": ', b'{"answers": ')
 
 
 class RecordWriter:
     """Append records to a JSON Lines file, each flushed and fsynced as it is written.
 
-    ``with RecordWriter(path) as w: w.write(record)``. Creates missing parent folders.
+    ``with RecordWriter(path) as w: w.write(record)``. Creates missing parent folders. The file
+    must be new, empty or zoo's own records (``zoocli.outfile``: anything else is refused, never
+    truncated); a torn last record is repaired; the output's lock is held while it is open.
     """
 
     def __init__(self, path):
         self.path = Path(path)
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            if self.path.exists():
-                _repair_tail(self.path)
-            self._f = open(self.path, "a", encoding="utf-8")
-        except OSError as e:
-            raise ZooError(f"{self.path}: cannot open for writing ({e.strerror})") from None
+        self._out = JsonlOut(self.path, KEY_FIELDS, ROW_HEADS)
 
     def write(self, record: dict) -> None:
-        for k in KEY_FIELDS:
-            if k not in record:
-                raise ValueError(f"record lacks the key field '{k}'")
-        line = json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n"
-        self._f.write(line)
-        self._f.flush()
-        os.fsync(self._f.fileno())
+        self._out.append(record)
 
     def close(self) -> None:
-        if not self._f.closed:
-            self._f.close()
+        self._out.close()
 
     def __enter__(self) -> RecordWriter:
         return self
@@ -144,6 +106,8 @@ def _paths(paths) -> list[Path]:
 def read_records(paths, missing_ok: bool = False) -> Iterator[dict]:
     """Records from one or more files, in file then line order; a torn last line is skipped."""
     for path in _paths(paths):
+        if not check_regular(path, "records file") and missing_ok:
+            continue
         try:
             text = path.read_bytes().decode("utf-8", errors="replace")
         except FileNotFoundError:
@@ -161,7 +125,7 @@ def read_records(paths, missing_ok: bool = False) -> Iterator[dict]:
                 rec = json.loads(line)
                 if not isinstance(rec, dict):
                     raise ValueError
-            except ValueError:
+            except (ValueError, RecursionError):  # also: nesting too deep, an over-long integer
                 if i == last:  # torn by a crash mid-write: that record will be redone
                     continue
                 raise ZooError(f"{path}, line {i + 1}: not a valid JSON record; the file is "
@@ -230,7 +194,7 @@ def _sort_key(value):
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return (1, value, "")
     s = str(value)
-    if s.isdigit():
+    if s.isascii() and s.isdigit() and len(s) <= 4000:  # int() refuses longer digit strings
         return (1, int(s), "")
     return (2, 0, s)
 
@@ -241,32 +205,32 @@ def _record_order(rec: dict):
 
 
 def merge_shards(paths, out) -> int:
-    """Merge shard files into ``out``; returns the record count.
+    """Merge shard files into ``out``; returns the number of distinct records ``out`` then holds.
 
-    Deterministic: the same records give the same bytes whatever the order of ``paths``. Records
-    are sorted by (dataset, method, budget, id) and written with sorted keys. When a key occurs
-    more than once, the first in (rank, line) order is kept. ``out`` is replaced atomically.
+    ``out`` is only appended to, never replaced (a symlink stays a symlink; a crash leaves at
+    worst a torn last line, repaired by the next writer): the records of ``paths`` whose key is
+    not in ``out`` yet are appended, sorted by (dataset, method, budget, id), with sorted keys, so
+    the same records give the same bytes whatever the order of ``paths``. When a key occurs more
+    than once, the one already in ``out`` is kept, else the first in (rank, line) order.
     """
-    paths = sorted(_paths(paths), key=_rank_order)
-    if not paths:
-        raise ZooError("no shard files to merge")
-    seen: dict[tuple, dict] = {}
-    for rec in read_records(paths):
-        seen.setdefault(record_key(rec), rec)
-    recs = sorted(seen.values(), key=_record_order)
     out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
+    paths = sorted((p for p in _paths(paths) if not _same_file(p, out)), key=_rank_order)
+    if not paths and not out.exists():
+        raise ZooError("no shard files to merge")
+    with JsonlOut(out, KEY_FIELDS, ROW_HEADS) as w:
+        seen: dict[tuple, dict | None] = {record_key(r): None for r in read_records(out, missing_ok=True)}
+        for rec in read_records(paths):
+            seen.setdefault(record_key(rec), rec)
+        new = sorted((r for r in seen.values() if r is not None), key=_record_order)
+        w.append_many(new, sort_keys=True)
+    return len(seen)
+
+
+def _same_file(a: Path, b: Path) -> bool:
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "w", encoding="utf-8") as f:
-            for rec in recs:
-                f.write(json.dumps(rec, ensure_ascii=False, sort_keys=True, allow_nan=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except OSError as e:
-        raise ZooError(f"{out}: cannot write ({e.strerror})") from None
-    return len(recs)
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 # --------------------------------------------------------------------------- summary

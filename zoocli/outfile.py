@@ -1,0 +1,274 @@
+"""Output files zoo appends JSON Lines to (``zoo eval --out``, ``zoo bench --out``).
+
+Rule: zoo writes only to a *regular* file that is new, empty, or zoo's own JSON Lines (every
+complete line a JSON object carrying the writer's key fields). Anything else -- ``notes.txt``, a
+JSON array, a FIFO, a device, a directory, a socket -- is refused with one line naming the file.
+The path is never replaced: a symlinked output stays a symlink and its target is appended to in
+place (no temporary file, no ``os.replace``). A torn last line is repaired only when it is zoo's
+own (a partial JSON object following zoo rows, or starting the way zoo's rows start): it is
+dropped, or ended with a newline when it is a whole record, so nothing is ever appended after an
+unterminated line.
+
+Each output is guarded by an advisory lock (``fcntl.flock``, exclusive, non-blocking) on a sidecar
+file ``<target>.lock`` next to the real file, holding the PID of the writer; a second writer gets
+an error naming the file and that PID. ``output_lock(path)`` holds it for a whole run; the writers
+here take it themselves unless this process already holds it. Appends go through ``os.write`` on
+the raw descriptor and are fsynced; a full disk (ENOSPC, EFBIG, EDQUOT) is one line, the partial
+line is cut off again when possible and otherwise repaired by the next run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import stat
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+from zoocli.errors import ZooError
+
+# ``zoo bench --out`` rows: their key fields, and how ``json.dumps(row)`` starts (``bench._measure``)
+BENCH_KEYS = ("key", "method", "budget")
+BENCH_HEADS = (b'{"method": ',)
+DISK_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+_HELD: dict[str, int] = {}  # real path of an output -> fd of the lock this process holds on it
+
+
+def _kind(mode: int) -> str | None:
+    """What a non-regular file is (None for a regular file)."""
+    if stat.S_ISREG(mode):
+        return None
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _err(e: OSError) -> str:
+    return e.strerror or type(e).__name__
+
+
+def _real(path: Path) -> str:
+    return os.path.realpath(path)
+
+
+# --------------------------------------------------------------------------- lock
+
+
+def _lock_path(path: Path) -> Path:
+    real = Path(_real(path))
+    return real.with_name(real.name + ".lock")
+
+
+def _acquire(path: Path, what: str) -> int:
+    lock = _lock_path(path)
+    for _ in range(10):  # retry when the holder removed the lock file between our open and flock
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+        except OSError as e:
+            raise ZooError(f"{what} {path}: cannot create the lock file {lock} ({_err(e)})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise ZooError(f"{what} {path} is in use by another zoo process (PID {pid}; lock file "
+                           f"{lock}); wait for it to finish or give another file") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock, follow_symlinks=False).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            return fd
+        os.close(fd)
+    raise ZooError(f"{what} {path}: cannot take the lock {lock} (it keeps changing)")
+
+
+@contextlib.contextmanager
+def output_lock(path, what: str = "--out") -> Iterator[None]:
+    """Hold the advisory lock of output ``path`` (re-entrant within this process)."""
+    path = Path(path)
+    key = _real(path)
+    if key in _HELD:
+        yield
+        return
+    fd = _acquire(path, what)
+    _HELD[key] = fd
+    try:
+        yield
+    finally:
+        del _HELD[key]
+        with contextlib.suppress(OSError):
+            os.unlink(_lock_path(path))
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------- checking
+
+
+def _loads(line: bytes):
+    """A JSON value from one line, or None when it is not valid JSON (any reason: bad UTF-8,
+    nesting too deep, an integer over Python's digit limit, ...)."""
+    try:
+        return json.loads(line.decode("utf-8"))
+    except (ValueError, RecursionError):
+        return None
+
+
+def _is_row(obj, keys: Sequence[str]) -> bool:
+    return isinstance(obj, dict) and all(k in obj for k in keys)
+
+
+def check_regular(path, what: str = "--out") -> bool:
+    """True when ``path`` is an existing regular file (after symlinks), False when it does not
+    exist; ``ZooError`` naming it when it is a directory, FIFO, device or socket (never opened)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    except OSError as e:
+        raise ZooError(f"{what} {path}: cannot check it ({_err(e)})") from None
+    kind = _kind(st.st_mode)
+    if kind:
+        raise ZooError(f"{what} {path} is {kind}, not a regular file; zoo reads and writes only regular files")
+    return True
+
+
+def check_jsonl(path, keys: Sequence[str], heads: Sequence[bytes] = (), what: str = "--out") -> int | None:
+    """Check that ``path`` may be appended to (see the module docstring); return the size to cut
+    a torn last line back to, ``-1`` when a whole last record only lacks its newline, or None when
+    the file ends cleanly (or does not exist). ``ZooError`` naming the file otherwise."""
+    path = Path(path)
+    if not check_regular(path, what):
+        return None
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ZooError(f"{what} {path}: cannot read it ({_err(e)})") from None
+    end = data.rfind(b"\n") + 1
+    rows = 0
+    for n, line in enumerate(data[:end].split(b"\n")[:-1], 1):
+        if not line.strip():
+            continue
+        if not _is_row(_loads(line), keys):
+            raise _not_ours(path, what, n)
+        rows += 1
+    tail = data[end:]
+    if not tail.strip():
+        return None if not tail else end
+    if _is_row(_loads(tail), keys):
+        return -1
+    if tail.startswith(b"{") and (rows or any(h.startswith(tail) or tail.startswith(h) for h in heads)):
+        return end  # zoo's own row, torn by a crash or a full disk
+    raise _not_ours(path, what, data.count(b"\n") + 1)
+
+
+def _not_ours(path, what, n) -> ZooError:
+    return ZooError(f"{what} {path} is not a zoo JSON Lines file (line {n} is not a zoo record); "
+                    f"zoo only appends to a new, empty or zoo-written file: give another name")
+
+
+# --------------------------------------------------------------------------- writing
+
+
+class JsonlOut:
+    """An output file opened for appending zoo rows: checked, locked, its torn tail repaired.
+
+    ``with JsonlOut(path, keys) as out: out.append(row)``. Creates missing parent folders.
+    """
+
+    def __init__(self, path, keys: Sequence[str], heads: Sequence[bytes] = (), what: str = "--out",
+                 make_parents: bool = True):
+        self.path, self.keys, self.what = Path(path), tuple(keys), what
+        self._fd, self._lock = -1, None
+        check_regular(self.path, what)  # before the lock file is made next to it
+        if not make_parents and not self.path.parent.is_dir():
+            raise ZooError(f"{what} {self.path}: cannot write (folder {self.path.parent} does not exist)")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ZooError(f"{what} {self.path}: cannot write (cannot create its folder: {_err(e)})") from None
+        lock = output_lock(self.path, what)
+        lock.__enter__()
+        self._lock = lock
+        try:
+            cut = check_jsonl(self.path, self.keys, heads, what)
+            self._fd = self._open()
+            if cut == -1:
+                self._write(b"\n")
+            elif cut is not None:
+                os.ftruncate(self._fd, cut)
+                self._sync()
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self) -> int:
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK
+        try:
+            fd = os.open(self.path, flags, 0o644)
+        except OSError as e:
+            raise ZooError(f"{self.what} {self.path}: cannot write ({_err(e)})") from None
+        kind = _kind(os.fstat(fd).st_mode)  # swapped for something else since the check
+        if kind:
+            os.close(fd)
+            raise ZooError(f"{self.what} {self.path} is {kind}, not a regular file")
+        os.set_blocking(fd, True)
+        return fd
+
+    def _sync(self) -> None:
+        try:
+            os.fsync(self._fd)
+        except OSError as e:
+            raise ZooError(f"{self.what} {self.path}: cannot flush to disk ({_err(e)})") from None
+
+    def _write(self, data: bytes) -> None:
+        start = os.fstat(self._fd).st_size
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(self._fd, view):]
+        except OSError as e:
+            with contextlib.suppress(OSError):  # take the partial row back out; else the next run does
+                os.ftruncate(self._fd, start)
+            if e.errno in DISK_FULL:
+                raise ZooError(f"{self.what} {self.path}: disk full ({_err(e)}); the rows written so "
+                               f"far are kept; free space and rerun to continue") from None
+            raise ZooError(f"{self.what} {self.path}: cannot write ({_err(e)})") from None
+        self._sync()
+
+    def append(self, row: dict) -> None:
+        """Append one row (key fields checked), flushed and fsynced before returning."""
+        self.append_many([row])
+
+    def append_many(self, rows: Iterable[dict], sort_keys: bool = False) -> None:
+        lines = []
+        for row in rows:
+            for k in self.keys:
+                if k not in row:
+                    raise ValueError(f"row lacks the key field '{k}'")
+            lines.append(json.dumps(row, ensure_ascii=False, allow_nan=False, sort_keys=sort_keys) + "\n")
+        if lines:
+            self._write("".join(lines).encode("utf-8"))
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        if self._lock is not None:
+            lock, self._lock = self._lock, None
+            lock.__exit__(None, None, None)
+
+    def __enter__(self) -> JsonlOut:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,23 @@
+"""User text as text: one place that makes a string from the command line safe to tokenise.
+
+A question typed in a non-UTF-8 locale, or given as bytes that are not UTF-8, reaches Python as a
+string with lone surrogates (``surrogateescape``: byte 0xE9 -> U+DCE9); the tokenizers refuse such
+strings with a ``TypeError``. ``user_text`` replaces every byte that is not UTF-8 with U+FFFD (the
+replacement character), so the question is still answered and the damage is visible in the
+output; every other character, including markup- or token-like text, is kept as typed.
+"""
+
+from __future__ import annotations
+
+
+def user_text(s: str) -> str:
+    """``s`` with every undecodable byte (lone surrogate) replaced by U+FFFD; other text unchanged."""
+    try:
+        s.encode("utf-8")
+        return s
+    except UnicodeEncodeError:
+        pass
+    try:  # surrogateescape'd bytes (argv, file names): back to bytes, then decode with replacement
+        return s.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:  # other lone surrogates (e.g. from "\\ud800" in JSON)
+        return "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in s)
