@@ -45,14 +45,15 @@ def overlay(image: Image.Image, scopes: Scopes, *, model: str = "", method: str 
     title += f"{' · ' if title else ''}kept {kept}/{total} visual tokens"
     if budget is not None:
         title += f" · budget {budget}"
-    legend = _legend(image, body.width, font, dim, unseen_note(scopes))
+    legend = _legend(image, body.width, font, dim, _note(image, scopes))
     return _stack([_text_band(title, body.width, _bigger(font)), body, legend])
 
 
 def heat_overlay(image: Image.Image, scopes: Scopes, values: Sequence[float | None], *,
                  model: str = "", label: str = "sensitivity", units: str = "") -> Image.Image:
     """Per-token ``values`` (indexed by candidate, as ``scope["index"]``) as colours over the image,
-    with a colour bar naming ``label`` and ``units`` and the min/max values."""
+    with a colour bar naming ``label`` and ``units`` and the min/max values. Pillow's default font
+    draws Latin text: write units in plain characters (e.g. "|M(x+hu) - M(x-hu)| / 2h")."""
     finite = [float(v) for v in values if v is not None and math.isfinite(v)]
     lo, hi = (min(finite), max(finite)) if finite else (0.0, 1.0)
     scale = display_scale(image)
@@ -60,7 +61,7 @@ def heat_overlay(image: Image.Image, scopes: Scopes, values: Sequence[float | No
     body = body_image(image, scopes, scale, font, values=values, lo=lo, hi=hi)
     title = " · ".join(p for p in (model, f"{label} of {len(finite)} visual tokens") if p)
     bar = _colour_bar(body.width, font, lo, hi, f"{label} ({units})" if units else label,
-                      unseen_note(scopes))
+                      _note(image, scopes))
     return _stack([_text_band(title, body.width, _bigger(font)), body, bar])
 
 
@@ -81,7 +82,7 @@ def compare_sheet(image: Image.Image, runs: Sequence[tuple[str, Scopes]], *, mod
     if budget is not None:
         title += f" · budget {budget}"
     return contact_sheet(bodies, labels, title=title,
-                         legend=lambda w: _legend(image, w, font, dim, unseen_note(runs[0][1])),
+                         legend=lambda w: _legend(image, w, font, dim, _note(image, runs[0][1])),
                          font=font)
 
 
@@ -94,7 +95,7 @@ def contact_sheet(images: Sequence[Image.Image], labels: Sequence[str], cols: in
     w, h = max(i.width for i in images), max(i.height for i in images)
     font = font or _font(max(14, round(min(w, h) / 30)))
     if cols is None:
-        cols = max(1, min(len(images), round(math.sqrt(len(images) * h / w)) or 1))
+        cols = max(1, min(len(images), math.ceil(math.sqrt(len(images) * h / w))))
     cells = [_stack([_text_band(lab, w, font), im], width=w) for im, lab in zip(images, labels)]
     ch = max(c.height for c in cells)
     rows = math.ceil(len(cells) / cols)
@@ -125,12 +126,13 @@ def body_image(image: Image.Image, scopes: Scopes, scale: float, font, *, dim: f
     if len(scopes) == 1:
         return mark(image, scopes, full, scale, dim=dim, values=values, lo=lo, hi=hi)
     panels = next_panels(image, scopes, scale, dim=dim, values=values, lo=lo, hi=hi)
-    base = _stack([_text_band(_scope_label(scopes[0], "base image (resized to one tile)"),
+    heat = values is not None
+    base = _stack([_text_band(_scope_label(scopes[0], "base image (resized to one tile)", heat),
                               panels[0].width, font), panels[0]], width=panels[0].width)
     crops = list(zip(scopes[1:], panels[1:]))
     if not crops:
         return base
-    mosaic = _crop_mosaic(crops, font)
+    mosaic = _crop_mosaic(crops, font, heat)
     return _row([base, mosaic])
 
 
@@ -193,12 +195,12 @@ def _cell_boxes(scope: Mapping[str, Any], region, scale: float):
             yield (xs[c], ys[r], xs[c + 1] - 1, ys[r + 1] - 1), i
 
 
-def _crop_mosaic(crops, font) -> Image.Image:
+def _crop_mosaic(crops, font, heat: bool) -> Image.Image:
     """Crop panels placed in their tile grid (row/col from the boxes' corners)."""
     xs = sorted({round(s["box"][0], 1) for s, _ in crops})
     ys = sorted({round(s["box"][1], 1) for s, _ in crops})
     w = max(p.width for _, p in crops)
-    labelled = [(s, _stack([_text_band(_scope_label(s, s["name"]), w, font), p], width=w))
+    labelled = [(s, _stack([_text_band(_scope_label(s, s["name"], heat), w, font), p], width=w))
                 for s, p in crops]
     h = max(p.height for _, p in labelled)
     out = Image.new("RGB", (len(xs) * w + (len(xs) - 1) * GAP, len(ys) * h + (len(ys) - 1) * GAP), BG)
@@ -208,10 +210,27 @@ def _crop_mosaic(crops, font) -> Image.Image:
     return out
 
 
-def _scope_label(scope: Mapping[str, Any], name: str) -> str:
-    kept = sum(bool(k) for k in scope["kept"]) if "kept" in scope else None
+def _scope_label(scope: Mapping[str, Any], name: str, heat: bool = False) -> str:
     n = len(scope["index"])
-    return f"{name}: kept {kept}/{n}" if kept is not None else f"{name}: {n} tokens"
+    if heat:
+        return f"{name}: {n} tokens"
+    return f"{name}: kept {sum(bool(k) for k in scope['kept'])}/{n}"
+
+
+def any_unseen(image: Image.Image, scopes: Scopes) -> bool:
+    """Whether some part of a drawn panel is never seen: a grid cell that is not a candidate, the
+    first scope's box not covering the whole image (a crop), or a crop box reaching past the image."""
+    w, h = image.size
+    for k, s in enumerate(scopes):
+        rows, cols = s["grid"]
+        x0, y0, x1, y1 = s["box"]
+        if len(s["cells"]) < rows * cols:
+            return True
+        covers = x0 <= 0.5 and y0 <= 0.5 and x1 >= w - 0.5 and y1 >= h - 0.5
+        inside = x0 >= -0.5 and y0 >= -0.5 and x1 <= w + 0.5 and y1 <= h + 0.5
+        if (k == 0 and not covers) or (k > 0 and not inside):
+            return True
+    return False
 
 
 def unseen_note(scopes: Scopes) -> str:
@@ -230,8 +249,9 @@ def _legend(image: Image.Image, width: int, font, dim: float, note: str) -> Imag
     side = max(12, round(_line_h(font) * 1.2))
     patch = image.convert("RGB").resize((side, side), Image.Resampling.BILINEAR)
     darker = Image.blend(patch, Image.new("RGB", patch.size, (0, 0, 0)), dim)
-    items = [(patch, "kept (as the model sees it)"), (darker, "dropped (darkened)"),
-             (hatch((side, side)), note)]
+    items = [(patch, "kept (as the model sees it)"), (darker, "dropped (darkened)")]
+    if note:
+        items.append((hatch((side, side)), note))
     return _swatch_band(items, width, font)
 
 
@@ -251,7 +271,9 @@ def _colour_bar(width: int, font, lo: float, hi: float, label: str, note: str) -
     for k in range(bar_w):
         d.line((x + k, GAP, x + k, GAP + bar_h - 1), fill=ramp(k / max(1, bar_w - 1)))
     d.text((x + bar_w + GAP // 2, GAP + (bar_h - line) // 2), high, fill=INK, font=font)
-    label_band = _text_band(f"colour: {label}, low {low} to high {high}", band_w, font)
+    label_band = _text_band(f"colour = {label}, from min {low} (left) to max {high} (right)", band_w, font)
+    if not note:
+        return _stack([top, label_band])
     side = max(12, round(line * 1.2))
     return _stack([top, label_band, _swatch_band([(hatch((side, side)), note)], band_w, font)])
 
@@ -321,6 +343,10 @@ def hatch(size: tuple[int, int]) -> Image.Image:
     for k in range(-h, w, 10):
         d.line((k, h, k + h, 0), fill=HATCH, width=2)
     return out
+
+
+def _note(image: Image.Image, scopes: Scopes) -> str:
+    return unseen_note(scopes) if any_unseen(image, scopes) else ""
 
 
 def _counts(scopes: Scopes) -> tuple[int, int]:
