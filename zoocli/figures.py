@@ -96,7 +96,7 @@ def contact_sheet(images: Sequence[Image.Image], labels: Sequence[str], cols: in
     font = font or _font(max(14, round(min(w, h) / 30)))
     if cols is None:
         cols = max(1, min(len(images), math.ceil(math.sqrt(len(images) * h / w))))
-    cells = [_stack([_text_band(lab, w, font), im], width=w) for im, lab in zip(images, labels)]
+    cells = [_stack([_text_band(lab, w, _bigger(font)), im], width=w) for im, lab in zip(images, labels)]
     ch = max(c.height for c in cells)
     rows = math.ceil(len(cells) / cols)
     grid = Image.new("RGB", (cols * w + (cols - 1) * GAP, rows * ch + (rows - 1) * GAP), BG)
@@ -196,16 +196,19 @@ def _cell_boxes(scope: Mapping[str, Any], region, scale: float):
 
 
 def _crop_mosaic(crops, font, heat: bool) -> Image.Image:
-    """Crop panels placed in their tile grid (row/col from the boxes' corners)."""
-    xs = sorted({round(s["box"][0], 1) for s, _ in crops})
-    ys = sorted({round(s["box"][1], 1) for s, _ in crops})
+    """Crop panels placed in their tile grid: (row, col) from each box's corner in tile units (a
+    tile that only covered padding has no scope and leaves its place empty)."""
+    bx0 = min(s["box"][0] for s, _ in crops)
+    by0 = min(s["box"][1] for s, _ in crops)
+    place = [(round((s["box"][1] - by0) / (s["box"][3] - s["box"][1])),
+              round((s["box"][0] - bx0) / (s["box"][2] - s["box"][0]))) for s, _ in crops]
     w = max(p.width for _, p in crops)
-    labelled = [(s, _stack([_text_band(_scope_label(s, s["name"], heat), w, font), p], width=w))
+    labelled = [_stack([_text_band(_scope_label(s, s["name"], heat), w, font), p], width=w)
                 for s, p in crops]
-    h = max(p.height for _, p in labelled)
-    out = Image.new("RGB", (len(xs) * w + (len(xs) - 1) * GAP, len(ys) * h + (len(ys) - 1) * GAP), BG)
-    for s, p in labelled:
-        col, row = xs.index(round(s["box"][0], 1)), ys.index(round(s["box"][1], 1))
+    h = max(p.height for p in labelled)
+    rows, cols = 1 + max(r for r, _ in place), 1 + max(c for _, c in place)
+    out = Image.new("RGB", (cols * w + (cols - 1) * GAP, rows * h + (rows - 1) * GAP), BG)
+    for (row, col), p in zip(place, labelled):
         out.paste(p, (col * (w + GAP), row * (h + GAP)))
     return out
 
