@@ -5,11 +5,10 @@ from __future__ import annotations
 import io
 
 import pytest
-from PIL import Image
 from rich.console import Console
 
 from zoocli.pipeline import parse_keep, split_budget
-from zoocli.render import overlay, token_grid
+from zoocli.render import token_grid
 from zoocli.timing import Timer, summarize
 
 
@@ -81,16 +80,6 @@ def test_token_grid_exact():
     scope = {"name": "image", "grid": [2, 3], "cells": [[0, 0], [0, 1], [0, 2], [1, 0], [1, 2]],
              "index": [0, 1, 2, 3, 4], "kept": [True, False, True, False, True]}
     assert _render(token_grid(scope)) == "█·█\n· █\n"
-
-
-def test_overlay_dims_dropped_patches_only():
-    img = Image.new("RGB", (20, 10), (200, 200, 200))
-    scope = {"name": "image", "grid": [1, 2], "cells": [[0, 0], [0, 1]], "index": [0, 1],
-             "box": [0, 0, 20, 10], "kept": [True, False]}
-    out = overlay(img, [scope])
-    assert out.size == img.size
-    assert out.getpixel((5, 5)) == (200, 200, 200)
-    assert out.getpixel((15, 5))[0] < 100
 
 
 @pytest.mark.parametrize("spec,n,want", [("64", 576, 64), ("11%", 576, 63), ("100%", 10, 10),

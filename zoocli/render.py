@@ -1,5 +1,5 @@
-"""Rendering apart from compute: functions that turn results into Rich renderables or images.
-Nothing here prints; commands print what these return."""
+"""Rendering apart from compute: functions that turn results into Rich renderables (PNG figures
+are in ``zoocli.figures``). Nothing here prints; commands print what these return."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from PIL import Image, ImageDraw
 from rich import box
 from rich.columns import Columns
 from rich.console import RenderableType
@@ -157,78 +156,6 @@ def methods_table(methods: Iterable[Any]) -> Table:
             text.append("\ndeviation: " + m.deviation, style="yellow")
         t.add_row(m.name, m.stage.replace("_", "-"), fam, text)
     return t
-
-
-def overlay(image: Image.Image, scopes: Sequence[Mapping[str, Any]], dim: float = 0.7) -> Image.Image:
-    """The image with dropped patches dimmed (same size as the image). Scopes are drawn from the
-    coarsest to the finest: LLaVA-NeXT crops (finer) override the base image's cells where they
-    overlap, and the base image's kept cells are outlined."""
-    base = image.convert("RGB")
-    shade = Image.new("L", base.size, 0)
-    draw = ImageDraw.Draw(shade)
-    outline = []
-    for s in _finest_last(scopes):
-        rows, cols, pos = _cells(s)
-        x0, y0, x1, y1 = s["box"]
-        cw, ch = (x1 - x0) / cols, (y1 - y0) / rows
-        fine = len(scopes) > 1 and s["name"] == "base"
-        for (r, c), i in pos.items():
-            box = (x0 + c * cw, y0 + r * ch, x0 + (c + 1) * cw, y0 + (r + 1) * ch)
-            if fine:
-                if s["kept"][i]:
-                    outline.append(box)
-                continue
-            draw.rectangle(box, fill=0 if s["kept"][i] else round(255 * dim))
-    black = Image.new("RGB", base.size, (0, 0, 0))
-    out = Image.composite(black, base, shade)
-    if outline:
-        d = ImageDraw.Draw(out)
-        for box in outline:
-            d.rectangle(box, outline=(255, 200, 0), width=1)
-    return out
-
-
-def heat_overlay(image: Image.Image, scopes, values: Sequence[float], alpha: float = 0.55) -> Image.Image:
-    """The image with each token's value drawn as a blue→red colour over its patch."""
-    base = image.convert("RGB")
-    finite = [v for v in values if v is not None and math.isfinite(v)]
-    lo, hi = (min(finite), max(finite)) if finite else (0.0, 1.0)
-    span = hi - lo if hi > lo else 1.0
-    layer = Image.new("RGB", base.size, (0, 0, 0))
-    mask = Image.new("L", base.size, 0)
-    dl, dm = ImageDraw.Draw(layer), ImageDraw.Draw(mask)
-    for s in _finest_last(scopes):
-        rows, cols, pos = _cells(s)
-        x0, y0, x1, y1 = s["box"]
-        cw, ch = (x1 - x0) / cols, (y1 - y0) / rows
-        for (r, c), i in pos.items():
-            v = values[s["index"][i]]
-            if v is None or not math.isfinite(v):
-                continue
-            t = (v - lo) / span
-            box = (x0 + c * cw, y0 + r * ch, x0 + (c + 1) * cw, y0 + (r + 1) * ch)
-            dl.rectangle(box, fill=(round(255 * t), 40, round(255 * (1 - t))))
-            dm.rectangle(box, fill=round(255 * alpha))
-    return Image.composite(layer, base, mask)
-
-
-def _finest_last(scopes):
-    return sorted(scopes, key=lambda s: 0 if s["name"] == "base" else 1)
-
-
-def contact_sheet(images: Sequence[Image.Image], labels: Sequence[str], cols: int = 3) -> Image.Image:
-    """Overlays side by side with their labels (for `zoo compare --overlay`)."""
-    w = max(i.width for i in images)
-    h = max(i.height for i in images)
-    pad = 24
-    rows = math.ceil(len(images) / cols)
-    sheet = Image.new("RGB", (cols * w, rows * (h + pad)), (255, 255, 255))
-    d = ImageDraw.Draw(sheet)
-    for k, (im, label) in enumerate(zip(images, labels)):
-        x, y = (k % cols) * w, (k // cols) * (h + pad)
-        d.text((x + 4, y + 4), label, fill=(0, 0, 0))
-        sheet.paste(im, (x, y + pad))
-    return sheet
 
 
 def compare_table(rows: Sequence[Mapping[str, Any]], meaningless: bool = False) -> Table:

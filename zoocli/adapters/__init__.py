@@ -47,6 +47,16 @@ OFFLINE_MODELS: dict[str, tuple[str, str]] = {
     "tiny-llava-next": ("llava_next", "zoocli.adapters.llava:build_tiny_llava_next"),
     "tiny-qwen2.5-vl": ("qwen2_5_vl", "zoocli.adapters.qwen2_5_vl:build_tiny"),
     "small-llava": ("llava", "zoocli.adapters.llava:build_small_llava"),
+    "small-llava-next": ("llava_next", "zoocli.adapters.llava:build_small_llava_next"),
+}
+# offline name -> the most visual tokens one image can give it (checked against the builders'
+# configs by tests/test_figures_offline.py): for picking the offline model that fits a request
+OFFLINE_MAX_TOKENS: dict[str, int] = {
+    "tiny-llava": 16,  # 56 px / patch 14: 4x4
+    "tiny-llava-next": 80,  # 4x4 per tile, base + up to 2x2 tiles
+    "tiny-qwen2.5-vl": 24,  # max_pixels = 24 merged 28x28 tokens
+    "small-llava": 576,  # 336 px / patch 14: 24x24
+    "small-llava-next": 2880,  # 24x24 per tile, base + up to 2x2 tiles (llava-v1.6)
 }
 OFFLINE_BUILD_VERSION = "1"  # bump when a builder changes: cached copies are rebuilt
 
@@ -151,6 +161,17 @@ def ensure_offline_model(name: str, cache_dir: str | Path | None = None) -> Path
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def suggest_offline(family: str, n_tokens_needed: int) -> str | None:
+    """The offline model of ``family`` (a ``config.model_type``) with the fewest visual tokens that
+    still gives at least ``n_tokens_needed`` (a budget that really prunes needs fewer than that),
+    else the family's largest; None if the family has no offline model."""
+    mine = sorted((OFFLINE_MAX_TOKENS[n], n) for n, (fam, _) in OFFLINE_MODELS.items() if fam == family)
+    if not mine:
+        return None
+    fits = [name for tokens, name in mine if tokens >= n_tokens_needed]
+    return fits[0] if fits else mine[-1][1]
 
 
 def _not_available(model: str) -> ZooError:
@@ -330,5 +351,5 @@ def _one_line(e: BaseException) -> str:
 __all__ = [
     "ADAPTERS", "DEFAULT_MODEL", "MODEL_ALIASES", "OFFLINE_MODELS", "RANDOM_CONFIGS", "adapter_class",
     "default_cache_dir", "ensure_offline_model", "load_adapter", "load_random_config", "resolve_device",
-    "resolve_dtype",
+    "resolve_dtype", "suggest_offline",
 ]

@@ -549,6 +549,13 @@ def build_small_llava(out_dir: Path) -> None:
     _build(Path(out_dir), LlavaAdapter, next_=False, small=True)
 
 
+def build_small_llava_next(out_dir: Path) -> None:
+    """LLaVA-NeXT's real geometry with small-llava's small towers: 336-px tiles of 24x24 tokens
+    (CLIP patch 14) and llava-v1.6's pinpoints (up to 2x2 tiles + the base image = 2,880 visual
+    tokens), so budgets like 640/320/160 really prune."""
+    _build(Path(out_dir), LlavaNextAdapter, next_=True, small=True)
+
+
 # ----------------------------------------------------------------------------------------------
 # helpers
 

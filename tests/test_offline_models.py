@@ -1,0 +1,74 @@
+"""The offline models' token counts (OFFLINE_MAX_TOKENS against the builders' configs, no weights),
+small-llava-next's real LLaVA-NeXT geometry, and suggest_offline."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import make_image
+from zoocli.adapters import OFFLINE_MAX_TOKENS, OFFLINE_MODELS, load_adapter, suggest_offline
+
+
+def _llava_max_tokens(config) -> int:
+    vc = config.vision_config
+    side = vc.image_size // vc.patch_size
+    pins = getattr(config, "image_grid_pinpoints", None)
+    tiles = max((h // vc.image_size) * (w // vc.image_size) for h, w in pins) if pins else 0
+    return side * side * (1 + tiles)
+
+
+@pytest.mark.parametrize("name,kw", [("tiny-llava", {}), ("tiny-llava-next", {"next_": True}),
+                                     ("small-llava", {"small": True}),
+                                     ("small-llava-next", {"next_": True, "small": True})])
+def test_declared_token_counts_match_the_llava_configs(name, kw):
+    from zoocli.adapters.llava import build_tokenizer, tiny_llava_config
+
+    assert OFFLINE_MAX_TOKENS[name] == _llava_max_tokens(tiny_llava_config(build_tokenizer(), **kw))
+
+
+def test_declared_token_count_matches_the_tiny_qwen_processor():
+    from zoocli.adapters.qwen2_5_vl import TINY_IMAGE_PROCESSOR as ip
+
+    side = ip["patch_size"] * ip["merge_size"]
+    assert OFFLINE_MAX_TOKENS["tiny-qwen2.5-vl"] == ip["max_pixels"] // (side * side)
+
+
+def test_every_offline_model_has_a_token_count():
+    assert set(OFFLINE_MAX_TOKENS) == set(OFFLINE_MODELS)
+
+
+def test_small_llava_next_has_llava_v16_geometry():
+    from zoocli.adapters import load_random_config
+    from zoocli.adapters.llava import build_tokenizer, tiny_llava_config
+
+    cfg = tiny_llava_config(build_tokenizer(), next_=True, small=True)
+    real = load_random_config("llava-next")
+    assert cfg.vision_config.image_size == 336 and cfg.vision_config.patch_size == 14
+    assert sorted(map(tuple, cfg.image_grid_pinpoints)) == sorted(map(tuple, real["image_grid_pinpoints"]))
+    assert OFFLINE_MODELS["small-llava-next"][0] == "llava_next"
+
+
+def test_small_llava_next_builds_and_gives_2880_tokens_on_a_square_image(zoo_model_cache):
+    """Builds the checkpoint (about 6 s on 2 cores) and encodes one square image: base + 2x2
+    tiles of 24x24, no unpadding."""
+    from zoocli.pipeline import encode_image
+
+    adapter = load_adapter("small-llava-next", device="cpu", dtype="fp32", cache_dir=zoo_model_cache)
+    enc = encode_image(adapter, make_image(700, 700), "q?")
+    assert enc.n == 2880 and [s.name for s in enc.encoded.scopes][:2] == ["base", "crop 1"]
+    assert len(enc.encoded.scopes) == 5
+
+
+@pytest.mark.parametrize("family,n,want", [
+    ("llava", 1, "tiny-llava"), ("llava", 16, "tiny-llava"), ("llava", 17, "small-llava"),
+    ("llava", 576, "small-llava"), ("llava", 5000, "small-llava"),
+    ("llava_next", 64, "tiny-llava-next"), ("llava_next", 81, "small-llava-next"),
+    ("llava_next", 640, "small-llava-next"), ("llava_next", 10_000, "small-llava-next"),
+    ("qwen2_5_vl", 8, "tiny-qwen2.5-vl"), ("qwen2_5_vl", 64, "tiny-qwen2.5-vl"),
+])
+def test_suggest_offline_picks_the_smallest_that_fits_else_the_largest(family, n, want):
+    assert suggest_offline(family, n) == want
+
+
+def test_suggest_offline_unknown_family_is_none():
+    assert suggest_offline("gemma3", 10) is None
