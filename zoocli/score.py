@@ -24,6 +24,16 @@ class Scored:
     enc: Any  # pipeline.EncodedImage
     values: list[float]
     layout: list[dict[str, Any]]  # pipeline.scope_layout, nothing kept
+    units: str = ""  # what the values measure, for legends
+
+
+def units(zoo: Mapping[str, Any]) -> str:
+    """What a sensitivity value is, in plain characters (for the heatmap's colour bar)."""
+    est = zoo.get("estimator") or "exact"
+    if est == "exact":
+        return "RMS projector gain ||J(x)||_F / sqrt(d_in), exact"
+    rank = f", rank {zoo['rank']}" if zoo.get("rank") else ""
+    return f"mean |M(x+hu) - M(x-hu)| / 2h ({est}, m={zoo.get('m')}, h={zoo.get('h')}{rank})"
 
 
 def score_image(adapter, image, question: str, *, seed: int, zoo: Mapping[str, Any]) -> Scored:
@@ -37,7 +47,7 @@ def score_image(adapter, image, question: str, *, seed: int, zoo: Mapping[str, A
     enc = encode_image(adapter, image, question)
     s = token_sensitivity(enc.encoded.vision, adapter.projector, seed=seed, **zoo).cpu()
     layout = scope_layout(enc.encoded, torch.zeros(0, dtype=torch.long))
-    return Scored(enc, [float(v) for v in s], layout)
+    return Scored(enc, [float(v) for v in s], layout, units(zoo))
 
 
 def positions(scopes: Sequence[Mapping[str, Any]]) -> dict[int, tuple[str, int, int]]:

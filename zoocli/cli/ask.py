@@ -44,7 +44,10 @@ def ask(
     for w in warnings:
         warn(w)
     if overlay is not None:
-        save_png(render.overlay(img, res.scopes), overlay)
+        from zoocli.figures import overlay as draw_overlay
+
+        save_png(draw_overlay(img, res.scopes, model=adapter.model_id, method=method, budget=keep),
+                 overlay)
     if json_out:
         d = res.as_dict()
         d.pop("scopes")

@@ -53,9 +53,10 @@ def compare(
                               advance=lambda: bar.advance(task))
     rows = compare_rows(results, {n: p[0] for n, p in specs.items()} | {"none": "none"})
     if overlay is not None:
-        labels = [f"{n}: {len(r.kept_indices)}/{enc.n}" for n, r in results.items()]
-        sheet = render.contact_sheet([render.overlay(img, r.scopes) for r in results.values()], labels)
-        save_png(sheet, overlay)
+        from zoocli.figures import compare_sheet
+
+        runs = [(n, r.scopes) for n, r in results.items()]
+        save_png(compare_sheet(img, runs, model=adapter.model_id, budget=k), overlay)
     if json_out:
         print_json({"model": adapter.model_id, "question": question, "keep": k,
                     "n_visual_tokens": enc.n, "meaningless": adapter.meaningless, "rows": rows})

@@ -49,7 +49,10 @@ def score(
             out |= encoder_agreement(adapter, scored, m=opts.m, h=opts.h, seed=opts.seed,
                                      progress=lambda done, total: bar.update(task, completed=done, total=total))
     if overlay is not None:
-        save_png(render.heat_overlay(img, scored.layout, scored.values), overlay)
+        from zoocli.figures import heat_overlay
+
+        save_png(heat_overlay(img, scored.layout, scored.values, model=adapter.model_id,
+                              units=scored.units), overlay)
     if json_out:
         print_json(out)
         return
