@@ -362,7 +362,7 @@ def check_options(m=None, h=None, seed=None, estimator="exact", rank=None, chunk
     given = [n for n, v in (("m", m), ("h", h), ("seed", seed)) if v is not None]
     if estimator == "exact" and given:
         raise SampledOptionError(
-            f"{'/'.join(given)} apply to the sampled estimators only: estimator='exact' is the closed "
+            f"{'/'.join(given)} {'applies' if len(given) == 1 else 'apply'} to the sampled estimators only: estimator='exact' is the closed "
             f"form (no directions, no step); estimator='fd' is the paper's sampled form (Eq. 2-3)")
     if rank is not None:
         if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:

@@ -24,7 +24,9 @@ from torch import Tensor
 from zoocli.methods import PruneInputs, Selection, register
 from zoocli.sensitivity import check_options, token_sensitivity
 
-ZOO_OPTIONS = {"m": 64, "h": 0.01, "estimator": "fd", "rank": None, "chunk_mb": 256}
+# m / h are None ("not given"): the exact estimator takes neither; fd / jvp / naive then use the
+# paper's m=64, h=0.01 (zoocli.sensitivity.SAMPLED_DEFAULTS)
+ZOO_OPTIONS = {"m": None, "h": None, "estimator": "exact", "rank": None, "chunk_mb": 256}
 PAPER = "ZOO-Prune (zeroth-order sensitivity-aware diversity), 2025"
 
 
@@ -89,8 +91,9 @@ def check_zoo_options(m, h, estimator, rank, chunk_mb) -> None:
 
 
 def _sensitivity(inp: PruneInputs, m, h, estimator, rank, chunk_mb) -> Tensor:
+    seed = None if estimator == "exact" else inp.seed  # the run's seed drives sampled directions only
     return token_sensitivity(
-        inp.vision, inp.projector, m=m, h=h, seed=inp.seed,
+        inp.vision, inp.projector, m=m, h=h, seed=seed,
         estimator=estimator, rank=rank, chunk_mb=chunk_mb,
     )
 
