@@ -18,35 +18,43 @@ import torch
 from torch import Tensor
 
 from zoocli.methods import PruneInputs, Selection, register
-from zoocli.methods.zoo import COS_EPS, _unit, cos_distance
+from zoocli.methods.zoo import _picks_done, greedy_rows, valid_mask
+from zoocli.ops import COS_EPS, unit_rows
 
 _ROW_CHUNK = 1024
 
 
-def divprune_select(z: Tensor, k: int) -> Tensor:
-    """DivPrune's greedy max-min cosine diversity: ``k`` indices into ``z`` [N, D], in pick order."""
-    n = z.shape[0]
-    k = min(int(k), n)
-    zn = _unit(z)  # [N, D]
-    nearest = torch.empty(n, device=z.device)
-    for s in range(0, n, _ROW_CHUNK):
-        d = 1 - zn[s : s + _ROW_CHUNK] @ zn.T  # [c, N] cosine distance
-        d = d.masked_fill(d < COS_EPS, 0.0)
-        d[torch.arange(d.shape[0]), torch.arange(s, s + d.shape[0])] = float("inf")
-        nearest[s : s + d.shape[0]] = d.min(dim=1).values
-    if n == 1:
-        nearest.zero_()
-    picked = torch.empty(k, dtype=torch.long, device=z.device)
-    picked[0] = torch.argmax(nearest)
-    mindist = cos_distance(zn, picked[0])  # [N] distance to the picked set
-    taken = torch.zeros(n, dtype=torch.bool, device=z.device)
-    taken[picked[0]] = True
-    for t in range(1, k):
-        i = torch.argmax(mindist.masked_fill(taken, float("-inf")))
-        picked[t] = i
-        taken[i] = True
-        mindist = torch.minimum(mindist, cos_distance(zn, i))
-    return picked
+def _nearest_other(zn: Tensor, valid: Tensor) -> Tensor:
+    """[B, N]: each real token's cosine distance to its nearest other real token (0 when a row has
+    one real token); row chunks of ``_ROW_CHUNK``, so no B x N x N tensor."""
+    b, n, _ = zn.shape
+    nearest = torch.empty(b, n, device=zn.device)
+    far = ~valid[:, None, :]  # padding columns never count as a neighbour
+    for s in range(0, n, _ROW_CHUNK):  # N / 1024 chunks, not per token
+        c = min(_ROW_CHUNK, n - s)
+        d = 1 - torch.bmm(zn[:, s:s + c], zn.transpose(1, 2))  # [B, c, N]
+        d = d.masked_fill(d < COS_EPS, 0.0).masked_fill(far, float("inf"))
+        d[:, torch.arange(c), torch.arange(s, s + c)] = float("inf")  # the token itself
+        nearest[:, s:s + c] = d.amin(-1)
+    return torch.where(torch.isinf(nearest), 0.0, nearest)
+
+
+def divprune_select(z: Tensor, k: int, lengths=None) -> Tensor:
+    """DivPrune's greedy max-min cosine diversity: ``k`` indices into ``z`` [N, D], in pick order.
+
+    A batch ``z`` [B, N, D] -> [B, k], every row equal to the unbatched call on that row;
+    ``lengths`` [B] (optional): row b's first lengths[b] tokens are real, the rest padding, and its
+    picks past lengths[b] are -1. No host read (see ``zoocli.methods.zoo.greedy_rows``)."""
+    if z.dim() not in (2, 3):
+        raise ValueError(f"z must be [N, D] or [B, N, D], got {tuple(z.shape)}")
+    squeeze = z.dim() == 2
+    if squeeze:
+        z = z[None]
+    b, n, _ = z.shape
+    valid = valid_mask(lengths, b, n, z.device)
+    zn = unit_rows(z)
+    picked = greedy_rows(_nearest_other(zn, valid), zn, valid, min(int(k), n))
+    return _picks_done(picked, valid, squeeze)
 
 
 @register(
