@@ -18,24 +18,27 @@ import torch
 from torch import Tensor
 
 from zoocli.methods import PruneInputs, Selection, register
-from zoocli.methods.zoo import _picks_done, greedy_rows, valid_mask
+from zoocli.methods.zoo import _picks_done, greedy_rows, host_lengths, valid_mask
 from zoocli.ops import COS_EPS, unit_rows
 
 _ROW_CHUNK = 1024
 
 
-def _nearest_other(zn: Tensor, valid: Tensor) -> Tensor:
+def _nearest_other(zn: Tensor, lengths: list[int]) -> Tensor:
     """[B, N]: each real token's cosine distance to its nearest other real token (0 when a row has
-    one real token); row chunks of ``_ROW_CHUNK``, so no B x N x N tensor."""
+    one real token). Row by row on the row's real tokens (B crops, not per token: the Gram block's
+    rounding depends on its shape, so a padded row must see the same shape as the unbatched call),
+    in row chunks of ``_ROW_CHUNK``, so no N x N tensor."""
     b, n, _ = zn.shape
-    nearest = torch.empty(b, n, device=zn.device)
-    far = ~valid[:, None, :]  # padding columns never count as a neighbour
-    for s in range(0, n, _ROW_CHUNK):  # N / 1024 chunks, not per token
-        c = min(_ROW_CHUNK, n - s)
-        d = 1 - torch.bmm(zn[:, s:s + c], zn.transpose(1, 2))  # [B, c, N]
-        d = d.masked_fill(d < COS_EPS, 0.0).masked_fill(far, float("inf"))
-        d[:, torch.arange(c), torch.arange(s, s + c)] = float("inf")  # the token itself
-        nearest[:, s:s + c] = d.amin(-1)
+    nearest = torch.zeros(b, n, device=zn.device)
+    for r, nr in enumerate(lengths):
+        zr = zn[r, :nr]
+        for s in range(0, nr, _ROW_CHUNK):  # N / 1024 chunks
+            c = min(_ROW_CHUNK, nr - s)
+            d = 1 - zr[s:s + c] @ zr.T  # [c, n_r]
+            d = d.masked_fill(d < COS_EPS, 0.0)
+            d[torch.arange(c), torch.arange(s, s + c)] = float("inf")  # the token itself
+            nearest[r, s:s + c] = d.amin(-1)
     return torch.where(torch.isinf(nearest), 0.0, nearest)
 
 
@@ -44,7 +47,8 @@ def divprune_select(z: Tensor, k: int, lengths=None) -> Tensor:
 
     A batch ``z`` [B, N, D] -> [B, k], every row equal to the unbatched call on that row;
     ``lengths`` [B] (optional): row b's first lengths[b] tokens are real, the rest padding, and its
-    picks past lengths[b] are -1. No host read (see ``zoocli.methods.zoo.greedy_rows``)."""
+    picks past lengths[b] are -1. No host read in the greedy (``zoocli.methods.zoo.greedy_rows``);
+    ``lengths`` given as a tensor is read once, before it."""
     if z.dim() not in (2, 3):
         raise ValueError(f"z must be [N, D] or [B, N, D], got {tuple(z.shape)}")
     squeeze = z.dim() == 2
@@ -53,7 +57,8 @@ def divprune_select(z: Tensor, k: int, lengths=None) -> Tensor:
     b, n, _ = z.shape
     valid = valid_mask(lengths, b, n, z.device)
     zn = unit_rows(z)
-    picked = greedy_rows(_nearest_other(zn, valid), zn, valid, min(int(k), n))
+    rows = host_lengths(lengths, b, n)  # before the loop: at most one read
+    picked = greedy_rows(_nearest_other(zn, rows), zn, valid, rows, min(int(k), n))
     return _picks_done(picked, valid, squeeze)
 
 

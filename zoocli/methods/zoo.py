@@ -31,12 +31,19 @@ ZOO_OPTIONS = {"m": None, "h": None, "estimator": "exact", "rank": None, "chunk_
 PAPER = "ZOO-Prune (zeroth-order sensitivity-aware diversity), 2025"
 
 
-def cosine_distance_rows(zn: Tensor, i: Tensor) -> Tensor:
+def cosine_distance_rows(zn: Tensor, i: Tensor, lengths: list[int]) -> Tensor:
     """Batched ``zoocli.ops.cosine_distance``: 1 - cos(z_bj, z_b,i_b) for unit rows ``zn`` [B, N, D]
-    and one index per row ``i`` [B] -> [B, N], float32 noise below ``COS_EPS`` snapped to 0. On the
-    device: ``gather`` and ``bmm``, no host read."""
-    zi = zn.gather(1, i.view(-1, 1, 1).expand(-1, 1, zn.shape[-1]))  # [B, 1, D]
-    d = 1 - torch.bmm(zn, zi.transpose(1, 2))[..., 0]
+    and one index per row ``i`` [B] (a device tensor, never read) -> [B, N], float32 noise below
+    ``COS_EPS`` snapped to 0; padding entries (past ``lengths[b]``) are 0. One matrix-vector
+    product per row on the row's real tokens (B crops, not per token): ``bmm`` would round
+    differently with B and N (BLAS blocking), and an elementwise dot is ~20x slower on CPU, so this
+    is what gives a padded row bitwise the distances, hence the picks, of the unbatched call."""
+    b, n, dim = zn.shape
+    zi = zn.gather(1, i.view(-1, 1, 1).expand(-1, 1, dim))[:, 0]  # [B, D]
+    dots = zn.new_ones(b, n)
+    for r, nr in enumerate(lengths):
+        torch.mv(zn[r, :nr], zi[r], out=dots[r, :nr])
+    d = 1 - dots
     return d.masked_fill(d < COS_EPS, 0.0)
 
 
@@ -53,6 +60,15 @@ def valid_mask(lengths, b: int, n: int, device) -> Tensor:
     if lengths.shape[0] != b:
         raise ValueError(f"{lengths.shape[0]} lengths for {b} rows")
     return torch.arange(n, device=device) < lengths[:, None]
+
+
+def host_lengths(lengths, b: int, n: int) -> list[int]:
+    """``lengths`` as Python ints (one host read when it is a tensor), or [n] * b."""
+    if lengths is None:
+        return [n] * b
+    if isinstance(lengths, Tensor):
+        return [int(v) for v in lengths.cpu().tolist()]
+    return [int(v) for v in lengths]
 
 
 def normalize_scores(s: Tensor, valid: Tensor | None = None) -> Tensor:
@@ -76,11 +92,11 @@ def _picks_done(picked: Tensor, valid: Tensor, squeeze: bool) -> Tensor:
     return picked[0] if squeeze else picked
 
 
-def greedy_rows(first_score: Tensor, zn: Tensor, valid: Tensor, k: int, fuse=None,
-                s_hat: Tensor | None = None) -> Tensor:
+def greedy_rows(first_score: Tensor, zn: Tensor, valid: Tensor, lengths: list[int], k: int,
+                fuse=None, s_hat: Tensor | None = None) -> Tensor:
     """The greedy shared by ZOO-Prune (``fuse="product"``), its sum ablation (``"sum"``) and
     DivPrune (``None``: max-min distance alone), batched: [B, N] first-pick scores, unit rows ``zn``
-    [B, N, D], ``valid`` [B, N] -> picks [B, k] (k <= N). Argmax ties go to the lowest index. All on
+    [B, N, D], ``valid`` [B, N] (and its ``lengths`` on the host) -> picks [B, k] (k <= N). Argmax ties go to the lowest index. All on
     the device: no host read in the loop (the picks past a row's valid count are garbage, see
     ``_picks_done``)."""
     b, n = valid.shape
@@ -91,13 +107,13 @@ def greedy_rows(first_score: Tensor, zn: Tensor, valid: Tensor, k: int, fuse=Non
     i = torch.argmax(first_score.masked_fill(taken, float("-inf")), -1)  # [B]
     picked[:, 0] = i
     taken = taken.scatter(1, i[:, None], True)
-    div = cosine_distance_rows(zn, i)  # [B, N] Div(j, P) = 1 - max cosine to the picked set
+    div = cosine_distance_rows(zn, i, lengths)  # [B, N] Div(j, P) = 1 - max cosine to the picked set
     for t in range(1, k):
         score = div if fuse is None else (s_hat * div if fuse == "product" else s_hat + div)
         i = torch.argmax(score.masked_fill(taken, float("-inf")), -1)
         picked[:, t] = i
         taken.scatter_(1, i[:, None], True)
-        div = torch.minimum(div, cosine_distance_rows(zn, i))
+        div = torch.minimum(div, cosine_distance_rows(zn, i, lengths))
     return picked
 
 
@@ -112,8 +128,9 @@ def _batched(sensitivity: Tensor, z: Tensor, k: int, lengths, fuse: str) -> Tens
         raise ValueError(f"{sensitivity.shape[-1]} sensitivities for {z.shape[-2]} tokens")
     b, n = sensitivity.shape
     valid = valid_mask(lengths, b, n, z.device)
+    rows = host_lengths(lengths, b, n)  # before the loop: at most one read
     s_hat = normalize_scores(sensitivity.to(z.device), valid)
-    picked = greedy_rows(s_hat, unit_rows(z), valid, min(int(k), n), fuse, s_hat)
+    picked = greedy_rows(s_hat, unit_rows(z), valid, rows, min(int(k), n), fuse, s_hat)
     return _picks_done(picked, valid, squeeze)
 
 
@@ -122,7 +139,8 @@ def zoo_select(sensitivity: Tensor, z: Tensor, k: int, lengths=None) -> Tensor:
 
     ``sensitivity`` [N] and ``z`` [N, D] -> [min(k, N)]; or a batch [B, N] and [B, N, D] -> [B, k]
     where every row equals the unbatched call on that row. ``lengths`` [B] (optional): row b's
-    first lengths[b] tokens are real, the rest padding; its picks past lengths[b] are -1."""
+    first lengths[b] tokens are real, the rest padding; its picks past lengths[b] are -1. No host
+    read in the greedy loop; ``lengths`` given as a device tensor is read once, before it."""
     return _batched(sensitivity, z, k, lengths, "product")
 
 
