@@ -8,7 +8,13 @@ shared/papers/zoo-prune-paper.txt). For pre-projector tokens x_i and the project
 with m unit-norm Gaussian directions u_j shared by every token. Prop. 3.1: S(i) = E_u ||J(x_i) u||
 + O(h^2). ``token_sensitivity`` computes it with one of these estimators:
 
-``fd`` (default, Eq. 2-3)
+``exact`` (default)
+    S(i) = ||J(x_i)||_F / sqrt(d_in) = sqrt(E_u ||J u||^2), the closed form of the m -> inf,
+    h -> 0 limit in root-mean-square form: no directions, no step, no seed, no sampling noise
+    (``zoocli.sensitivity_exact``, which derives it for both recognised structures). ``m``, ``h``
+    and ``seed`` belong to the sampled estimators below; given with ``exact`` they are a
+    ``SampledOptionError`` (a ``ValueError``). Their defaults when not given: m=64, h=0.01, seed=0.
+``fd`` (Eq. 2-3 as the paper writes it)
     For a Linear-act-Linear projector (LLaVA / LLaVA-NeXT ``linear_1, act, linear_2``; the original
     LLaVA ``nn.Sequential(Linear, act, Linear)`` mm_projector) the perturbation is applied after the
     first Linear, which is exact by linearity: a0 = W1 x + b1 and W1(x +- h u) + b1 = a0 +- h W1 u,
