@@ -236,7 +236,8 @@ def test_next_pruned_equals_hand_spliced_stock(tiny_llava_next, next_case):
 def test_aliases_and_registries():
     assert MODEL_ALIASES["llava-1.5"] == "llava-hf/llava-1.5-7b-hf"
     assert MODEL_ALIASES["llava-next"] == "llava-hf/llava-v1.6-vicuna-7b-hf"
-    assert set(OFFLINE_MODELS) == {"tiny-llava", "tiny-llava-next", "tiny-qwen2.5-vl", "small-llava"}
+    assert set(OFFLINE_MODELS) == {"tiny-llava", "tiny-llava-next", "tiny-qwen2.5-vl", "small-llava",
+                                   "small-llava-next"}
     assert set(ADAPTERS) == {"llava", "llava_next", "qwen2_5_vl"}
     assert adapter_class("llava") is LlavaAdapter and adapter_class("llava_next") is LlavaNextAdapter
     assert issubclass(LlavaNextAdapter, Adapter)

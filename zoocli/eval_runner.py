@@ -106,6 +106,8 @@ def check_resumable(records: Sequence[dict], spec: EvalSpec, where: str) -> None
     """Refuse to mix predictions of another model or other settings into one output file."""
     settings = spec.settings()
     for r in records:
+        if "settings" in r and "estimator" not in r["settings"]:  # written before eval took it: fd
+            r = {**r, "settings": {**r["settings"], "estimator": "fd"}}
         if "model" in r and r["model"] != spec.model:
             raise ZooError(f"{where} holds predictions of model '{r['model']}', not '{spec.model}'; "
                            f"use another --out")

@@ -20,7 +20,7 @@ import typer
 
 from zoocli.cli.common import (
     BudgetsOpt, ConfigOpt, DeviceOpt, DtypeOpt, JsonOpt, MethodOptions, MethodsOpt, ModelOpt,
-    RandomOpt, console, err, handle_errors, load_model, method_options, print_json, progress,
+    RandomOpt, console, handle_errors, load_model, method_options, print_json, progress,
     split_list, warn,
 )
 from zoocli.errors import UsageError, ZooError
@@ -85,12 +85,7 @@ def _method_plan(methods: str, budgets: str, batch_size: int, max_new_tokens: in
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
     if max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-    zoo = opts.zoo()
-    # estimator and rank enter the settings only when not the default, so files written before
-    # eval took them (always fd, full rank) still resume
-    defaults = MethodOptions()
-    options = {"m": zoo["m"], "h": zoo["h"]}
-    options |= {k: zoo[k] for k in ("estimator", "rank") if zoo[k] != getattr(defaults, k)}
+    options = {k: v for k, v in opts.zoo().items() if v is not None}
     return names, budget_list, options
 
 
