@@ -20,7 +20,6 @@ import torch
 if importlib.util.find_spec("lmms_eval") is None:
     pytest.skip("lmms-eval is not installed (see .ci/run for the CPU install)", allow_module_level=True)
 
-import datasets  # noqa: E402  (an lmms-eval requirement)
 from lmms_eval.api.instance import Instance  # noqa: E402
 
 from zoocli.errors import UsageError  # noqa: E402
@@ -46,8 +45,10 @@ def _one_thread():
 
 @pytest.fixture
 def datasets_cache(tmp_path, monkeypatch):
-    """lmms-eval's load_dataset caches under the test's tmp dir, not ~/.cache."""
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-datasets")
+    """lmms-eval's load_dataset caches under the test's tmp dir, not ~/.cache (lmms-eval reads
+    these variables when it loads a task's data)."""
+    monkeypatch.setenv("LMMS_EVAL_DATASETS_CACHE", str(tmp_path / "hf-datasets"))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-datasets"))
 
 
 def make_lm(zoo_model_cache, **kw) -> ZooLMM:
@@ -220,6 +221,7 @@ def test_torchrun_two_processes_equal_one(zoo_model_cache, datasets_cache, tmp_p
     one = predictions(evaluate(make_lm(zoo_model_cache), tmp_path))
 
     env = {**os.environ, "HOME": str(tmp_path / "home"), "HF_HOME": str(tmp_path / "hf"),
+           "LMMS_EVAL_DATASETS_CACHE": str(tmp_path / "hf-datasets-2"),
            "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     args = f"pretrained=tiny-llava,keep=8,m=4,cache_dir={zoo_model_cache},stats={tmp_path / 'stats.jsonl'}"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",

@@ -216,6 +216,8 @@ class ZooLMM(lmms):
 
         from zoocli.adapters import load_adapter
         from zoocli.eval_runner import EvalSpec
+        from zoocli.methods import parse_method_spec
+        from zoocli.pipeline import check_family
 
         self.accelerator = Accelerator()
         self._rank = self.accelerator.process_index
@@ -228,6 +230,7 @@ class ZooLMM(lmms):
                 device = f"cuda:{self.accelerator.local_process_index}"
         self.adapter = load_adapter(args.pretrained, device=device, dtype=args.dtype,
                                     random_weights=args.random_weights, cache_dir=args.cache_dir)
+        check_family(self.adapter, parse_method_spec(args.method)[0])
         self.batch_size = args.batch_size
         self.spec = EvalSpec(model=args.pretrained, methods=[args.method], budgets=[args.keep],
                              batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
