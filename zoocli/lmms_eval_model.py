@@ -7,14 +7,15 @@
 lmms-eval finds the model through the entry point ``zoo`` of the group ``lmms_eval.models``
 (``manifest``). ``--model_args`` takes what ``zoo ask`` takes (``MODEL_ARGS``); an unknown key
 is refused with the list of known ones. Each ``generate_until`` request is one image and its
-prompt (lmms-eval's context, sent as the question): requests are encoded one by one, then
-answered in batches of ``batch_size`` by ``eval_runner.answer_batch``, the batched path of
-``zoo eval``; requests with different ``max_new_tokens`` go in different batches. An answer is
-the stripped generated text cut at the first of the task's ``until`` strings, so it equals what
-``zoo ask`` prints for the same image, prompt, model and settings whenever that answer holds no
-``until`` string. Decoding is greedy only. ``stats=PATH`` appends one JSON line per request
-(task, doc_id, visual tokens kept / total, timings in ms: selection, prefill, ...); with several
-processes each rank writes ``PATH`` with ``.rankN`` before its suffix.
+prompt (lmms-eval's context, stripped as ``zoo ask`` strips a question): requests are encoded
+one by one, then answered in batches of ``batch_size`` by ``eval_runner.answer_batch``, the
+batched path of ``zoo eval``; requests with different ``max_new_tokens`` go in different
+batches. An answer is the stripped generated text cut at the first of the task's ``until``
+strings, so it equals what ``zoo ask`` prints for the same image, prompt, model and settings
+whenever that answer holds no ``until`` string. Decoding is greedy only. ``stats=PATH`` writes
+one JSON line per request (task, doc_id, visual tokens kept / total, timings in ms: selection,
+prefill, ...), started afresh by each run; with several processes each rank writes ``PATH``
+with ``.rankN`` before its suffix.
 
 Several processes (``accelerate launch -m lmms_eval`` or ``torchrun -m lmms_eval``): lmms-eval
 shards the documents by ``RANK`` / ``WORLD_SIZE``; the model builds an ``accelerate.Accelerator``
@@ -285,7 +286,9 @@ class ZooLMM(lmms):
         for _i, req, _until in chunk:
             ctx, _gen, doc_to_visual, doc_id, task, split = req.args
             image = single_image(doc_to_visual(self.task_dict[task][split][doc_id]), task, doc_id)
-            encs.append(encode_image(self.adapter, image, ctx))
+            if not str(ctx).strip():
+                raise UsageError(f"task {task}, doc {doc_id}: the prompt is empty")
+            encs.append(encode_image(self.adapter, image, str(ctx).strip()))  # as `zoo ask` sends it
         spec = dataclasses.replace(self.spec, max_new_tokens=max_new)
         warned: set[str] = set()
         answers = answer_batch(self.adapter, encs, self.args.method, self.args.keep, spec, warned,
