@@ -22,6 +22,7 @@ if importlib.util.find_spec("lmms_eval") is None:
 
 from lmms_eval.api.instance import Instance  # noqa: E402
 
+from zoocli.cli.common import MethodOptions  # noqa: E402
 from zoocli.errors import UsageError  # noqa: E402
 from zoocli.evaluation import SAMPLE_EVAL, load_samples, score_one  # noqa: E402
 from zoocli.images import load_image  # noqa: E402
@@ -32,7 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 TASKS = REPO / "zoocli" / "lmms_tasks"
 IMAGES = REPO / "sample_images"
 LIMIT = 6
-FAST = dict(pretrained="tiny-llava", keep=8, m=4, batch_size=4)
+FAST = dict(pretrained="tiny-llava", keep=8, estimator="fd", m=4, batch_size=4)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -64,11 +65,13 @@ def evaluate(lm, tmp_path, model_args: str = "", **kw) -> dict:
                            gen_kwargs="max_new_tokens=3", process_docs_parallel=1, **kw)
 
 
-def ask(adapter, sample, method="zoo", keep="8", max_new_tokens=3, **options) -> str:
-    """What `zoo ask IMAGE QUESTION --method M --keep K --m 4` prints as the answer."""
-    opts = {"m": 4, "h": 0.01, "estimator": "fd", "rank": None, **options}
+def ask(adapter, sample, method="zoo", keep="8", max_new_tokens=3, **extra) -> str:
+    """What `zoo ask IMAGE QUESTION --method M --keep K --estimator fd --m 4` prints as the
+    answer (its option group, then `run_one`, as cli/ask.py does)."""
+    group = MethodOptions(m=4, estimator="fd")
     return run_one(adapter, load_image(IMAGES / sample.image), sample.question, method, keep,
-                   options=opts, max_new_tokens=max_new_tokens).answer
+                   scope=group.budget_scope, seed=group.seed, options={**group.zoo(), **extra},
+                   max_new_tokens=max_new_tokens).answer
 
 
 def predictions(results: dict) -> dict[int, str]:
@@ -100,8 +103,8 @@ def test_unknown_model_args_are_refused_with_the_known_keys():
 @pytest.mark.parametrize("args, needle", [
     ("keep=0", "keep must be at least 1"), ("keep=abc", "keep 'abc'"), ("keep=150%", "(0, 100]"),
     ("method=nope", "unknown method 'nope'"), ("method=zoo:bogus=1", "no option 'bogus'"),
-    ("estimator=xyz", "unknown estimator"), ("m=0", "m must be a positive integer"),
-    ("h=-1", "h must be a positive"), ("rank=2.5", "rank=2.5"), ("budget_scope=all", "budget_scope"),
+    ("estimator=xyz", "--estimator 'xyz'"), ("m=0", "--m must be at least 1"),
+    ("h=-1", "--h must be a positive"), ("rank=2.5", "rank=2.5"), ("budget_scope=all", "'all'"),
     ("batch_size=auto", "batch_size='auto'"), ("random_weights=maybe", "random_weights"),
 ])
 def test_bad_model_args_are_refused_before_loading(args, needle):
@@ -114,9 +117,10 @@ def test_model_args_take_what_zoo_ask_takes():
     a = parse_model_args(pretrained="x", method="zoo:estimator=jvp", keep="11%", m=8, h=0.5,
                          estimator="jvp", rank=4, seed=3, budget_scope="global", dtype="bf16",
                          device="cpu", batch_size="8", max_batch_size=None)
-    assert (a.keep, a.batch_size, a.rank, a.zoo_options["h"]) == ("11%", 8, 4, 0.5)
+    assert (a.keep, a.batch_size, a.method_options.seed, a.method_options.budget_scope) == ("11%", 8, 3, "global")
+    assert a.zoo_options == MethodOptions(m=8, h=0.5, estimator="jvp", rank=4).zoo()
     assert parse_model_args(keep=64, rank="none").keep == "64"
-    assert parse_model_args(rank="none").rank is None
+    assert parse_model_args().zoo_options == MethodOptions().zoo()  # zoo ask's defaults
     assert set(MODEL_ARGS) >= {"method", "keep", "estimator", "m", "h", "rank", "seed",
                                "budget_scope", "dtype", "device"}
 
@@ -133,7 +137,7 @@ def test_cut_at_until():
 @pytest.mark.slow
 def test_local_task_metric_and_answers_equal_zoo_ask(tiny_llava, zoo_model_cache, datasets_cache, tmp_path):
     lm = make_lm(zoo_model_cache, stats=str(tmp_path / "stats.jsonl"))
-    args = "pretrained=tiny-llava,keep=8,m=4"
+    args = "pretrained=tiny-llava,keep=8,estimator=fd,m=4"
     res = evaluate(lm, tmp_path, model_args=args)
     assert res["config"]["model_args"] == args
     samples = load_samples(SAMPLE_EVAL)[:LIMIT]
@@ -223,7 +227,7 @@ def test_torchrun_two_processes_equal_one(zoo_model_cache, datasets_cache, tmp_p
     env = {**os.environ, "HOME": str(tmp_path / "home"), "HF_HOME": str(tmp_path / "hf"),
            "LMMS_EVAL_DATASETS_CACHE": str(tmp_path / "hf-datasets-2"),
            "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    args = f"pretrained=tiny-llava,keep=8,m=4,cache_dir={zoo_model_cache},stats={tmp_path / 'stats.jsonl'}"
+    args = f"pretrained=tiny-llava,keep=8,estimator=fd,m=4,cache_dir={zoo_model_cache},stats={tmp_path / 'stats.jsonl'}"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "lmms_eval", "--model", "zoo", "--model_args", args, "--include_path", str(TASKS),
            "--tasks", "zoo_sample", "--limit", str(LIMIT), "--batch_size", "4",

@@ -39,15 +39,16 @@ from zoocli.errors import UsageError, ZooError
 
 MODEL_ID = "zoo"
 
-# model_args key -> (default, type): "str", "int", "float", "bool", "keep", "int?" (int or none),
-# "str?" (string or none). Defaults are `zoo ask`'s.
+# model_args key -> (default, type): "str", "int", "float", "bool", "keep", and "int?" / "float?" /
+# "str?" (also none). Defaults are `zoo ask`'s; None for the method-option group means the
+# default of `zoo ask`'s group (``cli.common.MethodOptions``, through which these keys go).
+METHOD_GROUP = ("m", "h", "seed", "estimator", "rank", "budget_scope")
 MODEL_ARGS: dict[str, tuple[Any, str]] = {
     "pretrained": ("llava-1.5", "str"),  # alias, offline model, HF id or local dir
     "method": ("zoo", "str"),  # a method spec: zoo, zoo:estimator=jvp, fastv:K=3, none
     "keep": ("64", "keep"),  # a count (64) or a share (11%)
-    "m": (64, "int"), "h": (0.01, "float"), "estimator": ("fd", "str"), "rank": (None, "int?"),
-    "seed": (0, "int"),
-    "budget_scope": ("crop", "str"),
+    "m": (None, "int?"), "h": (None, "float?"), "seed": (None, "int?"), "estimator": (None, "str?"),
+    "rank": (None, "int?"), "budget_scope": (None, "str?"),
     "dtype": ("auto", "str"), "device": ("auto", "str"),
     "random_weights": (False, "bool"),
     "max_new_tokens": (64, "int"),  # used when a task gives none
@@ -72,17 +73,12 @@ def manifest():
 
 @dataclasses.dataclass(frozen=True)
 class ZooArgs:
-    """Validated model_args (see ``MODEL_ARGS``)."""
+    """Validated model_args (see ``MODEL_ARGS``). ``method_options``: `zoo ask`'s option group
+    (m, h, seed, estimator, rank, budget_scope); ``zoo_options``: what it gives the methods."""
 
     pretrained: str
     method: str
     keep: str
-    m: int
-    h: float
-    estimator: str
-    rank: int | None
-    seed: int
-    budget_scope: str
     dtype: str
     device: str
     random_weights: bool
@@ -91,10 +87,8 @@ class ZooArgs:
     stats: str | None
     batch_size: int
     max_batch_size: int | None
-
-    @property
-    def zoo_options(self) -> dict[str, Any]:
-        return {"m": self.m, "h": self.h, "estimator": self.estimator, "rank": self.rank}
+    method_options: Any
+    zoo_options: dict[str, Any]
 
 
 def _coerce(key: str, value: Any, kind: str) -> Any:
@@ -136,9 +130,9 @@ def parse_model_args(**kwargs: Any) -> ZooArgs:
     """Check and type ``--model_args`` (plus lmms-eval's batch_size / max_batch_size / device,
     None meaning not given) before anything loads. Method spec, budget and ZOO options go
     through the validators ``zoo ask`` uses."""
+    from zoocli.cli.common import MethodOptions
     from zoocli.methods import parse_method_spec
-    from zoocli.pipeline import BUDGET_SCOPES, parse_keep
-    from zoocli.sensitivity import check_options
+    from zoocli.pipeline import parse_keep
 
     unknown = sorted(set(kwargs) - set(MODEL_ARGS))
     if unknown:
@@ -152,14 +146,11 @@ def parse_model_args(**kwargs: Any) -> ZooArgs:
         raise UsageError(f"zoo model_args: batch_size must be at least 1, got {values['batch_size']}")
     if values["max_new_tokens"] < 1:
         raise UsageError(f"zoo model_args: max_new_tokens must be at least 1, got {values['max_new_tokens']}")
-    if values["budget_scope"] not in BUDGET_SCOPES:
-        raise UsageError(f"zoo model_args: budget_scope {values['budget_scope']!r}; "
-                         f"choose one of {', '.join(BUDGET_SCOPES)}")
     parse_keep(values["keep"], 10**9, "keep")  # syntax and sign; clamped per image later
     parse_method_spec(values["method"])
-    check_options(m=values["m"], h=values["h"], seed=values["seed"], estimator=values["estimator"],
-                  rank=values["rank"])
-    return ZooArgs(**values)
+    group = MethodOptions(**{k: values.pop(k) for k in METHOD_GROUP if values[k] is not None})
+    return ZooArgs(**{k: v for k, v in values.items() if k not in METHOD_GROUP},
+                   method_options=group, zoo_options=group.zoo())
 
 
 def generation_settings(gen_kwargs: dict, default_max_new_tokens: int) -> tuple[int, list[str]]:
@@ -233,9 +224,10 @@ class ZooLMM(lmms):
                                     random_weights=args.random_weights, cache_dir=args.cache_dir)
         check_family(self.adapter, parse_method_spec(args.method)[0])
         self.batch_size = args.batch_size
+        group = args.method_options
         self.spec = EvalSpec(model=args.pretrained, methods=[args.method], budgets=[args.keep],
                              batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                             seed=args.seed, options=args.zoo_options, scope=args.budget_scope)
+                             seed=group.seed, options=args.zoo_options, scope=group.budget_scope)
         self._stats = None
         self._warned: set[str] = set()
 
