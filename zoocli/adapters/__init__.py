@@ -240,6 +240,8 @@ def load_adapter(
         if local.is_dir():
             raise ZooError(f"model directory '{local}' cannot be loaded: {_one_line(e)}") from None
         raise _not_available(model) from None
+    except ZooError:  # already one line (a UsageError is also a ValueError)
+        raise
     except (RuntimeError, ValueError, KeyError, TypeError) as e:  # not out-of-memory: that is the CLI's
         if not Path(source).is_dir() or isinstance(e, torch.OutOfMemoryError):
             raise
