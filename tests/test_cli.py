@@ -325,3 +325,26 @@ def test_bad_budget_scope_is_refused_before_loading(monkeypatch):
     monkeypatch.setattr(zoocli.adapters, "load_adapter", no_load)
     res = run("ask", CUP, "q", "--model", "tiny-llava", "--budget-scope", "tile", code=2)
     one_line_error(res, "--budget-scope", "crop, global")
+
+
+# ---- progress off a terminal (issue 12): one plain line per finished unit on stderr
+
+def test_bench_progress_lines_off_a_terminal_and_the_rerun_says_what_it_skips(tmp_path):
+    out = tmp_path / "r.jsonl"
+    res = run(*BENCH, "--out", out)
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("bench: ")]
+    assert [ln.split(" rows done ")[0] for ln in lines] == [f"bench: {i}/5" for i in range(1, 6)]
+    assert "(none @ all)" in lines[0] and "(divprune @ 4)" in lines[-1]
+    assert all(ln.endswith(" s") for ln in lines)
+    again = run(*BENCH, "--out", out, "--budgets", "8,2")
+    assert "bench: skipping 2 of 4 rows already in" in again.stderr
+    assert [ln.split(" rows done ")[0] for ln in again.stderr.splitlines()
+            if " rows done " in ln] == ["bench: 1/3", "bench: 2/3", "bench: 3/3"]
+
+
+def test_bench_warns_when_a_budget_keeps_every_token():
+    res = run(*BENCH[:4], "16,4", *BENCH[5:], "--json")
+    warning = [ln for ln in res.stderr.splitlines() if "--budgets 16" in ln]
+    assert len(warning) == 1 and "keeps all 16 visual tokens" in warning[0]
+    assert "--model small-llava" in warning[0]
+    assert "--budgets 4" not in res.stderr

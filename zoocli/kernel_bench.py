@@ -77,8 +77,9 @@ def clip_like(n: int, d: int, seed: int, outliers: int = 4, scale: float = 20.0)
 
 
 def sensitivity_bench(device="cpu", n=576, d_in=1024, d_hidden=4096, d_out=4096, m=64, repeats=3,
-                      warmup=1, ranks=(128,), seed=0) -> list[dict]:
+                      warmup=1, ranks=(128,), seed=0, progress=None) -> list[dict]:
     """Time naive / fd / jvp / fd+rank on one projector; rows are JSON-able dicts.
+    ``progress(name)`` after each timed estimator (``kernel_steps(ranks)`` of them).
 
     Each timed row has median/min/max ms over ``repeats`` (after ``warmup`` untimed runs), the
     speed-up of its median over the naive median from the same run, and the Spearman correlation
@@ -92,6 +93,12 @@ def sensitivity_bench(device="cpu", n=576, d_in=1024, d_hidden=4096, d_out=4096,
             "cpu": platform.processor() or platform.machine()}
 
     def timed(proj, **kw):
+        out, st = _timed(proj, **kw)
+        if progress is not None:
+            progress(f"{kw['estimator']}" + (f" rank={kw['rank']}" if kw.get("rank") else ""))
+        return out, st
+
+    def _timed(proj, **kw):
         out = None
         for _ in range(warmup):
             out = token_sensitivity(x, proj, m=m, seed=seed, **kw)
@@ -129,6 +136,11 @@ def sensitivity_bench(device="cpu", n=576, d_in=1024, d_hidden=4096, d_out=4096,
                          "spearman_vs_naive": spearman(s, r),
                          "mean_rel_diff_vs_naive": float(((s - r).abs() / r.abs()).mean())})
     return rows
+
+
+def kernel_steps(ranks=(128,)) -> int:
+    """Timed estimators of ``sensitivity_bench``: naive, fd, jvp, then fd+rank on two spectra."""
+    return 3 + 2 * len(ranks)
 
 
 def _ms(st: dict) -> dict:

@@ -11,7 +11,7 @@ import typer
 from zoocli.cli.common import (
     ConfigOpt, DeviceOpt, DtypeOpt, ImageArg, JsonOpt, KeepOpt, MaxNewOpt, MethodOptions,
     MethodsOpt, ModelOpt, QuestionArg, RandomOpt, console, early_checks, handle_errors, load_image,
-    load_model, method_options, print_json, progress, save_png, split_list, warn,
+    load_model, method_options, print_json, save_png, split_list, warn,
 )
 
 
@@ -46,11 +46,12 @@ def compare(
     if warning:
         warn(warning)
     specs = dict(zip(names, parsed, strict=True))
-    with progress() as bar:
-        task = bar.add_task("methods", total=len({"none", *names}))
+    from zoocli.cli.progress import Steps
+
+    with Steps("compare", len({"none", *names}), "methods") as steps:
         results = run_methods(adapter, enc, specs, k, scope=opts.budget_scope, seed=opts.seed,
                               options=zoo, max_new_tokens=max_new_tokens,
-                              advance=lambda: bar.advance(task))
+                              advance=lambda: steps.finished())
     rows = compare_rows(results, {n: p[0] for n, p in specs.items()} | {"none": "none"})
     if overlay is not None:
         from zoocli.figures import compare_sheet

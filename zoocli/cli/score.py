@@ -10,7 +10,7 @@ import typer
 from zoocli.cli.common import (
     ConfigOpt, DeviceOpt, DtypeOpt, ImageArg, JsonOpt, MethodOptions, ModelOpt, RandomOpt,
     check_out_file, console, err, handle_errors, load_image, load_model, method_options, print_json,
-    progress, question_text, save_png,
+    question_text, save_png,
 )
 
 
@@ -44,10 +44,11 @@ def score(
            "h": opts.h, "seed": opts.seed, "estimator": opts.estimator, "rank": opts.rank,
            **summary(scored.values, scored.layout, top)}
     if vs_encoder:
-        with progress() as bar:
-            task = bar.add_task("encoder passes", total=None)
+        from zoocli.cli.progress import Steps
+
+        with Steps("vs-encoder", None, "encoder passes", min_interval_s=5.0) as steps:
             out |= encoder_agreement(adapter, scored, m=opts.m, h=opts.h, seed=opts.seed,
-                                     progress=lambda done, total: bar.update(task, completed=done, total=total))
+                                     progress=lambda done, total: steps.set_progress(done, total))
     if overlay is not None:
         from zoocli.figures import heat_overlay
 
