@@ -348,3 +348,17 @@ def test_bench_warns_when_a_budget_keeps_every_token():
     assert len(warning) == 1 and "keeps all 16 visual tokens" in warning[0]
     assert "--model small-llava" in warning[0]
     assert "--budgets 4" not in res.stderr
+
+
+# ---- examples that work as written (issue 12)
+
+def test_compare_and_score_without_an_image_use_the_shipped_sample_and_say_so():
+    from zoocli.bench import SAMPLE_IMAGE, SAMPLE_QUESTION
+
+    res = run("compare", "--methods", "divprune,zoo", "--model", "tiny-llava", "--keep", "4",
+              "--max-new-tokens", "2", "--json")
+    assert f"using the shipped sample {SAMPLE_IMAGE}" in res.stderr
+    assert json.loads(res.stdout)["question"] == SAMPLE_QUESTION
+    res = run("score", "--model", "tiny-llava", "--m", "4", "--json")
+    assert SAMPLE_IMAGE in res.stderr and json.loads(res.stdout)["n_visual_tokens"] == 16
+    one_line_error(run("compare", CUP, code=2), "QUESTION")

@@ -270,6 +270,18 @@ def _add_flops(row: dict[str, Any], runs: list[dict], cfg, n_llm: int, dims: dic
                          "selection": sel / 1e12, "total": (pre + dec + sel) / 1e12}
 
 
+SAMPLE_IMAGE = "two_cats_couch_remotes.jpg"  # `zoo compare` / `zoo score` without an image
+SAMPLE_QUESTION = "How many remote controls are on the couch?"
+
+
+def sample_example() -> tuple[Path, str]:
+    """(the shipped sample image, its question): what `compare` and `score` run without an image."""
+    path = next((p for p in shipped_images() if p.name == SAMPLE_IMAGE), None)
+    if path is None:
+        raise UsageError(f"the shipped sample image {SAMPLE_IMAGE} is missing; give an image")
+    return path, SAMPLE_QUESTION
+
+
 def shipped_images() -> list[Path]:
     """The sample images shipped next to the package (a source checkout)."""
     root = Path(__file__).resolve().parent.parent / "sample_images"

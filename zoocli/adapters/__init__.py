@@ -195,11 +195,30 @@ def suggest_offline(family: str, n_tokens_needed: int) -> str | None:
     return fits[0] if fits else mine[-1][1]
 
 
+def family_hint(family: str | None, n_tokens: int = 10**9) -> str:
+    """``"--model small-llava (offline, same llava family, up to 576 visual tokens)"``: the
+    offline model of ``family`` with enough tokens for ``n_tokens`` (default: its largest), for
+    "not cached" / "too big" messages; empty if the family has none."""
+    name = suggest_offline(family, n_tokens) if family else None
+    if name is None:
+        return ""
+    return (f"--model {name} (offline, same {family} family, up to {OFFLINE_MAX_TOKENS[name]} "
+            "visual tokens)")
+
+
+def _alias_family(model: str) -> str | None:
+    try:
+        return load_random_config(model)["model_type"] if model in RANDOM_CONFIGS else None
+    except (ZooError, ValueError, KeyError):
+        return None
+
+
 def _not_available(model: str) -> ZooError:
-    return ZooError(
-        f"model '{model}' is not in the local cache and cannot be downloaded (offline?); try an offline model: "
-        f"{', '.join(OFFLINE_MODELS)}, or --random-weights"
-    )
+    hint = family_hint(_alias_family(model))
+    others = ", ".join(OFFLINE_MODELS)
+    lead = f"{hint}, another offline model ({others})" if hint else f"an offline model: {others}"
+    return ZooError(f"model '{model}' is not in the local cache and cannot be downloaded (offline?); "
+                    f"try {lead}, or --random-weights")
 
 
 def _quiet_transformers() -> None:
@@ -313,7 +332,7 @@ def check_memory(model: str, config_dict: dict[str, Any], device: torch.device, 
         raise ZooError(
             f"--random-weights {model}: its weights alone need {need / gib:.1f} GiB in "
             f"{str(dtype).replace('torch.', '')}, but only {free / gib:.1f} GiB is free on {device}; "
-            f"try{hint} a GPU, or an offline model (small-llava)"
+            f"try{hint} a GPU, or {family_hint(config_dict.get('model_type')) or 'an offline model'}"
         )
 
 
