@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import os
 import sys
 import types
 import typing
@@ -23,8 +24,9 @@ from rich.console import Console
 
 from zoocli.errors import UsageError, ZooError
 
-# A terminal gets its own width; a file or pipe gets 120 columns so wide tables stay readable.
-console = Console(width=None if sys.stdout.isatty() else 120)
+# A terminal gets its own width; a file or pipe gets 120 columns so wide tables stay readable,
+# unless the standard COLUMNS variable says otherwise (Rich reads it: `COLUMNS=80 zoo ... | cat`).
+console = Console(width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 120)
 err = Console(stderr=True)
 
 
