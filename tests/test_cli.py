@@ -362,3 +362,30 @@ def test_compare_and_score_without_an_image_use_the_shipped_sample_and_say_so():
     res = run("score", "--model", "tiny-llava", "--m", "4", "--json")
     assert SAMPLE_IMAGE in res.stderr and json.loads(res.stdout)["n_visual_tokens"] == 16
     one_line_error(run("compare", CUP, code=2), "QUESTION")
+
+
+def test_ctrl_c_during_bench_exits_130_and_keeps_the_finished_rows(tmp_path, zoo_model_cache):
+    """SIGINT after the first row is on disk: exit 130, one line, the finished rows kept intact."""
+    import os
+    import signal
+    import time
+
+    home = tmp_path / "home"
+    (home / ".cache" / "zoo").mkdir(parents=True)
+    (home / ".cache" / "zoo" / "models").symlink_to(zoo_model_cache)  # the session's offline models
+    out = tmp_path / "r.jsonl"
+    args = [*BENCH, "--repeats", "30", "--out", str(out)]  # 4 rows of 30 runs left: time to interrupt
+    proc = subprocess.Popen([sys.executable, "-m", "zoocli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "HOME": str(home)})
+    try:
+        while proc.poll() is None and not (out.exists() and out.read_text().count("\n") >= 1):
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == "error: interrupted"
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows and rows[0]["method"] == "none"
