@@ -25,8 +25,9 @@ TEXT_FLOOR = 4  # a text column (answer, method name) is never shortened below t
 
 
 class NumTable(Table):
-    """A table that fits the width it is rendered at without losing a number: first numeric
-    headers wrap (``prefill ms`` over two lines), then the text columns (answers, names) are
+    """A table that fits the width it is rendered at without losing a number: first the columns
+    close up to one space apart, numeric headers wrap (``prefill ms`` over two lines), then the
+    text columns (answers, names) are
     shortened, widest first, to one line ending in an ellipsis; numeric cells are never cut. If
     the numbers alone are too wide, a line under the table says so (never a silent loss)."""
 
@@ -48,24 +49,35 @@ class NumTable(Table):
         text = [c for c in self.columns if c.justify != "right"]
         if not hasattr(self, "_caps"):
             self._caps = {id(c): c.max_width for c in self.columns}
+            self._wide_padding = self.padding
         for c in self.columns:
             c.max_width = self._caps[id(c)]
+        self.padding = self._wide_padding
         if self._natural(console, options) <= width:
             return 0
-        for c in numeric:  # labels first: numeric headers wrap at their spaces
+        spaced = self.box is None or not self.box.mid_vertical.strip()  # columns apart by a blank
+        self.padding = (0, 0, 0, 0) if spaced else (0, 1, 0, 0)  # one cell between columns
+        for c in numeric:  # labels next: numeric headers wrap at their spaces
             c.max_width = c.min_width
         excess = self._natural(console, options) - width
         widths = {id(c): min(max(_plain_len(x) for x in [c.header, *c._cells]),
                              c.max_width or 10**6) for c in text}
-        while excess > 0:
-            widest = max(text, key=lambda c: widths[id(c)], default=None)
-            if widest is None or widths[id(widest)] <= TEXT_FLOOR:
-                break
-            widths[id(widest)] -= 1
-            excess -= 1
+        for floor in ("header", "floor"):  # down to the header's width first, then further
+            while excess > 0:
+                left = [c for c in text if widths[id(c)] > _floor(c, floor)]
+                if not left:
+                    break
+                widest = max(left, key=lambda c: widths[id(c)])
+                widths[id(widest)] -= 1
+                excess -= 1
         for c in text:
             c.max_width = widths[id(c)]
         return excess
+
+
+def _floor(col, stage: str) -> int:
+    header = max((len(w) for w in col.header.plain.split()), default=0) if stage == "header" else 0
+    return max(TEXT_FLOOR, header)
 
 
 def _plain_len(cell) -> int:
