@@ -27,7 +27,7 @@ def bench_kernel(
 
     if repeats < 1 or warmup < 0 or n < 1 or m < 1:
         raise UsageError("--repeats, --n and --m must be at least 1, --warmup at least 0")
-    with Steps("bench-kernel", kernel_steps(), "estimators") as steps:
+    with Steps("bench-kernel", kernel_steps(), "stages") as steps:
         rows = sensitivity_bench(device=str(resolve_device(device)), n=n, m=m, repeats=repeats,
                                  warmup=warmup, progress=lambda name: steps.finished(name))
     if json_out:
