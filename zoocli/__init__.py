@@ -30,15 +30,15 @@ from zoocli.methods import zoo as _zoo
 
 
 @functools.wraps(_divprune.divprune_select)
-def divprune_select(z, k: int):
+def divprune_select(z, k: int, lengths=None):
     check_keep(k)  # k = 0 or a non-integer: a clear ValueError (UsageError), not an IndexError
-    return _divprune.divprune_select(z, k)
+    return _divprune.divprune_select(z, k, lengths)
 
 
 @functools.wraps(_zoo.zoo_select)
-def zoo_select(sensitivity, z, k: int):
+def zoo_select(sensitivity, z, k: int, lengths=None):
     check_keep(k)
-    return _zoo.zoo_select(sensitivity, z, k)
+    return _zoo.zoo_select(sensitivity, z, k, lengths)
 
 
 def load_adapter(*args, **kwargs):
