@@ -53,7 +53,7 @@ def compare(
     with Steps("compare", len({"none", *names}), "methods") as steps:
         results = run_methods(adapter, enc, specs, k, scope=opts.budget_scope, seed=opts.seed,
                               options=zoo, max_new_tokens=max_new_tokens,
-                              advance=lambda: steps.finished())
+                              on_done=lambda spec: steps.finished(spec))
     rows = compare_rows(results, {n: p[0] for n, p in specs.items()} | {"none": "none"})
     if overlay is not None:
         from zoocli.figures import compare_sheet
