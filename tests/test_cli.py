@@ -325,3 +325,69 @@ def test_bad_budget_scope_is_refused_before_loading(monkeypatch):
     monkeypatch.setattr(zoocli.adapters, "load_adapter", no_load)
     res = run("ask", CUP, "q", "--model", "tiny-llava", "--budget-scope", "tile", code=2)
     one_line_error(res, "--budget-scope", "crop, global")
+
+
+# ---- progress off a terminal (issue 12): one plain line per finished unit on stderr
+
+def test_bench_progress_lines_off_a_terminal_and_the_rerun_says_what_it_skips(tmp_path):
+    out = tmp_path / "r.jsonl"
+    res = run(*BENCH, "--out", out)
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("bench: ")]
+    assert [ln.split(" rows done ")[0] for ln in lines] == [f"bench: {i}/5" for i in range(1, 6)]
+    assert "(none @ all)" in lines[0] and "(divprune @ 4)" in lines[-1]
+    assert all(ln.endswith(" s") for ln in lines)
+    again = run(*BENCH, "--out", out, "--budgets", "8,2")
+    assert "bench: skipping 2 of 4 rows already in" in again.stderr
+    assert [ln.split(" rows done ")[0] for ln in again.stderr.splitlines()
+            if " rows done " in ln] == ["bench: 1/3", "bench: 2/3", "bench: 3/3"]
+
+
+def test_bench_warns_when_a_budget_keeps_every_token():
+    res = run(*BENCH[:4], "16,4", *BENCH[5:], "--json")
+    warning = [ln for ln in res.stderr.splitlines() if "--budgets 16" in ln]
+    assert len(warning) == 1 and "keeps all 16 visual tokens" in warning[0]
+    assert "--model small-llava" in warning[0]
+    assert "--budgets 4" not in res.stderr
+
+
+# ---- examples that work as written (issue 12)
+
+def test_compare_and_score_without_an_image_use_the_shipped_sample_and_say_so():
+    from zoocli.bench import SAMPLE_IMAGE, SAMPLE_QUESTION
+
+    res = run("compare", "--methods", "divprune,zoo", "--model", "tiny-llava", "--keep", "4",
+              "--max-new-tokens", "2", "--json")
+    assert f"using the shipped sample {SAMPLE_IMAGE}" in res.stderr
+    assert json.loads(res.stdout)["question"] == SAMPLE_QUESTION
+    assert "compare: 1/3 methods done (none)" in res.stderr  # progress off a terminal
+    assert "compare: 3/3 methods done (zoo)" in res.stderr
+    res = run("score", "--model", "tiny-llava", "--m", "4", "--json")
+    assert SAMPLE_IMAGE in res.stderr and json.loads(res.stdout)["n_visual_tokens"] == 16
+    one_line_error(run("compare", CUP, code=2), "QUESTION")
+
+
+def test_ctrl_c_during_bench_exits_130_and_keeps_the_finished_rows(tmp_path, zoo_model_cache):
+    """SIGINT after the first row is on disk: exit 130, one line, the finished rows kept intact."""
+    import os
+    import signal
+    import time
+
+    home = tmp_path / "home"
+    (home / ".cache" / "zoo").mkdir(parents=True)
+    (home / ".cache" / "zoo" / "models").symlink_to(zoo_model_cache)  # the session's offline models
+    out = tmp_path / "r.jsonl"
+    args = [*BENCH, "--repeats", "30", "--out", str(out)]  # 4 rows of 30 runs left: time to interrupt
+    proc = subprocess.Popen([sys.executable, "-m", "zoocli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "HOME": str(home)})
+    try:
+        while proc.poll() is None and not (out.exists() and out.read_text().count("\n") >= 1):
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == "error: interrupted"
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows and rows[0]["method"] == "none"

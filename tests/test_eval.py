@@ -159,6 +159,22 @@ def test_cli_resume_reports_the_same_summary_without_running(tiny_llava, tmp_pat
     assert "0 predictions" in text and "chance" in text
 
 
+def test_cli_progress_lines_off_a_terminal_and_the_rerun_says_what_it_keeps(tiny_llava, tmp_path):
+    """stderr is not a terminal here: one plain line per finished batch of predictions."""
+    data = write_jsonl(tmp_path / "pope.jsonl", POPE)
+    out = tmp_path / "run.jsonl"
+    args = ["eval", data, "--image-root", IMAGES, "--methods", "divprune", "--budgets", "4", "--out", out,
+            "--batch-size", "3", "--max-new-tokens", "3", "--model", "tiny-llava"]
+    res = run(*args)
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("eval: ")]
+    assert [ln.split(" predictions done ")[0] for ln in lines] == ["eval: 3/6", "eval: 6/6"]
+    assert "(pope · none)" in lines[0] and "(pope · divprune@4)" in lines[1] and lines[1].endswith(" s")
+    again = run(*args[:5], "divprune,random", *args[6:])  # a third config: the first two resume
+    assert "eval: 6 predictions already in" in again.stderr and "3 to go" in again.stderr
+    assert [ln.split(" predictions done ")[0] for ln in again.stderr.splitlines()
+            if " predictions done " in ln] == ["eval: 3/3"]
+
+
 def test_resume_refuses_other_settings(tiny_llava, tmp_path):
     data = write_jsonl(tmp_path / "pope.jsonl", POPE[:1])
     out = tmp_path / "run.jsonl"

@@ -298,3 +298,18 @@ def test_import_of_registry_and_adapters_skips_torch_and_transformers():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_public_selectors_refuse_a_bad_k_with_a_value_error():
+    """``divprune_select(z, 0)`` / ``zoo_select(s, z, 0)``: a clear ValueError, not an IndexError;
+    the library's UsageError is a ValueError, so plain Python callers can catch it as one."""
+    from zoocli.errors import UnknownNameError, UsageError
+
+    z, s = torch.randn(5, 3), torch.rand(5)
+    for call in (lambda: divprune_select(z, 0), lambda: zoo_select(s, z, 0),
+                 lambda: divprune_select(z, 1.5)):
+        with pytest.raises(ValueError, match="keep"):
+            call()
+    assert issubclass(UsageError, ValueError) and issubclass(UnknownNameError, ValueError)
+    with pytest.raises(ValueError, match="unknown method"):
+        get_method("nope")

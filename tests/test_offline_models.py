@@ -72,3 +72,28 @@ def test_suggest_offline_picks_the_smallest_that_fits_else_the_largest(family, n
 
 def test_suggest_offline_unknown_family_is_none():
     assert suggest_offline("gemma3", 10) is None
+
+
+@pytest.mark.parametrize("alias,want", [("llava-1.5", "small-llava"), ("llava-1.5-13b", "small-llava"),
+                                        ("llava-next", "small-llava-next"),
+                                        ("qwen2.5-vl", "tiny-qwen2.5-vl")])
+def test_not_cached_alias_points_at_its_familys_offline_model_with_enough_tokens(alias, want):
+    """A --keep 64 example must not be sent to tiny-llava (16 tokens): the alias's family's
+    largest offline model comes first; an unknown id lists them all."""
+    from zoocli.adapters import _not_available
+
+    msg = str(_not_available(alias))
+    assert f"try --model {want} (offline, same " in msg and "--random-weights" in msg
+    assert "\n" not in msg
+    assert "try an offline model: tiny-llava," in str(_not_available("someone/some-vlm"))
+
+
+def test_too_big_random_model_points_at_its_familys_offline_model(monkeypatch):
+    import torch
+
+    import zoocli.adapters as adapters
+
+    monkeypatch.setattr(adapters, "available_bytes", lambda device: 2**30)  # 1 GiB free
+    config = adapters.load_random_config("llava-next")
+    with pytest.raises(adapters.ZooError, match="--model small-llava-next"):
+        adapters.check_memory("llava-next", config, torch.device("cpu"), torch.float32)

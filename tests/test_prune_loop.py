@@ -271,3 +271,23 @@ def test_qwen_stage_matches_eager_attention_and_reference(qwen_models):
     out = tail(inputs_embeds=h_k[:, rows], attention_mask=torch.ones(1, rows.numel(), dtype=torch.long),
                position_ids=pos_k, use_cache=False).last_hidden_state
     torch.testing.assert_close(res.prefill_logits, model.lm_head(out)[0, -1].float(), rtol=0, atol=1e-5)
+
+
+def test_pruned_generate_raises_no_deprecation_warning(models):
+    """The layers get their KV cache by the keyword the installed transformers names (``cache``
+    from 5.2x, ``past_key_values`` in 5.17): no FutureWarning / DeprecationWarning either way."""
+    import warnings
+
+    from zoocli.adapters.decoder import cache_keyword
+
+    model, _ = models
+    layer_cls = type(model.model.language_model.layers[0])
+    import inspect
+
+    assert cache_keyword(layer_cls) in inspect.signature(layer_cls.forward).parameters
+    emb, mask, vis = _inputs()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        generate_pruned(model, emb, vis, [PruneStage(2, 4)], attention_mask=mask, max_new_tokens=3,
+                        eos_token_id=[])

@@ -67,6 +67,11 @@ def key_str(key: dict[str, Any]) -> str:
     return json.dumps(key, sort_keys=True)
 
 
+def planned_rows(spec: BenchSpec) -> list[tuple[str, str]]:
+    """(method, budget) of every row of a full bench, in measuring order: the baseline first."""
+    return [(BASELINE, "all")] + [(m, b) for b in spec.budgets for m in spec.methods if m != BASELINE]
+
+
 def planned_runs(spec: BenchSpec) -> int:
     """Model runs of a full bench (warm-up included): the progress bar's total."""
     rows = 1 + len(spec.budgets) * len([m for m in spec.methods if m != BASELINE])
@@ -165,23 +170,26 @@ def _projector_dims(adapter) -> dict[str, int]:
 def bench_rows(
     adapter, images: Sequence[Any], spec: BenchSpec, skip: set[str] | None = None,
     progress: Callable[[str], None] | None = None,
+    row_done: Callable[[str, str], None] | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """Measure the baseline, then every (budget, method) not in ``skip``; yield rows as they finish."""
+    """Measure the baseline, then every (budget, method) not in ``skip``; yield rows as they finish.
+    ``progress(what)`` after every model run; ``row_done(method, budget)`` after every measured
+    row (the baseline too, also when --out already holds it and it is not yielded)."""
     skip = skip or set()
     for name in spec.methods:
         check_family(adapter, parse_method_spec(name)[0])
     cfg, n_llm = _llm_params(adapter)
     dims = _projector_dims(adapter)
-    plan = [(BASELINE, "all")] + [(m, b) for b in spec.budgets for m in spec.methods if m != BASELINE]
+    plan = planned_rows(spec)
     base: dict[str, Any] | None = None
     for method, budget in plan:
         key = spec.key(method, budget)
-        if method != BASELINE and key_str(key) in skip:
-            if progress:
-                progress(f"skip {method}@{budget}")
+        if method != BASELINE and key_str(key) in skip:  # the caller says how many it skips
             continue
         row = _measure(adapter, images, spec, method, budget, cfg, n_llm, dims, progress)
         row["key"] = key
+        if row_done:
+            row_done(method, budget)
         if base is None:
             base = row
         else:  # ratios of medians against this run's baseline
@@ -262,6 +270,18 @@ def _add_flops(row: dict[str, Any], runs: list[dict], cfg, n_llm: int, dims: dic
                          "selection": sel / 1e12, "total": (pre + dec + sel) / 1e12}
 
 
+SAMPLE_IMAGE = "two_cats_couch_remotes.jpg"  # `zoo compare` / `zoo score` without an image
+SAMPLE_QUESTION = "How many remote controls are on the couch?"
+
+
+def sample_example() -> tuple[Path, str]:
+    """(the shipped sample image, its question): what `compare` and `score` run without an image."""
+    path = next((p for p in shipped_images() if p.name == SAMPLE_IMAGE), None)
+    if path is None:
+        raise UsageError(f"the shipped sample image {SAMPLE_IMAGE} is missing; give an image")
+    return path, SAMPLE_QUESTION
+
+
 def shipped_images() -> list[Path]:
     """The sample images shipped next to the package (a source checkout)."""
     root = Path(__file__).resolve().parent.parent / "sample_images"
@@ -269,3 +289,26 @@ def shipped_images() -> list[Path]:
     if not imgs:
         raise UsageError("no shipped sample images found next to the package; pass --images")
     return imgs
+
+
+def budget_warnings(adapter, images: Sequence[Any], spec: BenchSpec) -> list[str]:
+    """One message per budget that keeps every visual token of an image (nothing is pruned
+    there), naming the offline model of the same family that has enough tokens to prune. Costs
+    one encoder pass per image (the token count of LLaVA-NeXT / Qwen depends on the image)."""
+    from zoocli.adapters import OFFLINE_MAX_TOKENS, suggest_offline
+
+    counts = [encode_image(adapter, img, spec.question).n for img in images]
+    out = []
+    for b in spec.budgets:
+        kept = [(parse_keep(b, n, "--budgets")[0], n) for n in counts]
+        full = [n for k, n in kept if k >= n]
+        if not full:
+            continue
+        where = "" if len(full) == len(counts) else f" on {len(full)} of {len(counts)} images"
+        msg = (f"--budgets {b} keeps all {max(full)} visual tokens of {adapter.model_id}{where}: "
+               "nothing is pruned at that budget")
+        other = suggest_offline(adapter.family, max(k for k, _ in kept) + 1)
+        if other and other != adapter.model_id and OFFLINE_MAX_TOKENS[other] > max(full):
+            msg += f"; try a smaller budget or --model {other} (up to {OFFLINE_MAX_TOKENS[other]} tokens)"
+        out.append(msg)
+    return out

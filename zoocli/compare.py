@@ -28,9 +28,11 @@ def speedups(base: Mapping[str, float], ms: Mapping[str, float],
 
 def run_methods(adapter, enc, specs: Mapping[str, tuple[str, dict]], keep: int, *, scope: str,
                 seed: int, options: Mapping[str, Any], max_new_tokens: int,
-                advance: Callable[[], None] | None = None) -> dict[str, Any]:
+                advance: Callable[[], None] | None = None,
+                on_done: Callable[[str], None] | None = None) -> dict[str, Any]:
     """``{spec: RunResult}``, the baseline first (all tokens), then each method spec in order;
-    ``specs`` maps a spec as written to its parsed ``(name, options)``."""
+    ``specs`` maps a spec as written to its parsed ``(name, options)``. After each run:
+    ``advance()`` and ``on_done(spec)``."""
     from zoocli.pipeline import run_method
 
     order = [BASELINE] + [n for n in specs if n != BASELINE]
@@ -43,6 +45,8 @@ def run_methods(adapter, enc, specs: Mapping[str, tuple[str, dict]], keep: int, 
                                    max_new_tokens=max_new_tokens)
         if advance is not None:
             advance()
+        if on_done is not None:
+            on_done(spec)
     return results
 
 

@@ -7,8 +7,9 @@ class ZooError(Exception):
     exit_code = 1
 
 
-class UsageError(ZooError):
-    """A malformed command line or option value. Exit code 2."""
+class UsageError(ZooError, ValueError):
+    """A malformed command line or option value. Exit code 2. Also a ``ValueError``: a library
+    caller who passes a bad argument gets the usual Python error family."""
 
     exit_code = 2
 

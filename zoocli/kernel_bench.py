@@ -159,7 +159,8 @@ def _reference_columns(rows: list[dict], scores: list[Tensor], x, proj, ref_toke
 
 def sensitivity_bench(device="cpu", n=576, d_in=1024, d_hidden=4096, d_out=4096, m=64, repeats=3,
                       warmup=1, ranks=(128,), seed=0, estimators=("naive", "fd", "jvp"),
-                      ref_tokens=48, ref_dirs=256, merger=(1280, 4, 5120, 3584)) -> list[dict]:
+                      ref_tokens=48, ref_dirs=256, merger=(1280, 4, 5120, 3584),
+                      progress=None) -> list[dict]:
     """Time the estimators on a LLaVA-1.5-7B-sized projector (and the Qwen2.5-VL merger shape);
     rows are JSON-able dicts.
 
@@ -170,7 +171,9 @@ def sensitivity_bench(device="cpu", n=576, d_in=1024, d_hidden=4096, d_out=4096,
     directions; 0 skips it). One-time costs (the SVD of ``rank``, the M of ``exact``) have their
     own rows. ``estimators`` picks the sampled ones to time (``exact`` always runs); ``merger``
     is the merger shape (d_v, patches, d_hidden, d_out) for ``merger_bench``, None skips it.
+    ``progress(stage)`` after each stage (``kernel_steps`` of them with these arguments).
     """
+    done = progress or (lambda stage: None)
     dev = torch.device(device)
     timer = Timer(sync=lambda: device_sync(dev))
     x = clip_like(n, d_in, seed).to(dev)
@@ -179,19 +182,31 @@ def sensitivity_bench(device="cpu", n=576, d_in=1024, d_hidden=4096, d_out=4096,
             "cpu": platform.processor() or platform.machine()}
     proj = bench_projector(d_in, d_hidden, d_out, "decay", seed).to(dev)
     rows, scored, ref = _sampled_rows(timer, x, proj, base, "decay", m, seed, warmup, repeats, estimators)
+    done("sampled estimators")
     ex, ex_rows = _exact_rows(timer, dev, x, proj, base, "decay", warmup, repeats)
     rows += ex_rows
     scored.append((ex_rows[1], ex))
     _speedups(scored, ref, rows)
-    _reference_columns([r for r, _ in scored], [sc for _, sc in scored], x, proj, ref_tokens,
-                       ref_dirs, seed)
-    if "naive" in estimators:
+    done("exact")
+    if ref_tokens:
+        _reference_columns([r for r, _ in scored], [sc for _, sc in scored], x, proj, ref_tokens,
+                           ref_dirs, seed)
+        done("float64 reference")
+    if "naive" in estimators and ranks:
         naive_ms = next(r["median_ms"] for r in rows if r["estimator"] == "naive")
         rows += _rank_rows(timer, dev, x, proj, base, m, seed, warmup, repeats, ranks, ref, naive_ms,
                            d_in, d_hidden, d_out)
+        done("low rank")
     if merger:
         rows += merger_bench(timer, dev, n, m, seed, warmup, repeats, ref_tokens, ref_dirs, merger)
+        done("Qwen2.5-VL merger")
     return rows
+
+
+def kernel_steps(estimators=("naive", "fd", "jvp"), ranks=(128,), ref_tokens=48,
+                 merger=(1280, 4, 5120, 3584)) -> int:
+    """The stages ``sensitivity_bench`` reports through ``progress`` with these arguments."""
+    return 2 + bool(ref_tokens) + bool("naive" in estimators and ranks) + bool(merger)
 
 
 def _sampled_rows(timer, x, proj, base, label, m, seed, warmup, repeats, estimators):

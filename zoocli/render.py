@@ -9,8 +9,9 @@ from typing import Any
 
 from rich import box
 from rich.columns import Columns
-from rich.console import RenderableType
+from rich.console import Group, RenderableType
 from rich.markup import escape
+from rich.measure import Measurement
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
@@ -18,6 +19,92 @@ from rich.text import Text
 KEPT, DROPPED, ABSENT = "█", "·", " "
 RAMP = " ▁▂▃▄▅▆▇█"
 MAX_GRID_COLS = 48
+
+
+TEXT_FLOOR = 4  # a text column (answer, method name) is never shortened below this many cells
+
+
+class NumTable(Table):
+    """A table that fits the width it is rendered at without losing a number: first the columns
+    close up to one space apart, numeric headers wrap (``prefill ms`` over two lines), then the
+    text columns (answers, names) are
+    shortened, widest first, to one line ending in an ellipsis; numeric cells are never cut. If
+    the numbers alone are too wide, a line under the table says so (never a silent loss)."""
+
+    def __rich_console__(self, console, options):
+        width = options.max_width
+        short = self._fit(console, options, width)
+        yield from super().__rich_console__(console, options)
+        if short > 0:
+            yield Text(f"(this table needs {width + short} columns, the terminal has {width}: "
+                       "columns on the right are cut; widen the terminal or use --json)",
+                       style="yellow")
+
+    def _natural(self, console, options) -> int:
+        return Measurement.get(console, options.update_width(10**6), self).maximum
+
+    def _fit(self, console, options, width: int) -> int:
+        """Set the columns' widths for ``width``; returns by how much the table is still too wide."""
+        numeric = [c for c in self.columns if c.justify == "right"]
+        text = [c for c in self.columns if c.justify != "right"]
+        if not hasattr(self, "_caps"):
+            self._caps = {id(c): c.max_width for c in self.columns}
+            self._wide_padding = self.padding
+        for c in self.columns:
+            c.max_width = self._caps[id(c)]
+        self.padding = self._wide_padding
+        if self._natural(console, options) <= width:
+            return 0
+        spaced = self.box is None or not self.box.mid_vertical.strip()  # columns apart by a blank
+        self.padding = (0, 0, 0, 0) if spaced else (0, 1, 0, 0)  # one cell between columns
+        for c in numeric:  # labels next: numeric headers wrap at their spaces
+            c.max_width = c.min_width
+        excess = self._natural(console, options) - width
+        widths = {id(c): min(max(_plain_len(x) for x in [c.header, *c._cells]),
+                             c.max_width or 10**6) for c in text}
+        for floor in ("header", "floor"):  # down to the header's width first, then further
+            while excess > 0:
+                left = [c for c in text if widths[id(c)] > _floor(c, floor)]
+                if not left:
+                    break
+                widest = max(left, key=lambda c: widths[id(c)])
+                widths[id(widest)] -= 1
+                excess -= 1
+        for c in text:
+            c.max_width = widths[id(c)]
+        return excess
+
+
+def _floor(col, stage: str) -> int:
+    header = max((len(w) for w in col.header.plain.split()), default=0) if stage == "header" else 0
+    return max(TEXT_FLOOR, header)
+
+
+def _plain_len(cell) -> int:
+    if isinstance(cell, Text):
+        return max((len(line) for line in cell.plain.split("\n")), default=0)
+    return _plain_len(Text.from_markup(str(cell)))
+
+
+def keep_numbers(t: Table) -> Table:
+    """Ready ``t`` for any width: right-justified (numeric) columns never shrink below their
+    widest cell (headers may wrap at spaces); the text columns' cells are one line each, ending
+    in an ellipsis when ``NumTable`` shortens them."""
+    for col in t.columns:
+        header = col.header if isinstance(col.header, Text) else Text.from_markup(str(col.header))
+        header.no_wrap = False
+        col.header = header
+        if col.justify == "right":
+            cells = [_plain_len(c) for c in col._cells]
+            words = [len(w) for w in header.plain.split()] or [0]
+            col.no_wrap = True
+            col.min_width = max([*cells, *words, col.min_width or 0])
+        else:
+            col._cells = [Text.from_markup(c) if isinstance(c, str) else c for c in col._cells]
+            for c in col._cells:
+                if isinstance(c, Text):
+                    c.no_wrap, c.overflow = True, "ellipsis"
+    return t
 
 
 def _cells(scope: Mapping[str, Any]) -> tuple[int, int, dict[tuple[int, int], int]]:
@@ -77,18 +164,35 @@ def heat_grid(scope: Mapping[str, Any], values: Sequence[float], lo: float, hi: 
     return text
 
 
-def grids_panel(scopes: Sequence[Mapping[str, Any]], title: str = "") -> Columns:
-    """One panel per scope (one per crop for LLaVA-NeXT), side by side."""
+UNPADDED_NOTE = ("blank rows or columns in a grid: positions LLaVA-NeXT's unpadding removed "
+                 "(the padding around the image; the model never sees them)")
+
+
+def unpadded(scopes: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether any grid has positions that are no candidate (LLaVA-NeXT unpadding)."""
+    return any(len(s["cells"]) < s["grid"][0] * s["grid"][1] for s in scopes)
+
+
+def _with_note(columns: Columns, scopes, note: bool) -> RenderableType:
+    if note and unpadded(scopes):
+        return Group(columns, Text(UNPADDED_NOTE, style="dim"))
+    return columns
+
+
+def grids_panel(scopes: Sequence[Mapping[str, Any]], title: str = "", note: bool = True):
+    """One panel per scope (one per crop for LLaVA-NeXT, each titled with its name and kept /
+    total), side by side as the width allows; ``note``: one line under them explaining blank
+    (unpadded) rows if there are any."""
     panels = []
     for s in scopes:
         k, n = sum(s["kept"]), len(s["kept"])
         panels.append(Panel(token_grid(s), title=f"{s['name']} {k}/{n}", expand=False))
-    return Columns(panels, title=title or None)
+    return _with_note(Columns(panels, title=title or None), scopes, note)
 
 
-def heat_panel(scopes, values, lo, hi) -> Columns:
-    return Columns([Panel(heat_grid(s, values, lo, hi), title=s["name"], expand=False)
-                    for s in scopes])
+def heat_panel(scopes, values, lo, hi):
+    return _with_note(Columns([Panel(heat_grid(s, values, lo, hi), title=s["name"], expand=False)
+                               for s in scopes]), scopes, True)
 
 
 def answer_panel(result: Mapping[str, Any]) -> Panel:
@@ -159,13 +263,14 @@ def methods_table(methods: Iterable[Any]) -> Table:
 
 
 def compare_table(rows: Sequence[Mapping[str, Any]], meaningless: bool = False) -> Table:
-    t = Table(title="methods on the same image (encoded once)", title_justify="left")
+    t = NumTable(title="methods on the same image (encoded once)", title_justify="left",
+                 box=box.SIMPLE_HEAD, pad_edge=False)
     for col, just in (("method", "left"), ("kept", "right"), ("answer", "left"),
                       ("select ms", "right"), ("prefill ms", "right"), ("e2e ms", "right"),
-                      ("speed-up", "right"), ("Jaccard/zoo", "right")):
+                      ("speed-up", "right"), ("Jaccard vs zoo", "right")):
         answer = col == "answer"
         t.add_column(col, justify=just, no_wrap=True, overflow="ellipsis",
-                     max_width=32 if answer else None, min_width=None if answer else len(col))
+                     max_width=32 if answer else None, min_width=6 if answer else None)
     in_llm = False
     for r in rows:
         jac = "-" if r["jaccard_vs_zoo"] is None else f"{r['jaccard_vs_zoo']:.2f}"
@@ -179,7 +284,7 @@ def compare_table(rows: Sequence[Mapping[str, Any]], meaningless: bool = False) 
         notes.append("random weights: answers are meaningless; timings are real")
     if notes:
         t.caption = "\n".join(notes)
-    return t
+    return keep_numbers(t)
 
 
 IN_LLM_MARK = "*"
@@ -198,7 +303,7 @@ def _med(stat: Mapping[str, float]) -> str:
 
 
 def bench_table(rows: Sequence[Mapping[str, Any]], spec: Any) -> Table:
-    t = Table(title=(f"{spec.model} · {spec.device} {spec.dtype} · {len(spec.images)} image(s) x "
+    t = NumTable(title=(f"{spec.model} · {spec.device} {spec.dtype} · {len(spec.images)} image(s) x "
                      f"{spec.repeats} repeats, median ms (warm-up {spec.warmup} excluded)"),
               title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     cols = ["method", "budget", "tokens", "select", "prefill", "ttft", "e2e", "ttft×", "e2e×",
@@ -220,7 +325,7 @@ def bench_table(rows: Sequence[Mapping[str, Any]], spec: Any) -> Table:
                  "--json adds min/max, vision, decode, peak memory and estimated FLOPs.")
     if in_llm:
         t.caption += "\n" + IN_LLM_NOTE
-    return t
+    return keep_numbers(t)
 
 
 # ----------------------------------------------------------------------------- views of commands
@@ -228,18 +333,22 @@ def bench_table(rows: Sequence[Mapping[str, Any]], spec: Any) -> Table:
 def compare_view(rows: Sequence[Mapping[str, Any]], results: Mapping[str, Any],
                  meaningless: bool) -> list[RenderableType]:
     """`zoo compare`: the table, then each method's kept-token grids (the baseline keeps all)."""
-    return [compare_table(rows, meaningless)] + [
-        grids_panel(r.scopes, title=name) for name, r in results.items() if name != "none"]
+    shown = [(name, r) for name, r in results.items() if name != "none"]
+    views = [compare_table(rows, meaningless)] + [grids_panel(r.scopes, title=name, note=False)
+                                                  for name, r in shown]
+    if any(unpadded(r.scopes) for _, r in shown):  # explained once, under the last grids
+        views.append(Text(UNPADDED_NOTE, style="dim"))
+    return views
 
 
 def top_tokens_table(top: Sequence[Mapping[str, Any]]) -> Table:
-    t = Table(title=f"top {len(top)} tokens", title_justify="left")
+    t = NumTable(title=f"top {len(top)} tokens", title_justify="left")
     for col in ("rank", "token", "scope", "row", "col", "sensitivity"):
         t.add_column(col, justify="right")
     for r, tok in enumerate(top, 1):
         t.add_row(str(r), str(tok["index"]), tok["scope"], str(tok["row"]), str(tok["col"]),
                   f"{tok['sensitivity']:.4g}")
-    return t
+    return keep_numbers(t)
 
 
 def score_view(out: Mapping[str, Any], scopes, values: Sequence[float]) -> list[RenderableType]:
@@ -272,7 +381,7 @@ def kernel_table(rows: Sequence[Mapping[str, Any]], *, n: int, m: int, repeats: 
                  warmup: int) -> Table:
     """`zoo bench-kernel`: one row per estimator."""
     r0 = rows[0]
-    t = Table(title=(f"sensitivity estimators · N={n}, m={m}, {r0['d_in']}->{r0['d_hidden']}->"
+    t = NumTable(title=(f"sensitivity estimators · N={n}, m={m}, {r0['d_in']}->{r0['d_hidden']}->"
                      f"{r0['d_out']} GELU, fp32 · {r0['device']}, torch {r0['torch']}, "
                      f"{r0['threads']} threads · median of {repeats} (warm-up {warmup} excluded)"),
               title_justify="left")
@@ -285,7 +394,7 @@ def kernel_table(rows: Sequence[Mapping[str, Any]], *, n: int, m: int, repeats: 
                   f"{r['max_ms']:.0f}", "" if sp is None else f"{sp:.1f}x",
                   "" if rho is None else f"{rho:.4f}")
     t.caption = "the SVD row is paid once per projector (cached), not per call"
-    return t
+    return keep_numbers(t)
 
 
 def _pct(x) -> str:
@@ -298,7 +407,7 @@ def eval_table(rows: Sequence[Mapping[str, Any]], datasets: Sequence[str], tput:
     title = "accuracy retention (score %, retention % of the unpruned model)"
     if meaningless:
         title += " — RANDOM WEIGHTS: scores at chance"
-    t = Table(title=title, title_justify="left")
+    t = NumTable(title=title, title_justify="left")
     t.add_column("method")
     t.add_column("budget", justify="right")
     cols = list(datasets) + ([mean_name] if len(datasets) > 1 else [])
@@ -317,7 +426,7 @@ def eval_table(rows: Sequence[Mapping[str, Any]], datasets: Sequence[str], tput:
         sp = tput.get((m, b), {}).get("samples_per_s")
         cells.append("-" if sp is None else f"{sp:.2f}")
         t.add_row(*cells)
-    return t
+    return keep_numbers(t)
 
 
 def eval_run_line(run: Mapping[str, Any], out: str) -> Text:

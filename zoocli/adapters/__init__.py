@@ -19,6 +19,7 @@ import os
 import shutil
 import tempfile
 from importlib import resources
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,14 @@ OFFLINE_MAX_TOKENS: dict[str, int] = {
     "small-llava": 576,  # 336 px / patch 14: 24x24
     "small-llava-next": 2880,  # 24x24 per tile, base + up to 2x2 tiles (llava-v1.6)
 }
+# offline name -> about how long its one-time build takes in seconds (measured on 2 busy CPU
+# cores: `time python3 -c "...ensure_offline_model(name, tmpdir)"` less the ~8 s of imports; the
+# first build of a process also builds the shared tokenizer, ~5 s): what the build's status says
+OFFLINE_BUILD_SECONDS: dict[str, int] = {
+    "tiny-llava": 5, "tiny-llava-next": 5, "tiny-qwen2.5-vl": 6, "small-llava": 15,
+    "small-llava-next": 15,
+}
+SLOW_STEP_S = 10  # a loading step expected to take longer is reported even off a terminal
 OFFLINE_BUILD_VERSION = "1"  # bump when a builder changes: cached copies are rebuilt
 
 # config.model_type -> "module:AdapterClass"
@@ -128,8 +137,17 @@ def adapter_class(family: str):
         raise ZooError(f"the adapter for model family '{family}' is not available: {e}") from None
 
 
-def ensure_offline_model(name: str, cache_dir: str | Path | None = None) -> Path:
-    """The checkpoint dir of offline model ``name``, building it (once, atomically) if needed."""
+StatusFn = Callable[..., None]  # on_status(text, slow=False): what the loader is doing now
+
+
+def _no_status(text: str, slow: bool = False) -> None:
+    pass
+
+
+def ensure_offline_model(name: str, cache_dir: str | Path | None = None,
+                         on_status: StatusFn | None = None) -> Path:
+    """The checkpoint dir of offline model ``name``, building it (once, atomically) if needed.
+    ``on_status(text, slow=True)`` is told before a build starts (nothing is printed here)."""
     if name not in OFFLINE_MODELS:
         raise UnknownNameError("offline model", name, OFFLINE_MODELS)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -142,6 +160,9 @@ def ensure_offline_model(name: str, cache_dir: str | Path | None = None) -> Path
     except (ImportError, AttributeError) as e:
         raise ZooError(f"offline model '{name}' cannot be built: {e}") from None
     root.mkdir(parents=True, exist_ok=True)
+    eta = OFFLINE_BUILD_SECONDS.get(name, 30)
+    (on_status or _no_status)(f"building {name} (one time, ~{eta} s) in {root}",
+                              slow=eta >= SLOW_STEP_S)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-build-", dir=root))
     try:
         builder(tmp)
@@ -174,11 +195,30 @@ def suggest_offline(family: str, n_tokens_needed: int) -> str | None:
     return fits[0] if fits else mine[-1][1]
 
 
+def family_hint(family: str | None, n_tokens: int = 10**9) -> str:
+    """``"--model small-llava (offline, same llava family, up to 576 visual tokens)"``: the
+    offline model of ``family`` with enough tokens for ``n_tokens`` (default: its largest), for
+    "not cached" / "too big" messages; empty if the family has none."""
+    name = suggest_offline(family, n_tokens) if family else None
+    if name is None:
+        return ""
+    return (f"--model {name} (offline, same {family} family, up to {OFFLINE_MAX_TOKENS[name]} "
+            "visual tokens)")
+
+
+def _alias_family(model: str) -> str | None:
+    try:
+        return load_random_config(model)["model_type"] if model in RANDOM_CONFIGS else None
+    except (ZooError, ValueError, KeyError):
+        return None
+
+
 def _not_available(model: str) -> ZooError:
-    return ZooError(
-        f"model '{model}' is not in the local cache and cannot be downloaded (offline?); try an offline model: "
-        f"{', '.join(OFFLINE_MODELS)}, or --random-weights"
-    )
+    hint = family_hint(_alias_family(model))
+    others = ", ".join(OFFLINE_MODELS)
+    lead = f"{hint}, another offline model ({others})" if hint else f"an offline model: {others}"
+    return ZooError(f"model '{model}' is not in the local cache and cannot be downloaded (offline?); "
+                    f"try {lead}, or --random-weights")
 
 
 def _quiet_transformers() -> None:
@@ -195,12 +235,16 @@ def load_adapter(
     dtype: str | torch.dtype = "auto",
     random_weights: bool = False,
     cache_dir: str | Path | None = None,
+    on_status: StatusFn | None = None,
 ):
     """An ``Adapter`` for ``model`` (alias, offline name, HF id or local dir) on ``device``.
 
     ``random_weights``: the alias's full-size architecture with random weights (no download).
     ``cache_dir``: where offline models are built (default ``~/.cache/zoo/models``).
+    ``on_status(text, slow=False)``: told what is happening (``slow``: a step of more than a few
+    seconds: an offline model's first build, a full-size random init); the loader prints nothing.
     """
+    status = on_status or _no_status
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     _quiet_transformers()
@@ -212,11 +256,14 @@ def load_adapter(
             )
         config = load_random_config(model)
         check_memory(model, config, dev, dt)
+        status(f"building {model}'s full-size architecture with random weights "
+               f"(no download; minutes on a CPU)", slow=True)
         return adapter_class(config["model_type"]).from_config(config, dev, dt)
 
     if model in OFFLINE_MODELS:
         family = OFFLINE_MODELS[model][0]
-        path = ensure_offline_model(model, cache_dir)
+        path = ensure_offline_model(model, cache_dir, status)
+        status(f"loading {model} from {path}")
         cls = adapter_class(family)
         try:
             adapter = cls.load(path, dev, dt, meaningless=True)
@@ -234,12 +281,15 @@ def load_adapter(
         check_checkpoint_dir(source)
     family = _model_type(model, source)
     cls = adapter_class(family)
+    status(f"loading {model} ({family}) from {source}", slow=not local.is_dir())
     try:
         return cls.load(source, dev, dt)
     except OSError as e:
         if local.is_dir():
             raise ZooError(f"model directory '{local}' cannot be loaded: {_one_line(e)}") from None
         raise _not_available(model) from None
+    except ZooError:  # already one line (a UsageError is also a ValueError)
+        raise
     except (RuntimeError, ValueError, KeyError, TypeError) as e:  # not out-of-memory: that is the CLI's
         if not Path(source).is_dir() or isinstance(e, torch.OutOfMemoryError):
             raise
@@ -282,7 +332,7 @@ def check_memory(model: str, config_dict: dict[str, Any], device: torch.device, 
         raise ZooError(
             f"--random-weights {model}: its weights alone need {need / gib:.1f} GiB in "
             f"{str(dtype).replace('torch.', '')}, but only {free / gib:.1f} GiB is free on {device}; "
-            f"try{hint} a GPU, or an offline model (small-llava)"
+            f"try{hint} a GPU, or {family_hint(config_dict.get('model_type')) or 'an offline model'}"
         )
 
 

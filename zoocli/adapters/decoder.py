@@ -13,6 +13,8 @@ Qwen2_5_VLTextModel for Qwen2.5-VL) or the model itself for a plain causal LM.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -54,6 +56,15 @@ def _rope_fn(attn: nn.Module, cos: Tensor):
     return fn
 
 
+@functools.cache
+def cache_keyword(layer_cls: type) -> str:
+    """The keyword a decoder layer class takes its KV cache by: ``cache`` in newer transformers
+    (where ``past_key_values`` is deprecated and warns), ``past_key_values`` in older ones (5.17).
+    Read from the layer's own ``forward`` signature once per class."""
+    params = inspect.signature(layer_cls.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def select_pos(cos: Tensor, rows: Tensor) -> Tensor:
     """Rows ``rows`` of a rotary cos / sin table (the sequence dim is -2)."""
     return cos.index_select(-2, rows)
@@ -93,8 +104,9 @@ class Decoder:
         return DynamicCache(config=self.lm.config)
 
     def run_layer(self, i: int, h: Tensor, mask, pos: Tensor, cache, pe) -> Tensor:
-        out = self.lm.layers[i](h, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                                use_cache=True, position_embeddings=pe)
+        layer = self.lm.layers[i]
+        out = layer(h, attention_mask=mask, position_ids=pos, use_cache=True, position_embeddings=pe,
+                    **{cache_keyword(type(layer)): cache})
         return out[0] if isinstance(out, tuple) else out
 
     def eos(self, eos_token_id: Any = None) -> frozenset[int]:

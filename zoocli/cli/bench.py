@@ -10,7 +10,7 @@ import typer
 from zoocli.cli.common import (
     BudgetsOpt, ConfigOpt, DeviceOpt, DtypeOpt, JsonOpt, MaxNewOpt, MethodOptions, MethodsOpt,
     ModelOpt, RandomOpt, check_out_file, console, err, handle_errors, load_image, load_model,
-    method_options, print_json, progress, question_text, split_list,
+    method_options, print_json, question_text, split_list, warn,
 )
 from zoocli.errors import UsageError, ZooError
 
@@ -59,7 +59,7 @@ def bench(
 ) -> None:
     """Latency of each method x budget against the unpruned model, measured in one run."""
     from zoocli import render
-    from zoocli.bench import BenchSpec, append_row, bench_rows, done_keys, planned_runs, shipped_images
+    from zoocli.bench import BenchSpec, budget_warnings, done_keys, shipped_images
 
     names = split_list(methods, "--methods")
     budget_list = split_list(budgets, "--budgets")
@@ -75,17 +75,35 @@ def bench(
                      repeats=repeats, warmup=warmup, max_new_tokens=max_new_tokens, seed=opts.seed,
                      scope=opts.budget_scope, options=zoo, device=str(adapter.device),
                      dtype=str(adapter.dtype).replace("torch.", ""), random_weights=random_weights)
-    rows = []
-    with progress() as bar:
-        task = bar.add_task("bench", total=planned_runs(spec))
-        for row in bench_rows(adapter, imgs, spec, done_keys(out),
-                              progress=lambda what: bar.update(task, advance=1, description=what)):
-            rows.append(row)
-            if out is not None:
-                append_row(out, row)
+    for message in budget_warnings(adapter, imgs, spec):
+        warn(message)
+    rows = _run_rows(adapter, imgs, spec, done_keys(out), out)
     if json_out:
         print_json(rows)
         return
     console.print(render.bench_table(rows, spec))
     if out is not None:
         err.print(f"appended {len(rows)} rows to {out}", highlight=False)
+
+
+def _run_rows(adapter, imgs, spec, done: set[str], out: Path | None) -> list[dict]:
+    """Measure the rows not in ``done``, appending each to ``out`` as it finishes; progress as a
+    bar on a terminal, else one line per finished row (``cli.progress.Steps``)."""
+    from zoocli.bench import append_row, bench_rows, key_str, planned_rows
+    from zoocli.cli.progress import Steps
+
+    plan = planned_rows(spec)
+    skipped = sum(1 for m, b in plan[1:] if key_str(spec.key(m, b)) in done)
+    runs_per_row = (spec.repeats + spec.warmup) * len(imgs)
+    rows: list[dict] = []
+    with Steps("bench", len(plan) - skipped, "rows",
+               bar_total=(len(plan) - skipped) * runs_per_row) as steps:
+        if skipped:
+            steps.note(f"bench: skipping {skipped} of {len(plan) - 1} rows already in {out} "
+                       "(the baseline is measured again for the speed-ups)")
+        for row in bench_rows(adapter, imgs, spec, done, progress=lambda what: steps.advance(what),
+                              row_done=lambda m, b: steps.finished(f"{m} @ {b}", bar_units=0)):
+            rows.append(row)
+            if out is not None:
+                append_row(out, row)
+    return rows

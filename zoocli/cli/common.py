@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import os
 import sys
 import types
 import typing
@@ -23,8 +24,9 @@ from rich.console import Console
 
 from zoocli.errors import UsageError, ZooError
 
-# A terminal gets its own width; a file or pipe gets 120 columns so wide tables stay readable.
-console = Console(width=None if sys.stdout.isatty() else 120)
+# A terminal gets its own width; a file or pipe gets 120 columns so wide tables stay readable,
+# unless the standard COLUMNS variable says otherwise (Rich reads it: `COLUMNS=80 zoo ... | cat`).
+console = Console(width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 120)
 err = Console(stderr=True)
 
 
@@ -34,7 +36,7 @@ def fail(message: str, code: int = 1) -> None:
 
 
 def warn(message: str) -> None:
-    err.print(f"[yellow]warning:[/yellow] {message}", highlight=False)
+    err.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
 
 
 def handle_errors(fn):
@@ -291,32 +293,21 @@ def print_json(obj: Any) -> None:
 
 
 def progress(unit: str | None = None, disable: bool = False):
-    """A transient progress bar on stderr; ``unit`` adds a rate column (``2.1 samples/s``)."""
-    from rich.progress import (
-        BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-    from rich.text import Text
+    """A transient progress bar on stderr; ``unit`` adds a rate column (``2.1 samples/s``).
+    Plain lines for a non-terminal: ``zoocli.cli.progress.Steps``."""
+    from zoocli.cli.progress import _rich_bar
 
-    class RateColumn(ProgressColumn):
-        def render(self, task) -> Text:
-            speed = task.finished_speed or task.speed
-            return Text("" if speed is None else f"{speed:.2f} {unit}/s", style="progress.data.speed")
-
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()]
-    if unit:
-        columns += [RateColumn(), TimeElapsedColumn(), TextColumn("eta")]
-    return Progress(*columns, TimeRemainingColumn(), console=err, transient=True, disable=disable)
+    return _rich_bar(unit, disable)
 
 
 def load_model(model: str, device: str, dtype: str, random_weights: bool, quiet: bool = False):
-    """The adapter of ``model``, with a status line while it loads."""
-    import contextlib
-
+    """The adapter of ``model``, with what is happening while it loads (``cli.progress.loading``)."""
     from zoocli.adapters import load_adapter
+    from zoocli.cli.progress import loading
 
-    with contextlib.nullcontext() if quiet else err.status(f"loading {model}…"):
-        return load_adapter(model, device=device, dtype=dtype, random_weights=random_weights)
+    with loading(model, quiet) as on_status:
+        return load_adapter(model, device=device, dtype=dtype, random_weights=random_weights,
+                            on_status=on_status)
 
 
 def load_image(path: str):

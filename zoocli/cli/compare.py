@@ -9,17 +9,18 @@ from typing import Annotated
 import typer
 
 from zoocli.cli.common import (
-    ConfigOpt, DeviceOpt, DtypeOpt, ImageArg, JsonOpt, KeepOpt, MaxNewOpt, MethodOptions,
-    MethodsOpt, ModelOpt, QuestionArg, RandomOpt, console, early_checks, handle_errors, load_image,
-    load_model, method_options, print_json, progress, save_png, split_list, warn,
+    ConfigOpt, DeviceOpt, DtypeOpt, JsonOpt, KeepOpt, MaxNewOpt, MethodOptions,
+    MethodsOpt, ModelOpt, RandomOpt, console, err, early_checks, handle_errors, load_image,
+    load_model, method_options, print_json, save_png, split_list, warn,
 )
 
 
 @handle_errors
 @method_options()
 def compare(
-    image: ImageArg,
-    question: QuestionArg,
+    image: Annotated[str | None, typer.Argument(help=(
+        "image file (default: the shipped sample two_cats_couch_remotes.jpg and its question)"))] = None,
+    question: Annotated[str | None, typer.Argument(help="question about the image")] = None,
     methods: MethodsOpt = "divprune,zoo",
     keep: KeepOpt = "64",
     opts: MethodOptions = MethodOptions(),
@@ -35,6 +36,7 @@ def compare(
     from zoocli.compare import compare_rows, run_methods
     from zoocli.pipeline import check_family, encode_image, parse_keep
 
+    image, question = with_sample(image, question)
     names = split_list(methods, "--methods")
     question, parsed, zoo = early_checks(question, keep, names, max_new_tokens, overlay, opts)
     img = load_image(image)
@@ -46,11 +48,12 @@ def compare(
     if warning:
         warn(warning)
     specs = dict(zip(names, parsed, strict=True))
-    with progress() as bar:
-        task = bar.add_task("methods", total=len({"none", *names}))
+    from zoocli.cli.progress import Steps
+
+    with Steps("compare", len({"none", *names}), "methods") as steps:
         results = run_methods(adapter, enc, specs, k, scope=opts.budget_scope, seed=opts.seed,
                               options=zoo, max_new_tokens=max_new_tokens,
-                              advance=lambda: bar.advance(task))
+                              on_done=lambda spec: steps.finished(spec))
     rows = compare_rows(results, {n: p[0] for n, p in specs.items()} | {"none": "none"})
     if overlay is not None:
         from zoocli.figures import compare_sheet
@@ -63,3 +66,21 @@ def compare(
         return
     for renderable in render.compare_view(rows, results, adapter.meaningless):
         console.print(renderable)
+
+
+def with_sample(image: str | None, question: str | None) -> tuple[str, str]:
+    """No image: the shipped sample image and its question, said on stderr; an image needs a
+    question."""
+    from zoocli.errors import UsageError
+
+    if image is None:
+        from zoocli.bench import sample_example
+
+        path, sample_q = sample_example()
+        question = sample_q if question is None else question
+        err.print(f"no image given: using the shipped sample {path.name}, question "
+                  f"{question!r}", highlight=False, soft_wrap=True)
+        return str(path), question
+    if question is None:
+        raise UsageError("missing argument QUESTION: compare asks one question of the image")
+    return image, question

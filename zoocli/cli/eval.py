@@ -20,7 +20,7 @@ import typer
 
 from zoocli.cli.common import (
     BudgetsOpt, ConfigOpt, DeviceOpt, DtypeOpt, JsonOpt, MethodOptions, MethodsOpt, ModelOpt,
-    RandomOpt, console, handle_errors, load_model, method_options, print_json, progress,
+    RandomOpt, console, err, handle_errors, load_model, method_options, print_json,
     split_list, warn,
 )
 from zoocli.errors import UsageError, ZooError
@@ -117,6 +117,7 @@ def _resume(plan: EvalPlan) -> None:
 
 def _predict(plan: EvalPlan, group, load: tuple[str, str, bool], quiet: bool):
     """This rank's missing predictions: (EvalStats with all ranks' totals, meaningless)."""
+    from zoocli.cli.progress import Steps
     from zoocli.eval_runner import run_eval, todo_count
     from zoocli.evaluation import RecordWriter, shard_path
 
@@ -125,11 +126,14 @@ def _predict(plan: EvalPlan, group, load: tuple[str, str, bool], quiet: bool):
     datasets = [d for d, _p in plan.sets]
     target = shard_path(plan.out, group.rank) if group.world > 1 else plan.out
     todo = todo_count(datasets, plan.spec, plan.done, group.rank, group.world)
-    with progress("samples", disable=quiet) as bar, RecordWriter(target) as writer:
-        task = bar.add_task("eval", total=todo)
+    with Steps("eval", todo, "predictions", rate_unit="samples", disable=quiet) as steps, \
+            RecordWriter(target) as writer:
+        if plan.done:
+            steps.note(f"eval: {len(plan.done & plan.plan_keys)} predictions already in "
+                       f"{plan.out} are kept, {todo} to go")
         stats = run_eval(adapter, datasets, plan.spec, writer, done=plan.done, rank=group.rank,
                          world_size=group.world,
-                         progress=lambda k, what: bar.update(task, advance=k, description=what))
+                         progress=lambda k, what: steps.finished(what, n=k))
     stats.predictions, stats.seconds = group.totals(stats.predictions, stats.seconds)
     return stats, bool(adapter.meaningless)
 

@@ -22,12 +22,14 @@ def bench_kernel(
     """Benchmark the sensitivity estimators on a LLaVA-1.5-7B-sized projector (1024->4096->4096)."""
     from zoocli import render
     from zoocli.adapters import resolve_device
-    from zoocli.kernel_bench import sensitivity_bench
+    from zoocli.cli.progress import Steps
+    from zoocli.kernel_bench import kernel_steps, sensitivity_bench
 
     if repeats < 1 or warmup < 0 or n < 1 or m < 1:
         raise UsageError("--repeats, --n and --m must be at least 1, --warmup at least 0")
-    rows = sensitivity_bench(device=str(resolve_device(device)), n=n, m=m, repeats=repeats,
-                             warmup=warmup)
+    with Steps("bench-kernel", kernel_steps(), "stages") as steps:
+        rows = sensitivity_bench(device=str(resolve_device(device)), n=n, m=m, repeats=repeats,
+                                 warmup=warmup, progress=lambda name: steps.finished(name))
     if json_out:
         print_json(rows)
         return

@@ -8,16 +8,17 @@ from typing import Annotated
 import typer
 
 from zoocli.cli.common import (
-    ConfigOpt, DeviceOpt, DtypeOpt, ImageArg, JsonOpt, MethodOptions, ModelOpt, RandomOpt,
+    ConfigOpt, DeviceOpt, DtypeOpt, JsonOpt, MethodOptions, ModelOpt, RandomOpt,
     check_out_file, console, err, handle_errors, load_image, load_model, method_options, print_json,
-    progress, question_text, save_png,
+    question_text, save_png,
 )
 
 
 @handle_errors
 @method_options(budget_scope=False)
 def score(
-    image: ImageArg,
+    image: Annotated[str | None, typer.Argument(help=(
+        "image file (default: the shipped sample two_cats_couch_remotes.jpg and its question)"))] = None,
     question: Annotated[str | None, typer.Argument(help="question (sets the chat context)")] = None,
     opts: MethodOptions = MethodOptions(),
     model: ModelOpt = "llava-1.5", device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
@@ -34,6 +35,10 @@ def score(
     from zoocli import render
     from zoocli.score import encoder_agreement, score_image, summary
 
+    if image is None:
+        from zoocli.cli.compare import with_sample
+
+        image, question = with_sample(image, question)
     q = question_text(question) if question is not None else "Describe the image."
     zoo = opts.zoo()
     check_out_file(overlay, "--overlay")
@@ -44,10 +49,11 @@ def score(
            "h": opts.h, "seed": opts.seed, "estimator": opts.estimator, "rank": opts.rank,
            **summary(scored.values, scored.layout, top)}
     if vs_encoder:
-        with progress() as bar:
-            task = bar.add_task("encoder passes", total=None)
+        from zoocli.cli.progress import Steps
+
+        with Steps("vs-encoder", None, "encoder passes", min_interval_s=5.0) as steps:
             out |= encoder_agreement(adapter, scored, m=opts.m, h=opts.h, seed=opts.seed,
-                                     progress=lambda done, total: bar.update(task, completed=done, total=total))
+                                     progress=lambda done, total: steps.set_progress(done, total))
     if overlay is not None:
         from zoocli.figures import heat_overlay
 
