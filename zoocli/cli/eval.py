@@ -20,7 +20,7 @@ import typer
 
 from zoocli.cli.common import (
     BudgetsOpt, ConfigOpt, DeviceOpt, DtypeOpt, JsonOpt, MethodOptions, MethodsOpt, ModelOpt,
-    RandomOpt, console, err, handle_errors, load_model, method_options, print_json,
+    RandomOpt, console, handle_errors, load_model, method_options, print_json,
     split_list, warn,
 )
 from zoocli.errors import UsageError, ZooError
