@@ -10,8 +10,9 @@ import typer
 
 from zoocli.cli.common import (
     ConfigOpt, DeviceOpt, DtypeOpt, ImageArg, JsonOpt, KeepOpt, MaxNewOpt, MethodOptions,
-    MethodsOpt, ModelOpt, QuestionArg, RandomOpt, console, early_checks, handle_errors, load_image,
-    load_model, method_options, print_json, progress, save_png, split_list, warn,
+    MethodsOpt, ModelOpt, QuestionArg, RandomOpt, check_images, console, early_checks,
+    handle_errors, load_image, load_model, method_options, print_json, progress, save_png,
+    split_list, warn,
 )
 
 
@@ -39,6 +40,7 @@ def compare(
     question, parsed, zoo = early_checks(question, keep, names, max_new_tokens, overlay, opts)
     img = load_image(image)
     adapter = load_model(model, device, dtype, random_weights)
+    check_images(adapter, [image], [img])
     for base_name, _ in parsed:
         check_family(adapter, base_name)
     enc = encode_image(adapter, img, question)
