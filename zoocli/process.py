@@ -32,7 +32,8 @@ def _null_fd(fd: int) -> None:
 
 def std_streams() -> None:
     """Reopen a closed descriptor 0, 1 or 2 on the null device (lowest first, so each reopen
-    lands on its own number) and give Python stream objects for them where it has None."""
+    lands on its own number) and give Python stream objects for them where it has None; stdout
+    writes what it cannot encode (a lone surrogate from a non-UTF-8 file name) as an escape."""
     for fd in (0, 1, 2):
         try:
             os.fstat(fd)
@@ -41,6 +42,9 @@ def std_streams() -> None:
     for name, fd, mode in (("stdin", 0, "r"), ("stdout", 1, "w"), ("stderr", 2, "w")):
         if getattr(sys, name) is None:
             setattr(sys, name, os.fdopen(fd, mode, closefd=False))
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None:  # a file name with bytes that are not UTF-8 prints, escaped
+        reconfigure(errors="backslashreplace")
 
 
 def say(message: str) -> None:

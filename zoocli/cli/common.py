@@ -34,7 +34,10 @@ class _Console(Console):
 
 
 # A terminal gets its own width; a file or pipe gets 120 columns so wide tables stay readable.
-console = _Console(width=None if sys.stdout is not None and sys.stdout.isatty() else 120)
+# markup=False: a string cell of a table (a file name, a model's answer) is shown as it is, never
+# read as Rich markup ("[/x].jpg" would crash the printer); styled text comes as Text objects.
+console = _Console(width=None if sys.stdout is not None and sys.stdout.isatty() else 120,
+                   markup=False)
 err = _Console(stderr=True)
 
 _LONG_WORD = 240  # a word of a message longer than this (a 10,000-character path) is shortened
@@ -174,6 +177,14 @@ def _config_text(value: str) -> str:
         raise typer.BadParameter(f"{value} is not UTF-8 text (byte {e.start})") from None
 
 
+def _yaml_problem(e: Exception) -> str:
+    """What PyYAML found wrong, with its place: "found unhashable key (line 1, column 3)"."""
+    problem, mark = getattr(e, "problem", None), getattr(e, "problem_mark", None)
+    if not problem:
+        return (str(e).splitlines() or ["not valid YAML"])[0]
+    return problem + (f" (line {mark.line + 1}, column {mark.column + 1})" if mark else "")
+
+
 def _read_config(value: str) -> dict:
     import yaml
 
@@ -181,7 +192,7 @@ def _read_config(value: str) -> dict:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise typer.BadParameter(f"cannot read {value}: {str(e).splitlines()[0]}") from None
+        raise typer.BadParameter(f"cannot read {value}: {_yaml_problem(e)}") from None
     except RecursionError:
         raise typer.BadParameter(f"cannot read {value}: it is nested too deeply") from None
     except (ValueError, OverflowError):  # an integer over Python's digit limit (4300)
