@@ -446,3 +446,18 @@ def test_reader_gone_is_a_quiet_exit(tmp_path, args):
     finally:
         os.close(w)
     assert code == 141 and err == b"", err
+
+
+def test_rows_with_non_utf8_names_are_written_and_read_back(tmp_path):
+    """A file name with a byte that is not UTF-8 (argv gives a lone surrogate) in a bench row: the
+    row is written as valid JSON (the \\uXXXX escape) and reads back equal, so a rerun skips it."""
+    from zoocli.bench import append_row, done_keys
+    from zoocli.outfile import BENCH_KEYS, check_jsonl
+
+    name = b"caf\xe9.png".decode("utf-8", "surrogateescape")
+    row = {"method": "none", "budget": "all", "key": {"images": [name], "method": "none"}}
+    out = tmp_path / "rows.jsonl"
+    append_row(out, row)
+    assert check_jsonl(out, BENCH_KEYS) is None
+    assert json.loads(out.read_bytes().decode("utf-8")) == row
+    assert len(done_keys(out)) == 1

@@ -257,7 +257,9 @@ class JsonlOut:
                     raise ValueError(f"row lacks the key field '{k}'")
             lines.append(json.dumps(row, ensure_ascii=False, allow_nan=False, sort_keys=sort_keys) + "\n")
         if lines:
-            self._write("".join(lines).encode("utf-8"))
+            # a lone surrogate (a non-UTF-8 file name, "\ud800" from a data file) can only sit in a
+            # JSON string: written as its \uXXXX escape it is valid JSON and reads back the same
+            self._write("".join(lines).encode("utf-8", "backslashreplace"))
 
     def close(self) -> None:
         if self._fd >= 0:

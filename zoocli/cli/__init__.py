@@ -81,6 +81,7 @@ def main() -> None:
     one line and exit 130; a reader that goes away (``zoo methods | head -1``) a quiet exit 141
     (``zoocli.process``)."""
     std_streams()
+    SHOWN.clear()
     try:
         code = _invoke()
         sys.stdout.flush()  # here, not at exit: a broken pipe is caught below

@@ -92,10 +92,10 @@ def handle_errors(fn):
             fail(str(e), e.exit_code)
         except KeyboardInterrupt:
             fail("interrupted", INTERRUPTED)
-        except BrokenPipeError:
+        except BrokenPipeError as e:
             if stdout_gone():  # `zoo methods | head -1`: the reader has what it wanted
                 reader_gone()
-            raise
+            fail(f"a connection closed under zoo (broken pipe: {e.strerror or e})")
         except MemoryError:
             fail("out of memory: try a smaller --keep or --m, --dtype bf16, or a smaller model")
         except RuntimeError as e:
