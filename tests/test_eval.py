@@ -92,7 +92,7 @@ def test_runner_batch_sizes_give_the_same_records(tiny_llava, tmp_path):
     outs = []
     for bs in (1, 4):
         spec = EvalSpec(model="tiny-llava", methods=["zoo", "divprune", "visionzip", "fastv"],
-                        budgets=["4", "50%"], batch_size=bs, max_new_tokens=4, options={"m": 4, "h": 0.01})
+                        budgets=["4", "50%"], batch_size=bs, max_new_tokens=4, options={"m": 4, "h": 0.01, "estimator": "fd"})
         with RecordWriter(tmp_path / f"b{bs}.jsonl") as w:
             stats = run_eval(tiny_llava, [Dataset("q", samples)], spec, w)
         assert stats.predictions == len(PLAIN) * 9

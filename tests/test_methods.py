@@ -147,7 +147,7 @@ IN_LLM = sorted(n for n, m in METHODS.items() if m.stage == "in_llm")
        seed=st.integers(0, 3))
 def test_every_method_keeps_k_distinct_in_range(name, n, keep, seed):
     inp = _inputs_for(get_method(name), n, seed)
-    opts = {"m": 8} if "m" in get_method(name).options else {}
+    opts = {"m": 8, "estimator": "fd"} if "m" in get_method(name).options else {}
     sel = select(name, inp, keep, **opts)
     idx = sel.idx
     want = n if name == "none" else min(keep, n)
@@ -178,7 +178,7 @@ def test_nonpositive_keep_is_a_clear_error(name, keep):
 @pytest.mark.parametrize("name", PRE_LLM)
 def test_methods_are_deterministic(name):
     inp = _inputs_for(get_method(name), 20, seed=3)
-    opts = {"m": 8} if "m" in get_method(name).options else {}
+    opts = {"m": 8, "estimator": "fd"} if "m" in get_method(name).options else {}
     a, b = select(name, inp, 6, **opts), select(name, inp, 6, **opts)
     assert torch.equal(a.idx, b.idx)
 
@@ -211,13 +211,16 @@ def test_random_depends_on_seed():
 
 def test_sensitivity_ablation_is_topk():
     inp = _inputs_for(None, 30)
-    sel = select("sensitivity", inp, 5, m=16)
+    sel = select("sensitivity", inp, 5, m=16, estimator="fd")
     top = torch.sort(sel.scores, descending=True, stable=True).indices[:5]
     assert sel.idx.tolist() == top.tolist()
 
 
 def test_zoo_registered_defaults_match_paper():
-    opts = get_method("zoo").options
+    # the default estimator is exact (no m / h); the sampled estimators default to the paper's m, h
+    from zoocli.sensitivity import SAMPLED_DEFAULTS as opts
+
+    assert get_method("zoo").options["estimator"] == "exact"
     assert opts["m"] == 64 and opts["h"] == 0.01
 
 

@@ -23,7 +23,7 @@ def test_llava_next_per_crop_budgets_add_up(tiny_llava_next, rand_image, keep):
 
 def test_newlines_are_kept_on_top_of_the_budget(tiny_llava_next, rand_image):
     enc = encode_image(tiny_llava_next, rand_image(90, 40), "q?")
-    res = run_method(tiny_llava_next, enc, "zoo", 6, options={"m": 8}, max_new_tokens=2)
+    res = run_method(tiny_llava_next, enc, "zoo", 6, options={"m": 8, "estimator": "fd"}, max_new_tokens=2)
     newlines = enc.encoded.n_llm_visual - enc.n
     assert newlines > 0
     assert res.n_llm_visual_kept == 6 + newlines
@@ -53,8 +53,8 @@ def test_method_none_equals_stock_generate(fixture, request, rand_image):
 
 def test_zoo_same_seed_same_picks_other_seed_differs(tiny_llava, rand_image):
     enc = encode_image(tiny_llava, rand_image(64, 64, seed=1), "q?")
-    a = select_tokens(tiny_llava, enc.prepared, enc.encoded, "zoo", 5, seed=0, options={"m": 4})
-    b = select_tokens(tiny_llava, enc.prepared, enc.encoded, "zoo", 5, seed=0, options={"m": 4})
-    c = select_tokens(tiny_llava, enc.prepared, enc.encoded, "zoo", 5, seed=1, options={"m": 4})
+    a = select_tokens(tiny_llava, enc.prepared, enc.encoded, "zoo", 5, seed=0, options={"m": 4, "estimator": "fd"})
+    b = select_tokens(tiny_llava, enc.prepared, enc.encoded, "zoo", 5, seed=0, options={"m": 4, "estimator": "fd"})
+    c = select_tokens(tiny_llava, enc.prepared, enc.encoded, "zoo", 5, seed=1, options={"m": 4, "estimator": "fd"})
     assert torch.equal(a.kept, b.kept)
     assert not torch.equal(a.scores, c.scores)

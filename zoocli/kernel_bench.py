@@ -15,23 +15,16 @@ channels.
 
 from __future__ import annotations
 
+import copy
 import platform
 
 import torch
 from torch import Tensor, nn
 
-from zoocli.sensitivity import lowrank_factor, token_sensitivity
+from zoocli.ops import spearman
+from zoocli.sensitivity import _structure, lowrank_factor, token_sensitivity
+from zoocli.sensitivity_exact import _EXACT_M, exact_matrices
 from zoocli.timing import Timer, device_sync, summarize
-
-
-def spearman(a: Tensor, b: Tensor) -> float:
-    """Spearman rank correlation of two score vectors (ties broken by position)."""
-    def ranks(v: Tensor) -> Tensor:
-        r = torch.empty(v.numel(), dtype=torch.float64)
-        r[torch.argsort(v.flatten().double().cpu(), stable=True)] = torch.arange(v.numel(), dtype=torch.float64)
-        return r - r.mean()
-    ra, rb = ranks(a), ranks(b)
-    return float((ra @ rb) / (ra.norm() * rb.norm()).clamp_min(1e-300))
 
 
 def _orthogonal(n: int, g: torch.Generator) -> Tensor:
@@ -76,13 +69,107 @@ def clip_like(n: int, d: int, seed: int, outliers: int = 4, scale: float = 20.0)
     return x
 
 
-def sensitivity_bench(device="cpu", n=576, d_in=1024, d_hidden=4096, d_out=4096, m=64, repeats=3,
-                      warmup=1, ranks=(128,), seed=0) -> list[dict]:
-    """Time naive / fd / jvp / fd+rank on one projector; rows are JSON-able dicts.
+class MergerLike(nn.Module):
+    """A Qwen2.5-VL-shaped patch merger (RMSNorm ``ln_q`` per patch of ``d_v``, then ``mlp`` =
+    Linear-GELU-Linear on the ``groups`` * d_v concatenation), built here so the benchmark needs no
+    transformers import; ``zoocli.sensitivity`` recognises it like the real one."""
 
-    Each timed row has median/min/max ms over ``repeats`` (after ``warmup`` untimed runs), the
-    speed-up of its median over the naive median from the same run, and the Spearman correlation
-    of its scores with the naive scores. The SVD rows give the one-off factorisation time.
+    def __init__(self, d_v: int, groups: int, d_hidden: int, d_out: int):
+        super().__init__()
+        self.d_v = d_v
+        self.ln_q = nn.RMSNorm(d_v, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(groups * d_v, d_hidden), nn.GELU(), nn.Linear(d_hidden, d_out))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.mlp(self.ln_q(x).view(-1, self.mlp[0].in_features))
+
+
+def bench_merger(d_v=1280, groups=4, d_hidden=5120, d_out=3584, seed=0) -> MergerLike:
+    """The Qwen2.5-VL-7B merger shape (5120 -> 5120 -> 3584) with ``bench_projector``'s scales."""
+    g = torch.Generator().manual_seed(seed + 3)
+    p = MergerLike(d_v, groups, d_hidden, d_out)
+    mlp = bench_projector(groups * d_v, d_hidden, d_out, "decay", seed)
+    with torch.no_grad():
+        p.mlp.load_state_dict(mlp.state_dict())
+        p.ln_q.weight.copy_(0.5 + torch.rand(d_v, generator=g))
+    return p.eval()
+
+
+def mc_reference(x: Tensor, rows, n_dirs: int, seed: int, chunk: int = 128) -> Tensor:
+    """E_u ||J(x_i) u|| in float64 over ``n_dirs`` unit Gaussian directions (the paper's quantity,
+    Prop. 3.1): exact Jacobian-vector products (``torch.func.jvp``) of a float64 function ``rows``
+    [R, d_in] -> [R, d], token by token, directions in chunks. Slow and obvious, for reference."""
+    g = torch.Generator().manual_seed(seed + 1000)
+    u = torch.randn(n_dirs, x.shape[1], generator=g, dtype=torch.float64).to(x.device)
+    u /= u.norm(dim=-1, keepdim=True)
+    out = torch.zeros(x.shape[0], dtype=torch.float64)
+    for t in range(x.shape[0]):
+        xt = x[t:t + 1].double()
+        for a in range(0, n_dirs, chunk):
+            ub = u[a:a + chunk]
+            _, jv = torch.func.jvp(rows, (xt.expand(ub.shape[0], -1).contiguous(),), (ub,))
+            out[t] += float(jv.detach().norm(dim=-1).sum())
+    return out / n_dirs
+
+
+def _rows64(proj: nn.Module):
+    p64 = copy.deepcopy(proj).double()
+    if isinstance(proj, MergerLike):
+        return lambda r: p64(r.reshape(-1, proj.d_v)).reshape(r.shape[0], -1)
+    return p64
+
+
+def _timed(timer, x, proj, warmup, repeats, **kw):
+    out = None
+    for _ in range(warmup):
+        out = token_sensitivity(x, proj, **kw)
+    ms = []
+    for _ in range(repeats):
+        t0 = timer.now()
+        out = token_sensitivity(x, proj, **kw)
+        ms.append((timer.now() - t0) * 1e3)
+    return out, summarize(ms)
+
+
+def _exact_rows(timer, dev, x, proj, base, label, warmup, repeats):
+    """The one-time M row and the warm ``exact`` row (scores returned for the Spearman columns)."""
+    s = _structure(proj)
+    _EXACT_M.pop(s.lin2, None)
+    t0 = timer.now()
+    exact_matrices(s, dev)
+    once = (timer.now() - t0) * 1e3
+    m_row = {**base, "name": "exact: M = (W1 W1^T) o (W2^T W2) (once, cached)", "estimator": "exact-M",
+             "rank": None, "spectrum": label, "median_ms": once, "min_ms": once, "max_ms": once}
+    scores, st = _timed(timer, x, proj, warmup, repeats, estimator="exact")
+    return scores, [m_row, {**base, "name": "exact", "estimator": "exact", "rank": None,
+                            "spectrum": label, **_ms(st)}]
+
+
+def _reference_columns(rows: list[dict], scores: list[Tensor], x, proj, ref_tokens, ref_dirs, seed):
+    """Spearman of each scored row against the float64 many-direction reference (first
+    ``ref_tokens`` tokens)."""
+    if not ref_tokens:
+        return
+    xr = x[:ref_tokens]
+    ref = mc_reference(xr, _rows64(proj), ref_dirs, seed)
+    for r, sc in zip(rows, scores, strict=True):
+        r.update(spearman_vs_ref=spearman(sc[:ref_tokens], ref), ref_tokens=xr.shape[0],
+                 ref_dirs=ref_dirs, ref="float64 E_u||J u|| (jvp)")
+
+
+def sensitivity_bench(device="cpu", n=576, d_in=1024, d_hidden=4096, d_out=4096, m=64, repeats=3,
+                      warmup=1, ranks=(128,), seed=0, estimators=("naive", "fd", "jvp"),
+                      ref_tokens=48, ref_dirs=256, merger=(1280, 4, 5120, 3584)) -> list[dict]:
+    """Time the estimators on a LLaVA-1.5-7B-sized projector (and the Qwen2.5-VL merger shape);
+    rows are JSON-able dicts.
+
+    Each timed row has median/min/max ms over ``repeats`` (after ``warmup`` untimed runs) and,
+    where the run has them, the speed-up of its median over the naive and the fd (m) medians of
+    the same run, the Spearman correlation with the naive scores and with a float64
+    many-direction reference (``mc_reference`` on the first ``ref_tokens`` tokens, ``ref_dirs``
+    directions; 0 skips it). One-time costs (the SVD of ``rank``, the M of ``exact``) have their
+    own rows. ``estimators`` picks the sampled ones to time (``exact`` always runs); ``merger``
+    is the merger shape (d_v, patches, d_hidden, d_out) for ``merger_bench``, None skips it.
     """
     dev = torch.device(device)
     timer = Timer(sync=lambda: device_sync(dev))
@@ -90,30 +177,75 @@ def sensitivity_bench(device="cpu", n=576, d_in=1024, d_hidden=4096, d_out=4096,
     base = {"device": str(dev), "n": n, "m": m, "d_in": d_in, "d_hidden": d_hidden, "d_out": d_out,
             "torch": torch.__version__, "threads": torch.get_num_threads(),
             "cpu": platform.processor() or platform.machine()}
-
-    def timed(proj, **kw):
-        out = None
-        for _ in range(warmup):
-            out = token_sensitivity(x, proj, m=m, seed=seed, **kw)
-        ms = []
-        for _ in range(repeats):
-            t0 = timer.now()
-            out = token_sensitivity(x, proj, m=m, seed=seed, **kw)
-            ms.append((timer.now() - t0) * 1e3)
-        return out, summarize(ms)
-
-    rows: list[dict] = []
     proj = bench_projector(d_in, d_hidden, d_out, "decay", seed).to(dev)
-    ref, st = timed(proj, estimator="naive")
-    naive_ms = st["median"]
-    rows.append({**base, "name": "naive two-pass", "estimator": "naive", "rank": None,
-                 "spectrum": "decay", **_ms(st), "speedup_vs_naive": 1.0, "spearman_vs_naive": 1.0})
-    for est in ("fd", "jvp"):
-        s, st = timed(proj, estimator=est)
-        rows.append({**base, "name": est, "estimator": est, "rank": None, "spectrum": "decay",
-                     **_ms(st), "speedup_vs_naive": naive_ms / st["median"],
-                     "spearman_vs_naive": spearman(s, ref),
-                     "max_rel_diff_vs_naive": float(((s - ref).abs() / ref.abs()).max())})
+    rows, scored, ref = _sampled_rows(timer, x, proj, base, "decay", m, seed, warmup, repeats, estimators)
+    ex, ex_rows = _exact_rows(timer, dev, x, proj, base, "decay", warmup, repeats)
+    rows += ex_rows
+    scored.append((ex_rows[1], ex))
+    _speedups(scored, ref, rows)
+    _reference_columns([r for r, _ in scored], [sc for _, sc in scored], x, proj, ref_tokens,
+                       ref_dirs, seed)
+    if "naive" in estimators:
+        naive_ms = next(r["median_ms"] for r in rows if r["estimator"] == "naive")
+        rows += _rank_rows(timer, dev, x, proj, base, m, seed, warmup, repeats, ranks, ref, naive_ms,
+                           d_in, d_hidden, d_out)
+    if merger:
+        rows += merger_bench(timer, dev, n, m, seed, warmup, repeats, ref_tokens, ref_dirs, merger)
+    return rows
+
+
+def _sampled_rows(timer, x, proj, base, label, m, seed, warmup, repeats, estimators):
+    rows, scored, ref = [], [], None
+    for est in ("naive", "fd", "jvp"):
+        if est not in estimators:
+            continue
+        sc, st = _timed(timer, x, proj, warmup, repeats, m=m, seed=seed, estimator=est)
+        name = "naive two-pass" if est == "naive" else est  # the names the CLI table shows
+        rows.append({**base, "name": name, "estimator": est, "rank": None, "spectrum": label, **_ms(st)})
+        scored.append((rows[-1], sc))
+        if est == "naive":
+            ref = sc
+    return rows, scored, ref
+
+
+def _speedups(scored, naive_scores, rows) -> None:
+    med = {r["estimator"]: r["median_ms"] for r, _ in scored}
+    for r, sc in scored:
+        if "naive" in med:
+            r["speedup_vs_naive"] = med["naive"] / r["median_ms"]
+            r["spearman_vs_naive"] = spearman(sc, naive_scores)
+            if r["estimator"] != "naive":
+                r["max_rel_diff_vs_naive"] = float(((sc - naive_scores).abs() / naive_scores.abs()).max())
+        if "fd" in med:
+            r["speedup_vs_fd"] = med["fd"] / r["median_ms"]
+
+
+def merger_bench(timer, dev, n, m, seed, warmup, repeats, ref_tokens, ref_dirs,
+                 shape=(1280, 4, 5120, 3584)) -> list[dict]:
+    """exact vs fd (m) on the Qwen2.5-VL-7B merger shape (default: n merged tokens of 4 x 1280 ->
+    5120 -> 3584); ``shape`` = (d_v, patches, d_hidden, d_out)."""
+    proj = bench_merger(*shape, seed=seed).to(dev)
+    d_in = proj.mlp[0].in_features
+    g = torch.Generator().manual_seed(seed + 11)
+    x = (clip_like(shape[1] * n, proj.d_v, seed) + torch.randn(1, proj.d_v, generator=g)).reshape(n, d_in).to(dev)
+    base = {"device": str(dev), "n": n, "m": m, "d_in": d_in, "d_hidden": proj.mlp[0].out_features,
+            "d_out": proj.mlp[2].out_features, "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine()}
+    label = "decay (Qwen2.5-VL merger)"
+    rows, scored, _ = _sampled_rows(timer, x, proj, base, label, m, seed, warmup, repeats, ("fd",))
+    ex, ex_rows = _exact_rows(timer, dev, x, proj, base, label, warmup, repeats)
+    rows += ex_rows
+    scored.append((ex_rows[1], ex))
+    _speedups(scored, None, rows)
+    _reference_columns([r for r, _ in scored], [sc for _, sc in scored], x, proj, ref_tokens,
+                       ref_dirs, seed)
+    return rows
+
+
+def _rank_rows(timer, dev, x, proj, base, m, seed, warmup, repeats, ranks, ref, naive_ms, d_in,
+               d_hidden, d_out) -> list[dict]:
+    """fd rank=k on the decaying and on a flat W2 spectrum (the SVD on its own row)."""
+    rows: list[dict] = []
     flat = bench_projector(d_in, d_hidden, d_out, "flat", seed + 1).to(dev) if ranks else None
     flat_ref = token_sensitivity(x, flat, m=m, seed=seed, estimator="naive") if ranks else None
     for k in ranks:
@@ -123,7 +255,7 @@ def sensitivity_bench(device="cpu", n=576, d_in=1024, d_hidden=4096, d_out=4096,
             svd_ms = (timer.now() - t0) * 1e3
             rows.append({**base, "name": f"svd rank={k} (once, cached)", "estimator": "svd", "rank": k,
                          "spectrum": spectrum, "median_ms": svd_ms, "min_ms": svd_ms, "max_ms": svd_ms})
-            s, st = timed(p, estimator="fd", rank=k)
+            s, st = _timed(timer, x, p, warmup, repeats, m=m, seed=seed, estimator="fd", rank=k)
             rows.append({**base, "name": f"fd rank={k}", "estimator": "fd", "rank": k,
                          "spectrum": spectrum, **_ms(st), "speedup_vs_naive": naive_ms / st["median"],
                          "spearman_vs_naive": spearman(s, r),
@@ -137,12 +269,16 @@ def _ms(st: dict) -> dict:
 
 def markdown_table(rows: list[dict]) -> str:
     """The rows as a markdown table (for BENCHMARKS.md)."""
-    head = "| estimator | W2 spectrum | median ms | min ms | max ms | speed-up vs naive | Spearman vs naive |"
-    lines = [head, "|---|---|---:|---:|---:|---:|---:|"]
+    head = ("| estimator | W2 spectrum | median ms | min ms | max ms | speed-up vs naive | "
+            "speed-up vs fd | Spearman vs naive | Spearman vs float64 ref |")
+    lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def f(v, fmt):
+        return "" if v is None else format(v, fmt)
+
     for r in rows:
-        sp = r.get("speedup_vs_naive")
-        rho = r.get("spearman_vs_naive")
         lines.append(f"| {r['name']} | {r['spectrum']} | {r['median_ms']:.0f} | {r['min_ms']:.0f} | "
-                     f"{r['max_ms']:.0f} | {'' if sp is None else f'{sp:.1f}x'} | "
-                     f"{'' if rho is None else f'{rho:.4f}'} |")
+                     f"{r['max_ms']:.0f} | {f(r.get('speedup_vs_naive'), '.1f')} | "
+                     f"{f(r.get('speedup_vs_fd'), '.1f')} | {f(r.get('spearman_vs_naive'), '.4f')} | "
+                     f"{f(r.get('spearman_vs_ref'), '.4f')} |")
     return "\n".join(lines)

@@ -14,8 +14,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING
+
+from zoocli.lazy import torch
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 # Cosine distances below this are float32 rounding of identical directions: they count as 0, so
 # duplicate tokens tie exactly and the tie goes to the lowest index, as in exact arithmetic.

@@ -8,7 +8,13 @@ shared/papers/zoo-prune-paper.txt). For pre-projector tokens x_i and the project
 with m unit-norm Gaussian directions u_j shared by every token. Prop. 3.1: S(i) = E_u ||J(x_i) u||
 + O(h^2). ``token_sensitivity`` computes it with one of these estimators:
 
-``fd`` (default, Eq. 2-3)
+``exact`` (default)
+    S(i) = ||J(x_i)||_F / sqrt(d_in) = sqrt(E_u ||J u||^2), the closed form of the m -> inf,
+    h -> 0 limit in root-mean-square form: no directions, no step, no seed, no sampling noise
+    (``zoocli.sensitivity_exact``, which derives it for both recognised structures). ``m``, ``h``
+    and ``seed`` belong to the sampled estimators below; given with ``exact`` they are a
+    ``SampledOptionError`` (a ``ValueError``). Their defaults when not given: m=64, h=0.01, seed=0.
+``fd`` (Eq. 2-3 as the paper writes it)
     For a Linear-act-Linear projector (LLaVA / LLaVA-NeXT ``linear_1, act, linear_2``; the original
     LLaVA ``nn.Sequential(Linear, act, Linear)`` mm_projector) the perturbation is applied after the
     first Linear, which is exact by linearity: a0 = W1 x + b1 and W1(x +- h u) + b1 = a0 +- h W1 u,
@@ -83,14 +89,14 @@ from torch import Tensor, nn
 
 from zoocli.errors import UsageError
 
-ESTIMATORS = ("fd", "jvp", "naive")
+ESTIMATORS = ("exact", "fd", "jvp", "naive")
 # the seeds torch.Generator.manual_seed accepts (a signed or unsigned 64-bit integer)
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 # Directions: at least one; 65536 bounds the [m, d] direction block (a larger m is beyond any
 # sensible cost and overflows the C++ size arithmetic long before).
 M_MAX = 65536
 # The finite-difference step: on a 1024->512->512 GELU MLP with inputs of std 3 (float32, m=16)
-# the largest relative error against the exact jvp was 29% at h=1e-6, 14% at 1e-5, 0.4% at 1e-4,
+# the largest relative error against the jvp estimator (no step) was 29% at h=1e-6, 14% at 1e-5, 0.4% at 1e-4,
 # 0.02% at 1e-3, 0.002% at 1e-2, 0.08% at 1 and 4% at 10: below 1e-4 the step drowns in float32
 # rounding (1e-30 gives all zeros), above 1 it stops being local (1e308 overflows).
 H_MIN, H_MAX = 1e-4, 1.0
@@ -343,27 +349,45 @@ def _rows_fn(s: _MLP | None, mod32: nn.Module) -> Callable[[Tensor], Tensor]:
 # estimators
 
 
-def check_options(m=64, h=0.01, seed=0, estimator="fd", rank=None, chunk_mb=256) -> None:
-    """Raise ``UsageError`` for option values ``token_sensitivity`` cannot take."""
-    if isinstance(m, bool) or not isinstance(m, numbers.Integral) or m <= 0:
+class SampledOptionError(UsageError, ValueError):
+    """``m``, ``h`` or ``seed`` given with the ``exact`` estimator (they belong to the sampled ones)."""
+
+
+# the paper's sampled defaults (Eq. 2-3), used by fd / jvp / naive when m / h / seed are None
+SAMPLED_DEFAULTS = {"m": 64, "h": 0.01, "seed": 0}
+
+
+def check_options(m=None, h=None, seed=None, estimator="exact", rank=None, chunk_mb=256) -> None:
+    """Raise ``UsageError`` for option values ``token_sensitivity`` cannot take.
+
+    ``m``, ``h`` and ``seed`` are None for "not given"; with ``estimator="exact"`` giving any of
+    them is a ``SampledOptionError`` (a ``UsageError`` and a ``ValueError``)."""
+    if m is not None and (isinstance(m, bool) or not isinstance(m, numbers.Integral) or m <= 0):
         raise UsageError(f"m must be a positive integer, got {m!r}")
-    if m > M_MAX:
+    if m is not None and m > M_MAX:
         raise UsageError(f"m must be at most {M_MAX}, got {m}")
-    if isinstance(h, bool) or not isinstance(h, (int, float)) or not math.isfinite(h) or h <= 0:
+    if h is not None and (isinstance(h, bool) or not isinstance(h, (int, float))
+                          or not math.isfinite(h) or h <= 0):
         raise UsageError(f"h must be a positive finite number, got {h!r}")
-    if not H_MIN <= h <= H_MAX:
+    if h is not None and not H_MIN <= h <= H_MAX:
         raise UsageError(f"h must be in [{H_MIN:g}, {H_MAX:g}] ({H_WHY}), got {h:g}")
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise UsageError(f"seed must be an integer, got {seed!r}")
-    if not SEED_MIN <= seed <= SEED_MAX:
-        raise UsageError(f"seed must be in [{SEED_MIN}, {SEED_MAX}], got {seed}")
+    if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise UsageError(f"seed must be an integer, got {seed!r}")
+        if not SEED_MIN <= seed <= SEED_MAX:
+            raise UsageError(f"seed must be in [{SEED_MIN}, {SEED_MAX}], got {seed}")
     if estimator not in ESTIMATORS:
         raise UsageError(f"unknown estimator {estimator!r}; known: {', '.join(ESTIMATORS)}")
+    given = [n for n, v in (("m", m), ("h", h), ("seed", seed)) if v is not None]
+    if estimator == "exact" and given:
+        raise SampledOptionError(
+            f"{'/'.join(given)} {'applies' if len(given) == 1 else 'apply'} to the sampled estimators only: estimator='exact' is the closed "
+            f"form (no directions, no step); estimator='fd' is the paper's sampled form (Eq. 2-3)")
     if rank is not None:
         if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:
             raise UsageError(f"rank must be a positive integer or None, got {rank!r}")
-        if estimator == "naive":
-            raise UsageError("rank applies to the fd and jvp estimators, not naive")
+        if estimator in ("naive", "exact"):
+            raise UsageError(f"rank applies to the fd and jvp estimators, not {estimator}")
     if (isinstance(chunk_mb, bool) or not isinstance(chunk_mb, (int, float))
             or not math.isfinite(chunk_mb) or chunk_mb <= 0):
         raise UsageError(f"chunk_mb must be a positive number, got {chunk_mb!r}")
@@ -376,9 +400,16 @@ def _check(x, m, h, seed, estimator, rank, chunk_mb) -> None:
 
 
 @torch.no_grad()
-def token_sensitivity(x: Tensor, projector: nn.Module, m: int = 64, h: float = 0.01, seed: int = 0,
-                      *, estimator: str = "fd", rank: int | None = None, chunk_mb: float = 256) -> Tensor:
-    """S(i) = 1/m sum_j ||M(x_i + h u_j) - M(x_i - h u_j)|| / 2h, float32 [N] on x.device.
+def token_sensitivity(x: Tensor, projector: nn.Module, m: int | None = None, h: float | None = None,
+                      seed: int | None = None, *, estimator: str = "exact", rank: int | None = None,
+                      chunk_mb: float = 256) -> Tensor:
+    """Per-token sensitivity at the projector, float32 [N] on x.device.
+
+    ``estimator="exact"`` (default): S(i) = ||J(x_i)||_F / sqrt(d_in), the closed form of the
+    m -> inf, h -> 0 limit of Eq. 2-3 (root-mean-square form; ``zoocli.sensitivity_exact``).
+    ``fd`` / ``jvp`` / ``naive``: S(i) = 1/m sum_j ||M(x_i + h u_j) - M(x_i - h u_j)|| / 2h with
+    ``m`` directions (default 64), step ``h`` (default 0.01) and ``seed`` (default 0); giving any
+    of these three with ``exact`` is a ``SampledOptionError`` (a ``ValueError``).
 
     ``x`` [N, d_in] pre-projector tokens; ``projector`` maps [..., d_in] -> [..., d] (for the
     Qwen2.5-VL merger, rows are the s^2*d_v patch concatenation). See the module docstring for the
@@ -393,14 +424,20 @@ def token_sensitivity(x: Tensor, projector: nn.Module, m: int = 64, h: float = 0
     dev = x.device
     n = x.shape[0]
     out = torch.zeros(n, dtype=torch.float32, device=dev)
-    if n == 0:
-        return out
-    m, seed = int(m), int(seed)
-    rank = None if rank is None else int(rank)
-    u = directions(m, x.shape[1], seed, dev)
     if s is not None and s.lin1.in_features != x.shape[1]:
         raise UsageError(f"x has {x.shape[1]} features, the projector expects {s.lin1.in_features}")
+    if n == 0:
+        return out
     mb = _effective_mb(chunk_mb, dev)
+    if estimator == "exact":
+        from zoocli.sensitivity_exact import exact_sensitivity
+
+        return exact_sensitivity(x, projector, s, out, mb)
+    m = SAMPLED_DEFAULTS["m"] if m is None else int(m)
+    h = SAMPLED_DEFAULTS["h"] if h is None else float(h)
+    seed = SAMPLED_DEFAULTS["seed"] if seed is None else int(seed)
+    rank = None if rank is None else int(rank)
+    u = directions(m, x.shape[1], seed, dev)
     if s is None or estimator == "naive":
         # the recognised module (maybe inside a wrapper) with its own row layout, else the projector
         mod32 = _module32(s.module if s is not None else projector, dev)
@@ -408,9 +445,9 @@ def token_sensitivity(x: Tensor, projector: nn.Module, m: int = 64, h: float = 0
         if estimator == "jvp":
             _generic_jvp(x, u, rows, out, mb)
         else:
-            _naive(x, u, float(h), rows, out, mb)
+            _naive(x, u, h, rows, out, mb)
     else:
-        _structured(x, u, float(h), s, estimator, rank, out, mb)
+        _structured(x, u, h, s, estimator, rank, out, mb)
     return out
 
 

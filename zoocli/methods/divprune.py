@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING
 
 from zoocli.lazy import torch
 from zoocli.methods import Method, PruneInputs, Selection, register
-from zoocli.methods.zoo import COS_EPS, _unit, cos_distance
+from zoocli.methods.zoo import _picks_done, greedy_rows, host_lengths, valid_mask
+from zoocli.ops import COS_EPS, unit_rows
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -26,30 +27,42 @@ if TYPE_CHECKING:
 _ROW_CHUNK = 1024
 
 
-def divprune_select(z: Tensor, k: int) -> Tensor:
-    """DivPrune's greedy max-min cosine diversity: ``k`` indices into ``z`` [N, D], in pick order."""
-    n = z.shape[0]
-    k = min(int(k), n)
-    zn = _unit(z)  # [N, D]
-    nearest = torch.empty(n, device=z.device)
-    for s in range(0, n, _ROW_CHUNK):
-        d = 1 - zn[s : s + _ROW_CHUNK] @ zn.T  # [c, N] cosine distance
-        d = d.masked_fill(d < COS_EPS, 0.0)
-        d[torch.arange(d.shape[0]), torch.arange(s, s + d.shape[0])] = float("inf")
-        nearest[s : s + d.shape[0]] = d.min(dim=1).values
-    if n == 1:
-        nearest.zero_()
-    picked = torch.empty(k, dtype=torch.long, device=z.device)
-    picked[0] = torch.argmax(nearest)
-    mindist = cos_distance(zn, picked[0])  # [N] distance to the picked set
-    taken = torch.zeros(n, dtype=torch.bool, device=z.device)
-    taken[picked[0]] = True
-    for t in range(1, k):
-        i = torch.argmax(mindist.masked_fill(taken, float("-inf")))
-        picked[t] = i
-        taken[i] = True
-        mindist = torch.minimum(mindist, cos_distance(zn, i))
-    return picked
+def _nearest_other(zn: Tensor, lengths: list[int]) -> Tensor:
+    """[B, N]: each real token's cosine distance to its nearest other real token (0 when a row has
+    one real token). Row by row on the row's real tokens (B crops, not per token: the Gram block's
+    rounding depends on its shape, so a padded row must see the same shape as the unbatched call),
+    in row chunks of ``_ROW_CHUNK``, so no N x N tensor."""
+    b, n, _ = zn.shape
+    nearest = torch.zeros(b, n, device=zn.device)
+    for r, nr in enumerate(lengths):
+        zr = zn[r, :nr]
+        for s in range(0, nr, _ROW_CHUNK):  # N / 1024 chunks
+            c = min(_ROW_CHUNK, nr - s)
+            d = 1 - zr[s:s + c] @ zr.T  # [c, n_r]
+            d = d.masked_fill(d < COS_EPS, 0.0)
+            d[torch.arange(c), torch.arange(s, s + c)] = float("inf")  # the token itself
+            nearest[r, s:s + c] = d.amin(-1)
+    return torch.where(torch.isinf(nearest), 0.0, nearest)
+
+
+def divprune_select(z: Tensor, k: int, lengths=None) -> Tensor:
+    """DivPrune's greedy max-min cosine diversity: ``k`` indices into ``z`` [N, D], in pick order.
+
+    A batch ``z`` [B, N, D] -> [B, k], every row equal to the unbatched call on that row;
+    ``lengths`` [B] (optional): row b's first lengths[b] tokens are real, the rest padding, and its
+    picks past lengths[b] are -1. No host read in the greedy (``zoocli.methods.zoo.greedy_rows``);
+    ``lengths`` given as a tensor is read once, before it."""
+    if z.dim() not in (2, 3):
+        raise ValueError(f"z must be [N, D] or [B, N, D], got {tuple(z.shape)}")
+    squeeze = z.dim() == 2
+    if squeeze:
+        z = z[None]
+    b, n, _ = z.shape
+    valid = valid_mask(lengths, b, n, z.device)
+    zn = unit_rows(z)
+    rows = host_lengths(lengths, b, n)  # before the loop: at most one read
+    picked = greedy_rows(_nearest_other(zn, rows), zn, valid, rows, min(int(k), n))
+    return _picks_done(picked, valid, squeeze)
 
 
 def divprune(inp: PruneInputs, keep: int) -> Selection:

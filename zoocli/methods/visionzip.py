@@ -77,7 +77,8 @@ def contextual_merge(hidden: Tensor, keys: Tensor, c: int) -> tuple[Tensor, Tens
     targets = torch.arange(0, m, step, device=hidden.device)[:c]  # [c]
     is_target = torch.zeros(m, dtype=torch.bool, device=hidden.device)
     is_target[targets] = True
-    others = (~is_target).nonzero().squeeze(1)  # [M - c]
+    # the M - c non-targets in index order (targets are c distinct rows): a stable sort, no host read
+    others = torch.argsort(is_target.to(torch.uint8), stable=True)[: m - c]  # [M - c]
     assign = (metric[others] @ metric[targets].T).argmax(dim=1)  # [M - c] -> target slot
     h = hidden.float()
     sums = torch.zeros(c, h.shape[1], device=h.device).index_add_(0, assign, h[others])  # [c, Dv]

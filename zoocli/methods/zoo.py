@@ -3,12 +3,16 @@
 "Zeroth-Order Gradient Estimation for Training-Free Visual Token Pruning" (ZOO-Prune; paper in
 shared/papers). Sensitivity S(i) = mean_j ||M(x_i + h u_j) - M(x_i - h u_j)|| / 2h at the
 multimodal projector M, over m unit Gaussian directions shared by all tokens (Eq. 2-3, see
-``zoocli.sensitivity``); selection (Alg. 1): min-max normalise S, pick argmax S first, then
-greedily argmax S_hat(i) * (1 - max_{j in P} cos(Z_i, Z_j)) on the projected tokens Z.
+``zoocli.sensitivity``). By default (``estimator="exact"``) its closed-form limit
+||J(x_i)||_F / sqrt(d_in) is used instead: no sampling noise and about m times fewer FLOPs;
+``estimator="fd"`` is the paper's sampled form (m=64, h=0.01 unless given). Selection (Alg. 1):
+min-max normalise S, pick argmax S first, then greedily argmax S_hat(i) * (1 - max_{j in P} cos(Z_i, Z_j)) on the projected tokens Z.
 
 Also the paper's ablations (Table 5): ``sensitivity`` (top-k by S) and ``sum`` (S_hat + Div).
 
-Deviations from the official code (AIM-SKKU/ZOO-Prune ``llava_arch.py``): S is estimated in
+Deviations from the official code (AIM-SKKU/ZOO-Prune ``llava_arch.py``): by default S is the
+exact closed form above (the m -> inf, h -> 0 limit of Eq. 2-3 in root-mean-square form), not a
+64-direction sample; with ``estimator="fd"`` S is estimated in
 float32 whatever the model dtype (the official code runs the finite differences in fp16, where
 h*u is mostly rounded away); the directions come from a generator seeded per call, not the global
 CUDA RNG; (token, direction) pairs are processed in memory-capped chunks; the low-rank option
@@ -22,68 +26,133 @@ from typing import TYPE_CHECKING
 
 from zoocli.lazy import torch
 from zoocli.methods import Method, PruneInputs, Selection, register
+from zoocli.ops import COS_EPS, cosine_distance, unit_rows
 
 if TYPE_CHECKING:
     from torch import Tensor
 
-ZOO_OPTIONS = {"m": 64, "h": 0.01, "estimator": "fd", "rank": None, "chunk_mb": 256}
+# m / h are None ("not given"): the exact estimator takes neither; fd / jvp / naive then use the
+# paper's m=64, h=0.01 (zoocli.sensitivity.SAMPLED_DEFAULTS)
+ZOO_OPTIONS = {"m": None, "h": None, "estimator": "exact", "rank": None, "chunk_mb": 256}
 PAPER = "ZOO-Prune (zeroth-order sensitivity-aware diversity), 2025"
 
 
-# Cosine distances below this are float32 rounding of identical directions: they count as 0, so
-# duplicate tokens tie exactly and the tie goes to the lowest index, as in exact arithmetic.
-COS_EPS = 1e-6
-
-
-def _unit(z: Tensor) -> Tensor:
-    z = z.float()
-    return z / z.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-
-
-def cos_distance(zn: Tensor, i: Tensor) -> Tensor:
-    """1 - cos(z_j, z_i) for every j, from unit rows ``zn`` [N, D]; float32 noise snapped to 0."""
-    d = 1 - zn @ zn[i]
+def cosine_distance_rows(zn: Tensor, i: Tensor, lengths: list[int]) -> Tensor:
+    """Batched ``zoocli.ops.cosine_distance``: 1 - cos(z_bj, z_b,i_b) for unit rows ``zn`` [B, N, D]
+    and one index per row ``i`` [B] (a device tensor, never read) -> [B, N], float32 noise below
+    ``COS_EPS`` snapped to 0; padding entries (past ``lengths[b]``) are 0. One matrix-vector
+    product per row on the row's real tokens (B crops, not per token): ``bmm`` would round
+    differently with B and N (BLAS blocking), and an elementwise dot is ~20x slower on CPU, so this
+    is what gives a padded row bitwise the distances, hence the picks, of the unbatched call."""
+    b, n, dim = zn.shape
+    zi = zn.gather(1, i.view(-1, 1, 1).expand(-1, 1, dim))[:, 0]  # [B, D]
+    dots = zn.new_ones(b, n)
+    for r, nr in enumerate(lengths):
+        torch.mv(zn[r, :nr], zi[r], out=dots[r, :nr])
+    d = 1 - dots
     return d.masked_fill(d < COS_EPS, 0.0)
 
 
-def normalize_scores(s: Tensor) -> Tensor:
-    """Min-max normalise to [0, 1]; a constant vector becomes all ones (never NaN)."""
+def cos_distance(zn: Tensor, i: Tensor) -> Tensor:
+    """1 - cos(z_j, z_i) for every j, from unit rows ``zn`` [N, D] (``zoocli.ops.cosine_distance``)."""
+    return cosine_distance(zn, i)
+
+
+def valid_mask(lengths, b: int, n: int, device) -> Tensor:
+    """[B, N] bool: row b's first ``lengths[b]`` tokens are real, the rest padding (None: all real)."""
+    if lengths is None:
+        return torch.ones(b, n, dtype=torch.bool, device=device)
+    lengths = torch.as_tensor(lengths, device=device).view(-1)
+    if lengths.shape[0] != b:
+        raise ValueError(f"{lengths.shape[0]} lengths for {b} rows")
+    return torch.arange(n, device=device) < lengths[:, None]
+
+
+def host_lengths(lengths, b: int, n: int) -> list[int]:
+    """``lengths`` as Python ints (one host read when it is a tensor), or [n] * b."""
+    if lengths is None:
+        return [n] * b
+    if isinstance(lengths, Tensor):
+        return [int(v) for v in lengths.cpu().tolist()]
+    return [int(v) for v in lengths]
+
+
+def normalize_scores(s: Tensor, valid: Tensor | None = None) -> Tensor:
+    """Min-max normalise to [0, 1] along the last dim (over the ``valid`` entries); a constant (or
+    non-finite span) row becomes all ones, never NaN. No host read."""
     s = s.float()
-    lo, hi = s.min(), s.max()
-    if not torch.isfinite(hi - lo) or hi - lo <= 0:
-        return torch.ones_like(s)
-    return (s - lo) / (hi - lo)
+    if valid is None:
+        lo, hi = s.amin(-1, keepdim=True), s.amax(-1, keepdim=True)
+    else:
+        lo = s.masked_fill(~valid, float("inf")).amin(-1, keepdim=True)
+        hi = s.masked_fill(~valid, float("-inf")).amax(-1, keepdim=True)
+    span = hi - lo
+    ok = torch.isfinite(span) & (span > 0)
+    return torch.where(ok, (s - lo) / torch.where(ok, span, 1.0), torch.ones_like(s))
 
 
-def _greedy(s_hat: Tensor, z: Tensor, k: int, fuse: str) -> Tensor:
-    """Shared greedy of ``zoo`` (product) and ``sum`` fusion: first argmax S_hat, then the fused score."""
-    n = z.shape[0]
-    k = min(int(k), n)
-    zn = _unit(z)  # [N, D]
-    picked = torch.empty(k, dtype=torch.long, device=z.device)
-    taken = torch.zeros(n, dtype=torch.bool, device=z.device)
-    picked[0] = torch.argmax(s_hat)
-    taken[picked[0]] = True
-    div = cos_distance(zn, picked[0])  # [N] Div(i, P) = 1 - max cosine to the picked set
+def _picks_done(picked: Tensor, valid: Tensor, squeeze: bool) -> Tensor:
+    """Entries past a row's valid count become -1; [1, k] -> [k] for an unbatched call."""
+    k = picked.shape[1]
+    picked = picked.masked_fill(torch.arange(k, device=picked.device) >= valid.sum(1, keepdim=True), -1)
+    return picked[0] if squeeze else picked
+
+
+def greedy_rows(first_score: Tensor, zn: Tensor, valid: Tensor, lengths: list[int], k: int,
+                fuse=None, s_hat: Tensor | None = None) -> Tensor:
+    """The greedy shared by ZOO-Prune (``fuse="product"``), its sum ablation (``"sum"``) and
+    DivPrune (``None``: max-min distance alone), batched: [B, N] first-pick scores, unit rows ``zn``
+    [B, N, D], ``valid`` [B, N] (and its ``lengths`` on the host) -> picks [B, k] (k <= N). Argmax ties go to the lowest index. All on
+    the device: no host read in the loop (the picks past a row's valid count are garbage, see
+    ``_picks_done``)."""
+    b, n = valid.shape
+    picked = torch.empty(b, k, dtype=torch.long, device=zn.device)
+    if k == 0:
+        return picked
+    taken = ~valid
+    i = torch.argmax(first_score.masked_fill(taken, float("-inf")), -1)  # [B]
+    picked[:, 0] = i
+    taken = taken.scatter(1, i[:, None], True)
+    div = cosine_distance_rows(zn, i, lengths)  # [B, N] Div(j, P) = 1 - max cosine to the picked set
     for t in range(1, k):
-        score = s_hat * div if fuse == "product" else s_hat + div
-        i = torch.argmax(score.masked_fill(taken, float("-inf")))
-        picked[t] = i
-        taken[i] = True
-        div = torch.minimum(div, cos_distance(zn, i))
+        score = div if fuse is None else (s_hat * div if fuse == "product" else s_hat + div)
+        i = torch.argmax(score.masked_fill(taken, float("-inf")), -1)
+        picked[:, t] = i
+        taken.scatter_(1, i[:, None], True)
+        div = torch.minimum(div, cosine_distance_rows(zn, i, lengths))
     return picked
 
 
-def zoo_select(sensitivity: Tensor, z: Tensor, k: int) -> Tensor:
-    """ZOO-Prune's sensitivity-aware diversity selection (Alg. 1): ``k`` indices, in pick order."""
-    if sensitivity.shape[0] != z.shape[0]:
-        raise ValueError(f"{sensitivity.shape[0]} sensitivities for {z.shape[0]} tokens")
-    return _greedy(normalize_scores(sensitivity).to(z.device), z, k, "product")
+def _batched(sensitivity: Tensor, z: Tensor, k: int, lengths, fuse: str) -> Tensor:
+    squeeze = z.dim() == 2
+    if z.dim() not in (2, 3) or sensitivity.dim() != z.dim() - 1:
+        raise ValueError(f"sensitivity [B, N] / [N] and z [B, N, D] / [N, D] expected, got "
+                         f"{tuple(sensitivity.shape)} and {tuple(z.shape)}")
+    if squeeze:
+        sensitivity, z = sensitivity[None], z[None]
+    if sensitivity.shape != z.shape[:2]:
+        raise ValueError(f"{sensitivity.shape[-1]} sensitivities for {z.shape[-2]} tokens")
+    b, n = sensitivity.shape
+    valid = valid_mask(lengths, b, n, z.device)
+    rows = host_lengths(lengths, b, n)  # before the loop: at most one read
+    s_hat = normalize_scores(sensitivity.to(z.device), valid)
+    picked = greedy_rows(s_hat, unit_rows(z), valid, rows, min(int(k), n), fuse, s_hat)
+    return _picks_done(picked, valid, squeeze)
 
 
-def sum_select(sensitivity: Tensor, z: Tensor, k: int) -> Tensor:
+def zoo_select(sensitivity: Tensor, z: Tensor, k: int, lengths=None) -> Tensor:
+    """ZOO-Prune's sensitivity-aware diversity selection (Alg. 1): ``k`` indices, in pick order.
+
+    ``sensitivity`` [N] and ``z`` [N, D] -> [min(k, N)]; or a batch [B, N] and [B, N, D] -> [B, k]
+    where every row equals the unbatched call on that row. ``lengths`` [B] (optional): row b's
+    first lengths[b] tokens are real, the rest padding; its picks past lengths[b] are -1. No host
+    read in the greedy loop; ``lengths`` given as a device tensor is read once, before it."""
+    return _batched(sensitivity, z, k, lengths, "product")
+
+
+def sum_select(sensitivity: Tensor, z: Tensor, k: int, lengths=None) -> Tensor:
     """The paper's sum-fusion ablation: argmax S_hat first, then argmax S_hat(i) + Div(i, P)."""
-    return _greedy(normalize_scores(sensitivity).to(z.device), z, k, "sum")
+    return _batched(sensitivity, z, k, lengths, "sum")
 
 
 def check_zoo_options(m, h, estimator, rank, chunk_mb) -> None:
@@ -95,8 +164,9 @@ def check_zoo_options(m, h, estimator, rank, chunk_mb) -> None:
 def _sensitivity(inp: PruneInputs, m, h, estimator, rank, chunk_mb) -> Tensor:
     from zoocli.sensitivity import token_sensitivity
 
+    seed = None if estimator == "exact" else inp.seed  # the run's seed drives sampled directions only
     return token_sensitivity(
-        inp.vision, inp.projector, m=m, h=h, seed=inp.seed,
+        inp.vision, inp.projector, m=m, h=h, seed=seed,
         estimator=estimator, rank=rank, chunk_mb=chunk_mb,
     )
 
@@ -123,7 +193,8 @@ _ZOO = dict(paper=PAPER, needs=_NEEDS, options=ZOO_OPTIONS, check=check_zoo_opti
 
 ZOO = register(Method(
     name="zoo", fn=zoo, summary="ZOO-Prune: zeroth-order sensitivity x diversity, greedy",
-    deviation="fp32 finite differences whatever the model dtype; seeded directions", **_ZOO,
+    deviation=("default S is the exact closed form ||J||_F/sqrt(d_in) (estimator=fd: the paper's "
+               "sampled Eq. 2-3, in fp32 whatever the model dtype, seeded directions)"), **_ZOO,
 ))
 SENSITIVITY = register(Method(
     name="sensitivity", fn=sensitivity, summary="ablation: top-k by zeroth-order sensitivity alone", **_ZOO,

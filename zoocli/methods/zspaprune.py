@@ -48,11 +48,11 @@ def zspaprune_select(features: Tensor, prompt: Tensor, keep: int, core_ratio: fl
     taken[core] = True
     maxsim = (z @ z[core].T).max(dim=1).values  # [N] max cosine to the selected set
     fill = torch.empty(keep - n_core, dtype=torch.long, device=z.device)
-    for t in range(keep - n_core):
-        i = torch.argmin(maxsim.masked_fill(taken, float("inf")))
-        fill[t] = i
-        taken[i] = True
-        maxsim = torch.maximum(maxsim, z @ z[i])
+    for t in range(keep - n_core):  # on the device: index tensors, no host read per step
+        i = torch.argmin(maxsim.masked_fill(taken, float("inf"))).view(1)
+        fill[t] = i[0]
+        taken.scatter_(0, i, True)
+        maxsim = torch.maximum(maxsim, (z @ z.index_select(0, i).T)[:, 0])
     picked.append(fill)
     return torch.cat(picked), relevance
 

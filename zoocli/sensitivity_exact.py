@@ -1,0 +1,156 @@
+"""The ``exact`` sensitivity estimator: S(i) = ||J(x_i)||_F / sqrt(d_in), in closed form.
+
+ZOO-Prune (shared/papers/zoo-prune-paper.txt) estimates E_u ||J(x_i) u|| with m unit Gaussian
+directions (Eq. 2-3, Prop. 3.1). For u uniform on the unit sphere E[u u^T] = I / d_in, so
+E ||J u||^2 = ||J||_F^2 / d_in: the root-mean-square form of the m -> inf, h -> 0 limit. In these
+dimensions ||J u|| concentrates around its RMS, so it ranks tokens like E ||J u|| (checked against
+a float64 many-direction Monte Carlo in the tests and the kernel benchmark). No directions, no
+step, no seed: nothing to sample.
+
+**Linear-act-Linear** (LLaVA / LLaVA-NeXT): J_i = W2 diag(a_i) W1 with a_i = act'(W1 x_i + b1), so
+
+    ||J_i||_F^2 = tr(W1^T D W2^T W2 D W1) = sum_jk a_j a_k (W2^T W2)_jk (W1 W1^T)_kj
+                = a_i^T M a_i,    M = (W1 W1^T) o (W2^T W2)   (o: elementwise product).
+
+M [d_h, d_h] is computed once per loaded projector and cached (like the SVD factor of ``rank``);
+per image the cost is one [N, d_h] x [d_h, d_h] product instead of N*m rows through W2.
+
+**Qwen2.5-VL merger** (RMSNorm ``ln_q`` per patch, then Linear-GELU-Linear on the s^2 = P patch
+concatenation). Per patch p, with g the norm weight, r_p = sqrt(mean(x_p^2) + eps) and
+v_p = x_p / ||x_p||, the RMSNorm's Jacobian (the linearisation ``jvp`` uses) is
+
+    dy_p/dx_p = diag(g) (I / r_p - x_p x_p^T / (d_v r_p^3)) = diag(g) N_p / r_p,
+    N_p = I - c_p v_p v_p^T,   c_p = ||x_p||^2 / (d_v r_p^2)   (c_p = 1 when eps = 0).
+
+With W1 = [W1_1 ... W1_P] split by patch and A = W2 diag(a) W1 (a = act' at the token), the
+merged token's Jacobian is J = [A_p diag(g) N_p / r_p]_p, so ||J||_F^2 = sum_p ||B_p N_p||_F^2 / r_p^2
+with B_p = W2 diag(a) W1_p diag(g). N_p is symmetric and N_p^2 = I - (2 c_p - c_p^2) v_p v_p^T, so
+
+    ||B_p N_p||_F^2 = ||B_p||_F^2 - (2 c_p - c_p^2) ||B_p v_p||^2,
+    ||B_p||_F^2     = a^T M_p a,      M_p = (W1_p diag(g)^2 W1_p^T) o (W2^T W2)   (fixed, cached),
+    B_p v_p         = W2 (a o w_p),   w_p = W1_p (g o v_p)                        (per token).
+
+Per image: P quadratic forms with the cached M_p plus N*P rows through W2. No cancellation: v_p
+is one direction of d_v, so ||B_p v_p||^2 is about ||B_p||_F^2 / d_v.
+
+**Anything else**: the per-token Jacobian with ``torch.func`` (``vmap`` of ``jacrev`` or
+``jacfwd``, whichever is narrower), in chunks under ``chunk_mb``; a projector ``torch.func``
+cannot differentiate is refused with a message naming the estimators that work (never a silent
+fallback).
+
+**Precision.** M, the activations, the quadratic forms and the W2 products are float32 whatever
+the weight dtype (bf16 weights are cast once, in the cached M).
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch import Tensor, nn
+
+from zoocli.errors import UsageError
+from zoocli.sensitivity import (
+    _MLP, _act_prime, _f32, _module32, _probe_width, _rows_fn, _tensor_key, chunk_plan,
+)
+
+_EXACT_M: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def exact_matrices(s: _MLP, device) -> Tensor:
+    """M_p [P, d_h, d_h] float32 (P = 1 without the merger norm), cached per second Linear and
+    recomputed when W1, W2 or the norm weight (data_ptr / _version / dtype / device) change."""
+    device = torch.device(device)
+    ts = [s.lin1.weight.detach(), s.lin2.weight.detach()]
+    if s.norm is not None:
+        ts.append(s.norm.weight.detach())
+    key = tuple(_tensor_key(t, device) for t in ts)
+    hit = _EXACT_M.get(s.lin2)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    _EXACT_M.pop(s.lin2, None)  # free the stale M before building the new one
+    w1 = ts[0].to(device=device, dtype=torch.float32)
+    w2 = ts[1].to(device=device, dtype=torch.float32)
+    g2 = w2.T @ w2  # [d_h, d_h]
+    if s.norm is None:
+        mats = (w1 @ w1.T).mul_(g2)[None]
+    else:
+        d_h, groups, d_v = w1.shape[0], s.norm.groups, s.norm.d_v
+        k = w1.view(d_h, groups, d_v) * ts[2].to(device=device, dtype=torch.float32)
+        mats = torch.empty(groups, d_h, d_h, device=device)
+        for p in range(groups):  # P = spatial_merge_size^2 (4), not per token
+            torch.mm(k[:, p], k[:, p].T, out=mats[p]).mul_(g2)
+    del g2
+    _EXACT_M[s.lin2] = (key, mats)
+    return mats
+
+
+def exact_sensitivity(x: Tensor, projector: nn.Module, s: _MLP | None, out: Tensor, mb: float) -> Tensor:
+    """||J(x_i)||_F / sqrt(d_in) into ``out`` [N] (float32); see the module docstring."""
+    if s is None:
+        return _generic_exact(x, projector, out, mb)
+    dev = x.device
+    mats = exact_matrices(s, dev)
+    w1, b1 = _f32(s.lin1.weight, dev), _f32(s.lin1.bias, dev)
+    act = _module32(s.act, dev)
+    d_h, d_in = w1.shape
+    norm = s.norm
+    groups = 1 if norm is None else norm.groups
+    # per token: x, a0, act', a @ M, and for the merger P rows of w_p and of W2 (a o w_p)
+    tc = chunk_plan(1, (d_in, 3 * d_h) + ((groups * (d_h + s.lin2.out_features),) if norm else ()),
+                    mb)[0]
+    for a in range(0, x.shape[0], tc):
+        xf = x[a:a + tc].float()
+        if norm is None:
+            a0 = torch.addmm(b1, xf, w1.T) if b1 is not None else xf @ w1.T
+            gp = _act_prime(act, a0)
+            q = ((gp @ mats[0]) * gp).sum(-1)
+        else:
+            q = _merger_sq(xf, s, mats, w1, b1, act, dev)
+        out[a:a + tc] = torch.sqrt(q.clamp_min(0) / d_in)
+    return out
+
+
+def _merger_sq(xf: Tensor, s: _MLP, mats: Tensor, w1: Tensor, b1: Tensor | None, act: nn.Module,
+               dev: torch.device) -> Tensor:
+    """||J||_F^2 [t] of the merger for the rows ``xf`` [t, P*d_v] (fp32)."""
+    norm = s.norm
+    groups, d_v, d_h = norm.groups, norm.d_v, w1.shape[0]
+    g = _f32(norm.weight, dev)
+    xp = xf.view(-1, groups, d_v)
+    sq = xp.pow(2).sum(-1)  # ||x_p||^2 [t, P]
+    r2 = sq / d_v + norm.eps  # r_p^2
+    y = (xp * g / r2.sqrt()[..., None]).reshape(xf.shape[0], -1)
+    a0 = torch.addmm(b1, y, w1.T) if b1 is not None else y @ w1.T
+    gp = _act_prime(act, a0)  # [t, d_h]
+    c = sq / (d_v * r2)
+    v = xp / sq.sqrt().clamp_min(1e-30)[..., None]  # v_p; c_p = 0 when x_p = 0
+    w = torch.einsum("tpd,hpd->tph", v * g, w1.view(d_h, groups, d_v))  # w_p [t, P, d_h]
+    bv = (gp[:, None, :] * w) @ _f32(s.lin2.weight, dev).T  # B_p v_p [t, P, d]
+    frob = torch.stack([((gp @ mats[p]) * gp).sum(-1) for p in range(groups)], 1)  # [t, P]
+    per_patch = frob - (2 * c - c * c) * bv.pow(2).sum(-1)
+    return (per_patch / r2).sum(-1)
+
+
+def _generic_exact(x: Tensor, projector: nn.Module, out: Tensor, mb: float) -> Tensor:
+    """||J||_F / sqrt(d_in) with the per-token Jacobian from ``torch.func`` (fp32 module copy)."""
+    dev = x.device
+    d_in = x.shape[1]
+    rows = _rows_fn(None, _module32(projector, dev))
+    try:
+        d = _probe_width(rows, x)
+        jac = torch.func.jacrev if d <= d_in else torch.func.jacfwd
+        per_token = torch.func.vmap(jac(lambda xi: rows(xi[None])[0]))
+        # the Jacobians [t, d, d_in] and the transform's intermediates (assume 3x)
+        tc = chunk_plan(1, (3 * d * d_in,), mb)[0]
+        for a in range(0, x.shape[0], tc):
+            j = per_token(x[a:a + tc].float())
+            out[a:a + tc] = torch.sqrt(j.pow(2).sum((1, 2)) / d_in)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever torch.func cannot trace: refuse, name the others
+        raise UsageError(
+            f"estimator='exact' cannot differentiate {type(projector).__name__} with torch.func "
+            f"({type(e).__name__}: {' '.join(str(e).split())[:200]}); use estimator='fd', 'jvp' or "
+            f"'naive'") from e
+    return out
