@@ -236,7 +236,8 @@ def test_next_pruned_equals_hand_spliced_stock(tiny_llava_next, next_case):
 def test_aliases_and_registries():
     assert MODEL_ALIASES["llava-1.5"] == "llava-hf/llava-1.5-7b-hf"
     assert MODEL_ALIASES["llava-next"] == "llava-hf/llava-v1.6-vicuna-7b-hf"
-    assert set(OFFLINE_MODELS) == {"tiny-llava", "tiny-llava-next", "tiny-qwen2.5-vl", "small-llava"}
+    assert set(OFFLINE_MODELS) == {"tiny-llava", "tiny-llava-next", "tiny-qwen2.5-vl", "small-llava",
+                                   "small-llava-next"}
     assert set(ADAPTERS) == {"llava", "llava_next", "qwen2_5_vl"}
     assert adapter_class("llava") is LlavaAdapter and adapter_class("llava_next") is LlavaNextAdapter
     assert issubclass(LlavaNextAdapter, Adapter)
@@ -302,7 +303,7 @@ def test_not_cached_hf_id_is_one_line_error(monkeypatch, tmp_path):
     msg = str(info.value)
     assert "\n" not in msg
     assert msg.startswith("model 'zoo-test-nonexistent/no-such-model' is not in the local cache")
-    assert "tiny-llava, tiny-llava-next, tiny-qwen2.5-vl, small-llava, or --random-weights" in msg
+    assert "tiny-llava, tiny-llava-next, tiny-qwen2.5-vl, small-llava, small-llava-next, or --random-weights" in msg
 
 
 def test_random_weights_needs_an_alias():

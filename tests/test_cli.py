@@ -19,7 +19,7 @@ pytestmark = pytest.mark.usefixtures("offline_models")
 REPO = Path(__file__).resolve().parent.parent
 CAT = str(REPO / "sample_images" / "cat_chelsea.png")
 CUP = str(REPO / "sample_images" / "coffee_cup.jpg")
-FAST = ["--max-new-tokens", "3", "--m", "8"]
+FAST = ["--max-new-tokens", "3", "--estimator", "fd", "--m", "8"]
 
 
 def test_methods_lists_every_registered_method():
@@ -106,19 +106,19 @@ def test_corrupt_image_is_a_clear_error(tmp_path):
 
 @pytest.mark.parametrize("model", ["tiny-llava", "tiny-llava-next", "tiny-qwen2.5-vl"])
 def test_score_json_and_heatmap(model, tmp_path):
-    d = run_json("score", CUP, "--model", model, "--m", "8")
+    d = run_json("score", CUP, "--model", model, "--estimator", "fd", "--m", "8")
     assert d["n_visual_tokens"] == len(d["tokens"])
     t = d["tokens"][0]
     assert {"index", "scope", "row", "col", "sensitivity"} <= set(t)
     assert d["stats"]["min"] <= d["stats"]["median"] <= d["stats"]["max"]
     assert d["top"][0]["sensitivity"] == d["stats"]["max"]
-    out = run("score", CUP, "--model", model, "--m", "8", "--overlay", tmp_path / "h.png").stdout
+    out = run("score", CUP, "--model", model, "--estimator", "fd", "--m", "8", "--overlay", tmp_path / "h.png").stdout
     assert "median" in out and "top" in out
     assert (tmp_path / "h.png").exists()
 
 
 def test_score_vs_encoder_reports_spearman():
-    d = run_json("score", CUP, "--model", "tiny-llava", "--m", "2", "--vs-encoder")
+    d = run_json("score", CUP, "--model", "tiny-llava", "--estimator", "fd", "--m", "2", "--vs-encoder")
     assert -1 <= d["spearman_encoder_vs_projector"] <= 1
     assert len(d["encoder_sensitivity"]) == d["n_visual_tokens"]
 
@@ -139,7 +139,7 @@ def test_compare_table_json_and_sheet(tmp_path):
 
 
 BENCH = ["bench", "--model", "tiny-llava", "--budgets", "8,4", "--methods", "zoo,divprune",
-         "--images", CUP, "--repeats", "1", "--warmup", "0", "--max-new-tokens", "2", "--m", "4"]
+         "--images", CUP, "--repeats", "1", "--warmup", "0", "--max-new-tokens", "2", "--estimator", "fd", "--m", "4"]
 
 
 def test_bench_rows_and_resume(tmp_path):

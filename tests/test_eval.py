@@ -37,7 +37,7 @@ POPE = [
     {"question_id": 2, "image": "cat_chelsea.png", "text": "Is there a car in the image?", "label": "no"},
     {"question_id": 3, "image": "coffee_cup.jpg", "text": "Is there a cup in the image?", "label": "yes"},
 ]
-FAST = ["--max-new-tokens", "3", "--m", "4", "--model", "tiny-llava"]
+FAST = ["--max-new-tokens", "3", "--estimator", "fd", "--m", "4", "--model", "tiny-llava"]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -232,14 +232,14 @@ def test_torchrun_two_processes_equal_one(tiny_llava, zoo_model_cache, tmp_path)
     data = write_jsonl(tmp_path / "q.jsonl", PLAIN)
     common = [data, "--image-root", IMAGES, "--methods", "divprune,zoo", "--budgets", "4",
               "--batch-size", "2", "--max-new-tokens", "3", "--model", "tiny-llava"]
-    run("eval", *common, "--m", "4", "--out", tmp_path / "one.jsonl")
+    run("eval", *common, "--estimator", "fd", "--m", "4", "--out", tmp_path / "one.jsonl")
 
     home = tmp_path / "home"
     (home / ".cache" / "zoo").mkdir(parents=True)
     (home / ".cache" / "zoo" / "models").symlink_to(zoo_model_cache)
     env = {**os.environ, "HOME": str(home), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "zoocli", "eval", *map(str, common), "--zoo-m", "4", "--out", str(tmp_path / "two.jsonl")]
+           "-m", "zoocli", "eval", *map(str, common), "--estimator", "fd", "--zoo-m", "4", "--out", str(tmp_path / "two.jsonl")]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert res.returncode == 0, res.stderr[-3000:]
     assert stable(tmp_path / "two.jsonl") == stable(tmp_path / "one.jsonl")
@@ -268,7 +268,7 @@ def test_cli_estimator_rank_and_scope_reach_the_method_options(tiny_llava, tmp_p
     monkeypatch.setattr(zoocli.eval_runner, "run_eval", spy)
     data = write_jsonl(tmp_path / "pope.jsonl", POPE[:1])
     d = json.loads(run("eval", data, "--image-root", IMAGES, "--methods", "zoo", "--budgets", "4",
-                       "--estimator", "jvp", "--rank", "2", "--budget-scope", "global", *FAST,
+                       *FAST, "--estimator", "jvp", "--rank", "2", "--budget-scope", "global",
                        "--out", tmp_path / "run.jsonl", "--json").stdout)
     assert seen[0].options["estimator"] == "jvp" and seen[0].options["rank"] == 2
     assert seen[0].scope == "global"
@@ -277,9 +277,22 @@ def test_cli_estimator_rank_and_scope_reach_the_method_options(tiny_llava, tmp_p
     assert len(recs) == 2 and all(r["settings"]["rank"] == 2 for r in recs)
 
 
-def test_cli_default_estimator_keeps_old_settings_resumable(tiny_llava, tmp_path):
-    """Files written before eval took --estimator / --rank (always fd, full rank) still resume."""
+def test_cli_files_from_before_the_estimator_option_resume_as_fd(tiny_llava, tmp_path):
+    """Files written before eval took --estimator (always fd) resume with --estimator fd, and a run
+    with the exact default refuses them (other settings) instead of mixing estimators."""
     data = write_jsonl(tmp_path / "pope.jsonl", POPE[:1])
-    d = json.loads(run("eval", data, "--image-root", IMAGES, "--methods", "divprune", "--budgets", "4",
-                       *FAST, "--json").stdout)
-    assert "estimator" not in d["settings"] and "rank" not in d["settings"]
+    out = tmp_path / "run.jsonl"
+    args = ["eval", data, "--image-root", IMAGES, "--methods", "divprune", "--budgets", "4", *FAST,
+            "--out", out]
+    d = json.loads(run(*args, "--json").stdout)
+    assert d["settings"]["estimator"] == "fd" and "rank" not in d["settings"]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    for r in rows:  # as an old file: no estimator key
+        r["settings"].pop("estimator")
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    again = json.loads(run(*args, "--json").stdout)
+    assert again["run"]["predictions"] == 0 and again["run"]["resumed"] == len(rows)
+    exact = ["eval", data, "--image-root", IMAGES, "--methods", "divprune", "--budgets", "4",
+             "--max-new-tokens", "3", "--model", "tiny-llava", "--out", out]
+    res = run(*exact, code=1)
+    assert "other settings" in res.stderr and "estimator" in res.stderr

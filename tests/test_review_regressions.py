@@ -15,7 +15,7 @@ pytestmark = pytest.mark.usefixtures("offline_models")
 
 REPO = Path(__file__).resolve().parent.parent
 CUP = str(REPO / "sample_images" / "coffee_cup.jpg")
-FAST = ["--max-new-tokens", "1", "--m", "4"]
+FAST = ["--max-new-tokens", "1", "--estimator", "fd", "--m", "4"]
 
 
 def _strict_json(text: str):

@@ -106,6 +106,8 @@ def check_resumable(records: Sequence[dict], spec: EvalSpec, where: str) -> None
     """Refuse to mix predictions of another model or other settings into one output file."""
     settings = spec.settings()
     for r in records:
+        if "settings" in r and "estimator" not in r["settings"]:  # written before eval took it: fd
+            r = {**r, "settings": {**r["settings"], "estimator": "fd"}}
         if "model" in r and r["model"] != spec.model:
             raise ZooError(f"{where} holds predictions of model '{r['model']}', not '{spec.model}'; "
                            f"use another --out")
@@ -197,15 +199,43 @@ def _batchable(method) -> bool:
 def _run_config(adapter, dataset: str, rows, method_name: str, budget, spec: EvalSpec,
                 warned: set[str]) -> list[dict]:
     """Predictions of one (method, budget) for ``rows`` = [(sample, EncodedImage)]."""
+    extra = {"model": spec.model, "settings": spec.settings(), "meaningless": bool(adapter.meaningless)}
+    answers = answer_batch(adapter, [enc for _s, enc in rows], method_name, budget, spec, warned)
+    return [make_record(s, dataset, method_name, budget, a.text, kept_tokens=a.kept,
+                        timings_ms=_round(a.timings_ms), n_visual_tokens=enc.n,
+                        batch_rows=a.batch_rows, **extra)
+            for (s, enc), a in zip(rows, answers)]
+
+
+@dataclass
+class Answer:
+    """One row's answer from ``answer_batch``: the generated text (as the adapter decoded it),
+    visual candidates kept / total, the timings (ms, see the module docstring) and the rows of
+    the generate batch it was in."""
+
+    text: str
+    kept: int
+    n_visual: int
+    timings_ms: dict[str, float]
+    batch_rows: int
+
+
+def answer_batch(adapter, encs, method_name: str, budget, spec: EvalSpec, warned: set[str],
+                 option: str = "--budgets") -> list[Answer]:
+    """Answers of one method spec (``"zoo"``, ``"zoo:estimator=jvp"``, or the baseline ``"none"``)
+    at ``budget`` (a count or ``"11%"``; ignored for the baseline) for already encoded images
+    ``encs`` (``pipeline.EncodedImage``, each with its question), in order: the one batched path
+    of ``zoo eval`` and the lmms-eval backend. Decoding and method settings come from ``spec``
+    (``max_new_tokens``, ``seed``, ``scope``, ``options``); clamp warnings are added to ``warned``
+    and name ``option``."""
     from zoocli.pipeline import parse_keep, run_method, select_tokens
 
-    extra = {"model": spec.model, "settings": spec.settings(), "meaningless": bool(adapter.meaningless)}
     keeps = []
-    for _s, enc in rows:
+    for enc in encs:
         if method_name == BASELINE:
             keeps.append(enc.n)
             continue
-        k, warn = parse_keep(budget, enc.n, "--budgets")
+        k, warn = parse_keep(budget, enc.n, option)
         if warn:
             warned.add(warn)
         keeps.append(k)
@@ -215,19 +245,17 @@ def _run_config(adapter, dataset: str, rows, method_name: str, budget, spec: Eva
     method = get_method(name)
     if method_name != BASELINE and not _batchable(method):  # one at a time, through the pipeline
         out = []
-        for (s, enc), k in zip(rows, keeps):
+        for enc, k in zip(encs, keeps):
             res = run_method(adapter, enc, name, k, scope=spec.scope, seed=spec.seed,
                              options=options, max_new_tokens=spec.max_new_tokens)
             t = add_ttft_e2e({key: res.timings_ms.get(key, 0.0) for key in
                               ("preprocess", "vision", "selection", "build", "prefill", "decode")},
                              selection_in_prefill=True)
-            out.append(make_record(s, dataset, method_name, budget, res.answer,
-                                   kept_tokens=len(res.kept_indices), timings_ms=_round(t),
-                                   n_visual_tokens=enc.n, batch_rows=1, **extra))
+            out.append(Answer(res.answer, len(res.kept_indices), enc.n, t, 1))
         return out
 
     items, per = [], []
-    for (_s, enc), k in zip(rows, keeps):
+    for enc, k in zip(encs, keeps):
         timer = Timer(sync=lambda: device_sync(adapter.device))
         with timer("selection"):
             if method_name == BASELINE:
@@ -259,11 +287,10 @@ def _run_config(adapter, dataset: str, rows, method_name: str, budget, spec: Eva
             gens.append(g)
             shares.append({"build": timer.ms["build"], "prefill": g.prefill_ms, "decode": g.decode_ms})
     out = []
-    for (s, enc), p, g, share in zip(rows, per, gens, shares):
+    for enc, p, g, share in zip(encs, per, gens, shares):
         t = {"preprocess": p["preprocess"], "vision": p["vision"], "selection": p["selection"], **share}
         add_ttft_e2e(t)
-        out.append(make_record(s, dataset, method_name, budget, g.text, kept_tokens=p["kept"],
-                               timings_ms=_round(t), n_visual_tokens=enc.n, batch_rows=n_rows, **extra))
+        out.append(Answer(g.text, p["kept"], enc.n, t, n_rows))
     return out
 
 

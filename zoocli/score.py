@@ -45,7 +45,8 @@ def score_image(adapter, image, question: str, *, seed: int, zoo: Mapping[str, A
     from zoocli.sensitivity import token_sensitivity
 
     enc = encode_image(adapter, image, question)
-    s = token_sensitivity(enc.encoded.vision, adapter.projector, seed=seed, **zoo).cpu()
+    sampled = {} if zoo.get("estimator", "exact") == "exact" else {"seed": seed}
+    s = token_sensitivity(enc.encoded.vision, adapter.projector, **sampled, **zoo).cpu()
     layout = scope_layout(enc.encoded, torch.zeros(0, dtype=torch.long))
     return Scored(enc, [float(v) for v in s], layout, units(zoo))
 
@@ -74,7 +75,7 @@ def summary(values: Sequence[float], scopes: Sequence[Mapping[str, Any]], top: i
             "top": [token(i) for i in order]}
 
 
-def encoder_agreement(adapter, scored: Scored, *, m: int, h: float, seed: int,
+def encoder_agreement(adapter, scored: Scored, *, m: int | None, h: float | None, seed: int,
                       progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Sensitivity at the vision encoder's input and its Spearman correlation with the projector's."""
     import torch
@@ -82,6 +83,7 @@ def encoder_agreement(adapter, scored: Scored, *, m: int, h: float, seed: int,
     from zoocli.analysis import encoder_sensitivity
     from zoocli.ops import spearman
 
-    enc_s = encoder_sensitivity(adapter, scored.enc, m=m, h=h, seed=seed, progress=progress)
+    given = {k: v for k, v in (("m", m), ("h", h)) if v is not None}  # else the probe's defaults
+    enc_s = encoder_sensitivity(adapter, scored.enc, seed=seed, progress=progress, **given)
     return {"encoder_sensitivity": [float(v) for v in enc_s],
             "spearman_encoder_vs_projector": spearman(enc_s, torch.tensor(scored.values))}

@@ -247,13 +247,14 @@ MethodsOpt = Annotated[str, typer.Option(help=(
     "comma-separated methods, each optionally with options: zoo:estimator=jvp:rank=128 "
     "(the unpruned baseline always runs)"))]
 BudgetsOpt = Annotated[str, typer.Option(help="comma-separated budgets: counts (640) or shares (11%)")]
-MOpt = Annotated[int, typer.Option("--m", "--zoo-m", help=(
-    "ZOO: number of random directions (under torchrun write --zoo-m: torchrun's own parser "
-    "takes --m for an abbreviation of its options)"))]
-HOpt = Annotated[float, typer.Option("--h", "--zoo-h",
-                                     help="ZOO: finite-difference step (--zoo-h under torchrun)")]
+MOpt = Annotated[int | None, typer.Option("--m", "--zoo-m", help=(
+    "ZOO, sampled estimators only: number of random directions [default: 64] (under torchrun "
+    "write --zoo-m: torchrun's own parser takes --m for an abbreviation of its options)"))]
+HOpt = Annotated[float | None, typer.Option("--h", "--zoo-h", help=(
+    "ZOO, sampled estimators only: finite-difference step [default: 0.01] (--zoo-h under torchrun)"))]
 SeedOpt = Annotated[int, typer.Option(help="seed of the random directions / random method")]
-EstOpt = Annotated[str, typer.Option(help="ZOO estimator: fd | jvp | naive")]
+EstOpt = Annotated[str, typer.Option(help=(
+    "ZOO sensitivity: exact (closed form, no sampling) | fd (the paper's sampled Eq. 2-3) | jvp | naive"))]
 RankOpt = Annotated[int | None, typer.Option(help="ZOO: low-rank (truncated SVD) second Linear")]
 ScopeOpt = Annotated[str, typer.Option("--budget-scope", help=(
     "crop: budget split over LLaVA-NeXT crops; global: one selection"))]
@@ -265,15 +266,17 @@ ScopeOpt = Annotated[str, typer.Option("--budget-scope", help=(
 class MethodOptions:
     """The method-option group every command that runs a method takes (declared once here)."""
 
-    m: int = 64
-    h: float = 0.01
+    m: int | None = None  # None: not given (exact takes none; the sampled estimators use 64)
+    h: float | None = None  # None: not given (the sampled estimators use 0.01)
     seed: int = 0
-    estimator: str = "fd"
+    estimator: str = "exact"
     rank: int | None = None
     budget_scope: str = "crop"
 
     def zoo(self) -> dict[str, Any]:
-        """The ZOO options (m, h, estimator, rank), validated: a UsageError names the flag."""
+        """The ZOO options (m, h, estimator, rank), validated: a UsageError names the flag. With
+        ``exact`` only the estimator (m, h and rank are the sampled estimators' options); with a
+        sampled estimator m and h are filled with the paper's defaults when not given."""
         import math
 
         from zoocli.pipeline import BUDGET_SCOPES
@@ -281,18 +284,32 @@ class MethodOptions:
 
         if not SEED_MIN <= self.seed <= SEED_MAX:  # what torch.Generator.manual_seed takes
             raise UsageError(f"--seed must be in [{SEED_MIN}, {SEED_MAX}], got {self.seed}")
-        check_int("--m", self.m, 1, M_MAX)
-        if not math.isfinite(self.h) or not H_MIN <= self.h <= H_MAX:
+        if self.m is not None:
+            check_int("--m", self.m, 1, M_MAX)
+        if self.h is not None and (not math.isfinite(self.h) or not H_MIN <= self.h <= H_MAX):
             what = "a positive number" if not self.h > 0 else "a number"
             raise UsageError(f"--h must be {what} in [{H_MIN:g}, {H_MAX:g}] ({H_WHY}), got {self.h:g}")
-        if self.estimator not in ("fd", "jvp", "naive"):
-            raise UsageError(f"--estimator {self.estimator!r}: choose fd, jvp or naive")
+        if self.estimator not in ESTIMATORS:
+            raise UsageError(f"--estimator {self.estimator!r}: choose {', '.join(ESTIMATORS)}")
         if self.rank is not None:
             check_int("--rank", self.rank, 1, M_MAX)
+        if self.estimator == "exact":
+            given = [f"--{k}" for k in ("m", "h", "rank") if getattr(self, k) is not None]
+            if given:
+                what = "is an option" if len(given) == 1 else "are options"
+                raise UsageError(f"{'/'.join(given)} {what} of the sampled estimators (fd, jvp, naive); "
+                                 "the default --estimator exact computes the sensitivity in closed "
+                                 "form: add --estimator fd for the paper's sampled form")
         if self.budget_scope not in BUDGET_SCOPES:
             raise UsageError(f"--budget-scope {self.budget_scope!r}: choose one of "
                              f"{', '.join(BUDGET_SCOPES)}")
-        return {"m": self.m, "h": self.h, "estimator": self.estimator, "rank": self.rank}
+        if self.estimator == "exact":
+            return {"estimator": "exact"}
+        return {"m": 64 if self.m is None else self.m, "h": 0.01 if self.h is None else self.h,
+                "estimator": self.estimator, "rank": self.rank}
+
+
+ESTIMATORS = ("exact", "fd", "jvp", "naive")
 
 
 _GROUP = {"m": MOpt, "h": HOpt, "seed": SeedOpt, "estimator": EstOpt, "rank": RankOpt,

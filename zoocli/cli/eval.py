@@ -87,12 +87,7 @@ def _method_plan(methods: str, budgets: str, batch_size: int, max_new_tokens: in
         budget_value(b)
     check_int("--batch-size", batch_size, 1, MAX_BATCH)
     check_int("--max-new-tokens", max_new_tokens, 1, MAX_NEW_TOKENS)
-    zoo = opts.zoo()
-    # estimator and rank enter the settings only when not the default, so files written before
-    # eval took them (always fd, full rank) still resume
-    defaults = MethodOptions()
-    options = {"m": zoo["m"], "h": zoo["h"]}
-    options |= {k: zoo[k] for k in ("estimator", "rank") if zoo[k] != getattr(defaults, k)}
+    options = {k: v for k, v in opts.zoo().items() if v is not None}
     return names, budget_list, options
 
 

@@ -72,7 +72,7 @@ def host_lengths(lengths, b: int, n: int) -> list[int]:
     """``lengths`` as Python ints (one host read when it is a tensor), or [n] * b."""
     if lengths is None:
         return [n] * b
-    if isinstance(lengths, Tensor):
+    if isinstance(lengths, torch.Tensor):
         return [int(v) for v in lengths.cpu().tolist()]
     return [int(v) for v in lengths]
 

@@ -1,0 +1,342 @@
+"""zoo as an lmms-eval (0.7.x) model: every lmms-eval task, answered with pruned visual tokens.
+
+    pip install "zoo-prune[lmms]"
+    python -m lmms_eval --model zoo --model_args pretrained=llava-1.5,method=zoo,keep=64 \\
+        --tasks pope,gqa --batch_size 8 --output_path out
+
+lmms-eval finds the model through the entry point ``zoo`` of the group ``lmms_eval.models``
+(``manifest``). ``--model_args`` takes what ``zoo ask`` takes (``MODEL_ARGS``); an unknown key
+is refused with the list of known ones. Each ``generate_until`` request is one image and its
+prompt (lmms-eval's context, stripped as ``zoo ask`` strips a question): requests are encoded
+one by one, then answered in batches of ``batch_size`` by ``eval_runner.answer_batch``, the
+batched path of ``zoo eval``; requests with different ``max_new_tokens`` go in different
+batches. An answer is the stripped generated text cut at the first of the task's ``until``
+strings, so it equals what ``zoo ask`` prints for the same image, prompt, model and settings
+whenever that answer holds no ``until`` string. Decoding is greedy only. ``stats=PATH`` writes
+one JSON line per request (task, doc_id, visual tokens kept / total, timings in ms: selection,
+prefill, ...), started afresh by each run; with several processes each rank writes ``PATH``
+with ``.rankN`` before its suffix.
+
+Several processes (``accelerate launch -m lmms_eval`` or ``torchrun -m lmms_eval``): lmms-eval
+shards the documents by ``RANK`` / ``WORLD_SIZE``; the model builds an ``accelerate.Accelerator``
+(as lmms-eval's own models do) for ``rank`` / ``world_size`` and, on CUDA, uses the GPU of its
+local rank.
+
+This module imports lmms-eval: zoo itself never imports it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from lmms_eval.api.model import lmms
+
+from zoocli.errors import UsageError, ZooError
+
+MODEL_ID = "zoo"
+
+# model_args key -> (default, type): "str", "int", "float", "bool", "keep", and "int?" / "float?" /
+# "str?" (also none). Defaults are `zoo ask`'s; None for the method-option group means the
+# default of `zoo ask`'s group (``cli.common.MethodOptions``, through which these keys go).
+METHOD_GROUP = ("m", "h", "seed", "estimator", "rank", "budget_scope")
+MODEL_ARGS: dict[str, tuple[Any, str]] = {
+    "pretrained": ("llava-1.5", "str"),  # alias, offline model, HF id or local dir
+    "method": ("zoo", "str"),  # a method spec: zoo, zoo:estimator=jvp, fastv:K=3, none
+    "keep": ("64", "keep"),  # a count (64) or a share (11%)
+    "m": (None, "int?"), "h": (None, "float?"), "seed": (None, "int?"), "estimator": (None, "str?"),
+    "rank": (None, "int?"), "budget_scope": (None, "str?"),
+    "dtype": ("auto", "str"), "device": ("auto", "str"),
+    "random_weights": (False, "bool"),
+    "max_new_tokens": (64, "int"),  # used when a task gives none
+    "cache_dir": (None, "str?"),  # where offline models are built (load_adapter's cache_dir)
+    "stats": (None, "str?"),  # JSON Lines file of per-request pruning statistics
+    "batch_size": (8, "int"),  # lmms-eval's --batch_size
+    "max_batch_size": (None, "int?"),  # lmms-eval passes it; only for --batch_size auto: unused
+}
+
+NEEDS_LOGLIKELIHOOD = ("multiple-choice tasks scored by log-probabilities (output_type "
+                       "multiple_choice, e.g. the *_ppl variants)")
+
+
+def manifest():
+    """The entry point lmms-eval loads (group ``lmms_eval.models``): a ``ModelManifest``.
+    (Imported here: ``lmms_eval.models`` loads the entry points when it is first imported, and
+    importing it at the top would do that while this module is half initialised.)"""
+    from lmms_eval.models.registry_v2 import ModelManifest
+
+    return ModelManifest(model_id=MODEL_ID, simple_class_path="zoocli.lmms_eval_model.ZooLMM")
+
+
+@dataclasses.dataclass(frozen=True)
+class ZooArgs:
+    """Validated model_args (see ``MODEL_ARGS``). ``method_options``: `zoo ask`'s option group
+    (m, h, seed, estimator, rank, budget_scope); ``zoo_options``: what it gives the methods."""
+
+    pretrained: str
+    method: str
+    keep: str
+    dtype: str
+    device: str
+    random_weights: bool
+    max_new_tokens: int
+    cache_dir: str | None
+    stats: str | None
+    batch_size: int
+    max_batch_size: int | None
+    method_options: Any
+    zoo_options: dict[str, Any]
+
+
+def _coerce(key: str, value: Any, kind: str) -> Any:
+    """A model_args value (typed by lmms-eval: "64" -> 64, "0.5" -> 0.5, "true" -> True) as
+    ``kind``; ``UsageError`` naming the key otherwise."""
+    if kind.endswith("?"):
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "")):
+            return None
+        kind = kind[:-1]
+    ok = True
+    if kind == "int":
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            value = int(value)
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind == "float":
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                ok = False
+        ok = ok and isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif kind == "bool":
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            value = value.strip().lower() == "true"
+        ok = isinstance(value, bool)
+    elif kind == "keep":
+        ok = isinstance(value, (int, str)) and not isinstance(value, bool)
+        value = str(value).strip()
+    else:
+        ok = isinstance(value, (str, int, float)) and not isinstance(value, bool)
+        value = str(value)
+    if not ok:
+        raise UsageError(f"zoo model_args: {key}={value!r} is not a valid {kind}")
+    return value
+
+
+def parse_model_args(**kwargs: Any) -> ZooArgs:
+    """Check and type ``--model_args`` (plus lmms-eval's batch_size / max_batch_size / device,
+    None meaning not given) before anything loads. Method spec, budget and ZOO options go
+    through the validators ``zoo ask`` uses."""
+    from zoocli.cli.common import MethodOptions
+    from zoocli.methods import parse_method_spec
+    from zoocli.pipeline import parse_keep
+
+    unknown = sorted(set(kwargs) - set(MODEL_ARGS))
+    if unknown:
+        raise UsageError(f"zoo model_args: unknown key{'s' if len(unknown) > 1 else ''} "
+                         f"{', '.join(unknown)}; known: {', '.join(sorted(MODEL_ARGS))}")
+    values = {k: default for k, (default, _) in MODEL_ARGS.items()}
+    for key, value in kwargs.items():
+        if value is not None:
+            values[key] = _coerce(key, value, MODEL_ARGS[key][1])
+    if values["batch_size"] < 1:
+        raise UsageError(f"zoo model_args: batch_size must be at least 1, got {values['batch_size']}")
+    if values["max_new_tokens"] < 1:
+        raise UsageError(f"zoo model_args: max_new_tokens must be at least 1, got {values['max_new_tokens']}")
+    parse_keep(values["keep"], 10**9, "keep")  # syntax and sign; clamped per image later
+    parse_method_spec(values["method"])
+    group = MethodOptions(**{k: values.pop(k) for k in METHOD_GROUP if values[k] is not None})
+    return ZooArgs(**{k: v for k, v in values.items() if k not in METHOD_GROUP},
+                   method_options=group, zoo_options=group.zoo())
+
+
+def generation_settings(gen_kwargs: dict, default_max_new_tokens: int) -> tuple[int, list[str]]:
+    """(max_new_tokens, until strings) of one request; sampling and beam search are refused."""
+    temperature = gen_kwargs.get("temperature") or 0
+    if temperature > 0 or gen_kwargs.get("do_sample"):
+        raise UsageError(f"zoo decodes greedily only; this task asks for sampling (temperature="
+                         f"{temperature}, do_sample={gen_kwargs.get('do_sample')}): set "
+                         f"--gen_kwargs temperature=0,do_sample=false")
+    if (gen_kwargs.get("num_beams") or 1) > 1:
+        raise UsageError(f"zoo decodes greedily only; this task asks for num_beams="
+                         f"{gen_kwargs['num_beams']}: set --gen_kwargs num_beams=1")
+    max_new = gen_kwargs.get("max_new_tokens") or default_max_new_tokens
+    if isinstance(max_new, bool) or not isinstance(max_new, int) or max_new < 1:
+        raise UsageError(f"max_new_tokens must be a positive integer, got {max_new!r}")
+    until = gen_kwargs.get("until") or []
+    until = [until] if isinstance(until, str) else list(until)
+    return max_new, [u for u in until if isinstance(u, str) and u]
+
+
+def cut_at(text: str, until: Sequence[str]) -> str:
+    """``text`` (stripped) up to the first occurrence of any of ``until``, stripped."""
+    text = text.strip()
+    cuts = [i for i in (text.find(u) for u in until) if i >= 0]
+    return (text[:min(cuts)] if cuts else text).strip()
+
+
+def single_image(visuals: Any, task: str, doc_id: Any):
+    """The one PIL image of a request; a clear error for none, several, or a video."""
+    from PIL import Image
+
+    visuals = [] if visuals is None else list(visuals)
+    where = f"task {task}, doc {doc_id}"
+    if not visuals:
+        raise UsageError(f"{where}: the request has no image; zoo prunes visual tokens and answers "
+                         f"questions about one image (text-only tasks are not supported)")
+    if len(visuals) > 1:
+        raise UsageError(f"{where}: the request has {len(visuals)} images; zoo answers about one "
+                         f"image per request (multi-image tasks are not supported)")
+    if not isinstance(visuals[0], Image.Image):
+        raise UsageError(f"{where}: the request's visual is a {type(visuals[0]).__name__}, not an "
+                         f"image (video and audio tasks are not supported)")
+    return visuals[0].convert("RGB")
+
+
+class ZooLMM(lmms):
+    """lmms-eval's simple model over a zoo adapter and one method at one budget."""
+
+    is_simple = True
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__()
+        self.args = args = parse_model_args(**kwargs)
+        from accelerate import Accelerator
+
+        from zoocli.adapters import load_adapter
+        from zoocli.eval_runner import EvalSpec
+        from zoocli.methods import parse_method_spec
+        from zoocli.pipeline import check_family
+
+        self.accelerator = Accelerator()
+        self._rank = self.accelerator.process_index
+        self._world_size = self.accelerator.num_processes
+        device = args.device
+        if self._world_size > 1 and device.startswith(("auto", "cuda")):
+            import torch
+
+            if torch.cuda.is_available():  # one GPU per process
+                device = f"cuda:{self.accelerator.local_process_index}"
+        self.adapter = load_adapter(args.pretrained, device=device, dtype=args.dtype,
+                                    random_weights=args.random_weights, cache_dir=args.cache_dir)
+        check_family(self.adapter, parse_method_spec(args.method)[0])
+        self.batch_size = args.batch_size
+        group = args.method_options
+        self.spec = EvalSpec(model=args.pretrained, methods=[args.method], budgets=[args.keep],
+                             batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                             seed=group.seed, options=args.zoo_options, scope=group.budget_scope)
+        self._stats = None
+        self._warned: set[str] = set()
+
+    @property
+    def device(self):
+        return self.adapter.device
+
+    # ------------------------------------------------------------------ not supported
+
+    def loglikelihood(self, requests) -> list:
+        tasks = sorted({str(r.task_name) for r in requests})
+        raise NotImplementedError(
+            f"zoo generates answers (generate_until) and does not compute log-likelihoods, which "
+            f"{', '.join(tasks) or 'these tasks'} need: {NEEDS_LOGLIKELIHOOD} are not supported")
+
+    def generate_until_multi_round(self, requests) -> list:
+        tasks = sorted({str(r.task_name) for r in requests})
+        raise NotImplementedError(
+            f"zoo answers one round per request; multi-round generation, which "
+            f"{', '.join(tasks) or 'these tasks'} need, is not supported")
+
+    # ------------------------------------------------------------------ generation
+
+    def generate_until(self, requests) -> list[str]:
+        """Answers in request order, batched per ``max_new_tokens`` in chunks of batch_size."""
+        from tqdm import tqdm
+
+        jobs: dict[int, list[tuple[int, Any, list[str]]]] = {}
+        for i, req in enumerate(requests):
+            max_new, until = generation_settings(dict(req.args[1] or {}), self.args.max_new_tokens)
+            jobs.setdefault(max_new, []).append((i, req, until))
+        out: list[str | None] = [None] * len(requests)
+        bar = tqdm(total=len(requests), disable=self.rank != 0, desc="zoo answering")
+        for max_new, group in jobs.items():
+            for start in range(0, len(group), self.batch_size):
+                chunk = group[start:start + self.batch_size]
+                for (i, _req, _until), text in zip(chunk, self._answer_chunk(chunk, max_new)):
+                    out[i] = text
+                bar.update(len(chunk))
+        bar.close()
+        return out
+
+    def _answer_chunk(self, chunk, max_new: int) -> list[str]:
+        from zoocli.eval_runner import answer_batch
+        from zoocli.pipeline import encode_image
+
+        encs = []
+        for _i, req, _until in chunk:
+            ctx, _gen, doc_to_visual, doc_id, task, split = req.args
+            image = single_image(doc_to_visual(self.task_dict[task][split][doc_id]), task, doc_id)
+            if not str(ctx).strip():
+                raise UsageError(f"task {task}, doc {doc_id}: the prompt is empty")
+            encs.append(encode_image(self.adapter, image, str(ctx).strip()))  # as `zoo ask` sends it
+        spec = dataclasses.replace(self.spec, max_new_tokens=max_new)
+        warned: set[str] = set()
+        answers = answer_batch(self.adapter, encs, self.args.method, self.args.keep, spec, warned,
+                               option="keep")
+        self._warn(warned)
+        texts = []
+        for (_i, req, until), a in zip(chunk, answers):
+            texts.append(cut_at(a.text, until))
+            self._write_stats(req, a, max_new)
+        return texts
+
+    def _warn(self, warned: set[str]) -> None:
+        from loguru import logger
+
+        for w in sorted(warned - self._warned):
+            logger.warning(f"zoo: {w}")
+        self._warned |= warned
+
+    # ------------------------------------------------------------------ statistics
+
+    def _write_stats(self, req, answer, max_new: int) -> None:
+        if self.args.stats is None:
+            return
+        if self._stats is None:
+            self._stats = _open_stats(self.args.stats, self.rank, self.world_size)
+        _ctx, _gen, _vis, doc_id, task, split = req.args
+        record = {
+            "task": task, "split": split, "doc_id": doc_id, "model": self.args.pretrained,
+            "method": self.args.method,
+            "keep": None if self.args.method == "none" else self.args.keep,
+            "kept_tokens": answer.kept, "n_visual_tokens": answer.n_visual,
+            "selection_ms": round(float(answer.timings_ms["selection"]), 3),
+            "prefill_ms": round(float(answer.timings_ms["prefill"]), 3),
+            "timings_ms": {k: round(float(v), 3) for k, v in answer.timings_ms.items()},
+            "batch_rows": answer.batch_rows, "max_new_tokens": max_new,
+            "meaningless": bool(self.adapter.meaningless),
+        }
+        self._stats.write(json.dumps(record) + "\n")
+        self._stats.flush()
+
+    def clean(self):
+        if self._stats is not None:
+            self._stats.close()
+            self._stats = None
+        super().clean()
+
+
+def _open_stats(path: str, rank: int, world_size: int):
+    """The stats file of this process: ``path`` (or its ``.rankN`` shard), started afresh."""
+    from zoocli.evaluation import shard_path
+
+    p = Path(path) if world_size == 1 else shard_path(path, rank)
+    if p.is_dir():
+        raise ZooError(f"zoo model_args: stats={path} is a directory; give a file name")
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return open(p, "w", encoding="utf-8")
+    except OSError as e:
+        raise ZooError(f"zoo model_args: cannot write {p}: {e.strerror or e}") from None
