@@ -133,11 +133,13 @@ def test_h_bounds_hold_in_the_library_too():
     from zoocli.errors import UsageError
     from zoocli.sensitivity import H_MAX, H_MIN, M_MAX, check_options
 
-    check_options(m=M_MAX, h=H_MIN)
-    check_options(m=1, h=H_MAX)
+    check_options(m=M_MAX, h=H_MIN, estimator="fd")
+    check_options(m=1, h=H_MAX, estimator="fd")
     for bad in ({"m": M_MAX + 1}, {"h": H_MIN / 2}, {"h": H_MAX * 2}):
-        with pytest.raises(UsageError):
+        with pytest.raises(UsageError, match="must be"):  # the range, whatever the estimator
             check_options(**bad)
+        with pytest.raises(UsageError, match="must be"):
+            check_options(**bad, estimator="fd")
 
 
 def test_a_5000_digit_integer_flag_is_one_line(capsys, monkeypatch):
@@ -287,8 +289,8 @@ def test_extreme_aspect_is_refused_naming_the_file(tmp_path, offline_models, ran
     rand_image(1000, 10).save(wide)  # 100:1, over LLaVA-1.5's 20:1
     for args in (["ask", wide, "q"], ["compare", wide, "q"], ["score", wide],
                  ["bench", "--images", wide, "--repeats", "1", "--warmup", "0"]):
-        res = run(*args, "--model", "tiny-llava", "--max-new-tokens" if args[0] != "score" else "--m",
-                  "2", code=1)
+        extra = [] if args[0] == "score" else ["--max-new-tokens", "2"]
+        res = run(*args, "--model", "tiny-llava", *extra, code=1)
         one_line_error(res, "strip.png", "20:1")
 
 
@@ -297,7 +299,7 @@ def test_eval_names_the_image_with_an_extreme_aspect(tmp_path, offline_models, r
     data = tmp_path / "q.jsonl"
     data.write_text(json.dumps({"image": "strip.png", "question": "q?", "answer": "yes"}) + "\n")
     res = run("eval", data, "--methods", "zoo", "--budgets", "4", "--model", "tiny-llava",
-              "--max-new-tokens", "2", "--m", "4", "--out", tmp_path / "o.jsonl", code=1)
+              "--max-new-tokens", "2", "--out", tmp_path / "o.jsonl", code=1)
     one_line_error(res, "strip.png", "20:1")
 
 

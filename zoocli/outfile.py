@@ -71,7 +71,8 @@ def _acquire(path: Path, what: str) -> int:
         try:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
         except OSError as e:
-            raise ZooError(f"{what} {path}: cannot create the lock file {lock} ({_err(e)})") from None
+            raise ZooError(f"{what} {path}: cannot write (cannot create the lock file {lock}: "
+                           f"{_err(e)})") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
