@@ -1,6 +1,24 @@
-"""`python -m zoocli` is the `zoo` command."""
+"""`python -m zoocli` is the `zoo` command (and ``run`` is the `zoo` console script).
 
-from zoocli.cli import main
+Closed standard streams are reopened and Ctrl-C is caught before the CLI is imported, so an
+interrupt in the first second is one line and exit 130, never an import traceback
+(``zoocli.process``).
+"""
+
+from __future__ import annotations
+
+from zoocli.process import interrupted, std_streams
+
+
+def run() -> None:
+    """The `zoo` entry point: ``zoocli.cli.main`` behind a guard for the time it takes to import."""
+    std_streams()
+    try:
+        from zoocli.cli import main
+    except KeyboardInterrupt:
+        interrupted()
+    main()
+
 
 if __name__ == "__main__":
-    main()
+    run()

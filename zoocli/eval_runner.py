@@ -126,6 +126,16 @@ def todo_count(datasets: Sequence[Dataset], spec: EvalSpec, done: set, rank: int
                for m, b in configs if (d.name, str(s.id), m, b) not in done)
 
 
+def _image(adapter, load_image: Callable[[str], Any], path: str):
+    """The sample's image, checked against the family's limits with the file named in the error
+    (``adapter.prepare`` would refuse it too, without the name)."""
+    im = load_image(path)
+    check = getattr(adapter, "check_image", None)  # the families define it; base.Adapter does not
+    if check is not None:
+        check(im.size, path)
+    return im
+
+
 def run_eval(
     adapter, datasets: Sequence[Dataset], spec: EvalSpec, writer: RecordWriter, *,
     done: set | None = None, rank: int = 0, world_size: int = 1,
@@ -158,7 +168,8 @@ def run_eval(
                 pending.append((s, missing))
         for start in range(0, len(pending), spec.batch_size):
             chunk = pending[start:start + spec.batch_size]
-            encs = [_encode(adapter, load_image(s.image), s.question) for s, _ in chunk]
+            encs = [_encode(adapter, _image(adapter, load_image, s.image), s.question)
+                    for s, _ in chunk]
             for m, b in configs:
                 rows = [(s, e) for (s, missing), e in zip(chunk, encs) if (m, b) in missing]
                 if not rows:

@@ -71,7 +71,8 @@ def _acquire(path: Path, what: str) -> int:
         try:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
         except OSError as e:
-            raise ZooError(f"{what} {path}: cannot create the lock file {lock} ({_err(e)})") from None
+            raise ZooError(f"{what} {path}: cannot write (cannot create the lock file {lock}: "
+                           f"{_err(e)})") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -257,7 +258,9 @@ class JsonlOut:
                     raise ValueError(f"row lacks the key field '{k}'")
             lines.append(json.dumps(row, ensure_ascii=False, allow_nan=False, sort_keys=sort_keys) + "\n")
         if lines:
-            self._write("".join(lines).encode("utf-8"))
+            # a lone surrogate (a non-UTF-8 file name, "\ud800" from a data file) can only sit in a
+            # JSON string: written as its \uXXXX escape it is valid JSON and reads back the same
+            self._write("".join(lines).encode("utf-8", "backslashreplace"))
 
     def close(self) -> None:
         if self._fd >= 0:

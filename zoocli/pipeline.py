@@ -38,6 +38,9 @@ def parse_keep(spec: str | int, n: int, option: str = "--keep") -> tuple[int, st
             raise UsageError(f"{option} {text}: a percentage must be in (0, 100]")
         keep = max(1, round(n * pct / 100))
     elif re.fullmatch(r"-?\d+", text):
+        if len(text.lstrip("-")) > 18:  # no model has 10**18 tokens; int() refuses 4300+ digits
+            raise UsageError(f"{option} {text[:24]}… ({len(text)} digits): give a token count of at "
+                             f"most {10**18 - 1} or a percentage (11%)")
         keep = check_keep(int(text))
     else:
         raise UsageError(f"{option} {text!r}: give a token count (64) or a percentage (11%)")

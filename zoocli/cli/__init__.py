@@ -24,11 +24,12 @@ import typer
 from zoocli.cli.ask import ask
 from zoocli.cli.bench import bench
 from zoocli.cli.catalog import methods, models
-from zoocli.cli.common import err
+from zoocli.cli.common import SHOWN, error_line
 from zoocli.cli.compare import compare
 from zoocli.cli.eval import eval_command
 from zoocli.cli.kernel import bench_kernel
 from zoocli.cli.score import score
+from zoocli.process import INTERRUPTED, interrupted, reader_gone, std_streams, stdout_gone
 
 app = typer.Typer(
     no_args_is_help=True, add_completion=True, pretty_exceptions_enable=False,
@@ -76,18 +77,39 @@ app.command("eval")(eval_command)
 
 def main() -> None:
     """The `zoo` entry point: like ``app()``, but a malformed command line (click's usage errors)
-    is one line on stderr with click's exit code (2), not a boxed multi-line message."""
+    is one line on stderr with click's exit code (2), not a boxed multi-line message; Ctrl-C is
+    one line and exit 130; a reader that goes away (``zoo methods | head -1``) a quiet exit 141
+    (``zoocli.process``)."""
+    std_streams()
+    SHOWN.clear()
+    try:
+        code = _invoke()
+        sys.stdout.flush()  # here, not at exit: a broken pipe is caught below
+    except KeyboardInterrupt:
+        interrupted()
+    except BrokenPipeError:
+        if not stdout_gone():
+            raise
+        reader_gone()
+    if code == INTERRUPTED and not SHOWN:  # Ctrl-C while typer parsed: it returns 130 silently
+        interrupted()
+    sys.exit(code)
+
+
+def _invoke() -> int:
     try:
         code = app(standalone_mode=False)
     except Exception as e:  # typer vendors click: recognise its exceptions by their interface
+        if isinstance(e.__cause__, KeyboardInterrupt):  # click's Abort, from Ctrl-C while parsing
+            raise e.__cause__ from None
         message, exit_code = getattr(e, "format_message", None), getattr(e, "exit_code", None)
         if message is None or not isinstance(exit_code, int):
             raise
         text = " ".join(str(message()).split())
         if not text:  # `zoo` alone: the help was already shown
-            sys.exit(exit_code)
+            return exit_code
         ctx = getattr(e, "ctx", None)
         hint = f" (see: {ctx.command_path} --help)" if ctx is not None else ""
-        err.print(f"[red]error:[/red] {text}{hint}", highlight=False, soft_wrap=True)
-        sys.exit(exit_code)
-    sys.exit(code if isinstance(code, int) else 0)
+        error_line(f"{text}{hint}")
+        return exit_code
+    return code if isinstance(code, int) else 0

@@ -9,8 +9,8 @@ import typer
 
 from zoocli.cli.common import (
     ConfigOpt, DeviceOpt, DtypeOpt, ImageArg, JsonOpt, KeepOpt, MaxNewOpt, MethodOptions, ModelOpt,
-    QuestionArg, RandomOpt, console, early_checks, handle_errors, load_image, load_model,
-    method_options, print_json, save_png, warn,
+    QuestionArg, RandomOpt, check_images, console, early_checks, handle_errors, load_image,
+    load_model, method_options, print_json, save_png, warn,
 )
 
 
@@ -38,6 +38,7 @@ def ask(
         question, keep, [method], max_new_tokens, overlay, opts)
     img = load_image(image)
     adapter = load_model(model, device, dtype, random_weights)
+    check_images(adapter, [image], [img])
     warnings: list[str] = []
     res = run_one(adapter, img, question, name, keep, scope=opts.budget_scope, seed=opts.seed,
                   options={**zoo, **extra}, max_new_tokens=max_new_tokens, warnings=warnings)

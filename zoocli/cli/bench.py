@@ -8,11 +8,11 @@ from typing import Annotated
 import typer
 
 from zoocli.cli.common import (
-    BudgetsOpt, ConfigOpt, DeviceOpt, DtypeOpt, JsonOpt, MaxNewOpt, MethodOptions, MethodsOpt,
-    ModelOpt, RandomOpt, check_out_file, console, err, handle_errors, load_image, load_model,
-    method_options, print_json, question_text, split_list, warn,
+    MAX_NEW_TOKENS, MAX_REPEATS, BudgetsOpt, ConfigOpt, DeviceOpt, DtypeOpt, JsonOpt, MaxNewOpt,
+    MethodOptions, MethodsOpt, ModelOpt, RandomOpt, check_images, check_int, check_out_file,
+    console, handle_errors, load_image, load_model, method_options, note, print_json,
+    question_text, split_list, warn,
 )
-from zoocli.errors import UsageError, ZooError
 
 
 def _check_plan(names: list[str], budgets: list[str], repeats: int, warmup: int,
@@ -24,17 +24,30 @@ def _check_plan(names: list[str], budgets: list[str], repeats: int, warmup: int,
         parse_method_spec(name)
     for b in budgets:
         parse_keep(b, 10**9, "--budgets")  # validates the syntax
-    if repeats < 1 or warmup < 0 or max_new_tokens < 1:
-        raise UsageError("--repeats and --max-new-tokens must be at least 1, --warmup at least 0")
+    check_int("--repeats", repeats, 1, MAX_REPEATS)
+    check_int("--warmup", warmup, 0, MAX_REPEATS)
+    check_int("--max-new-tokens", max_new_tokens, 1, MAX_NEW_TOKENS)
 
 
 def _check_out(out: Path | None) -> None:
+    """Refuse, before anything loads, an --out that zoo must not append to: a directory, a file in
+    a missing folder, a FIFO or device (never opened, so it cannot hang), or a file that is not
+    zoo's own bench rows (``zoocli.outfile``). Nothing is created or written here."""
+    from zoocli.outfile import check_regular
+
     check_out_file(out, "--out")
     if out is not None:
-        try:  # fail now, not after the baseline has been measured
-            open(out, "a").close()
-        except OSError as e:
-            raise ZooError(f"cannot write {out}: {e.strerror or e}") from None
+        check_regular(out, "--out")
+
+
+def _locked(out: Path | None):
+    """The advisory lock of --out for the whole run (a second writer is refused, naming this
+    process), or nothing without --out."""
+    import contextlib
+
+    from zoocli.outfile import output_lock
+
+    return contextlib.nullcontext() if out is None else output_lock(out, "--out")
 
 
 @handle_errors
@@ -65,25 +78,30 @@ def bench(
     budget_list = split_list(budgets, "--budgets")
     _check_plan(names, budget_list, repeats, warmup, max_new_tokens)
     zoo = opts.zoo()
+    question = question_text(question)
     paths = ([p for spec in (images or []) for p in split_list(spec, "--images")]
              or [str(p) for p in shipped_images()])
     imgs = [load_image(p) for p in paths]
     _check_out(out)
-    adapter = load_model(model, device, dtype, random_weights)
-    spec = BenchSpec(model=adapter.model_id, methods=names, budgets=budget_list,
-                     images=[Path(p).name for p in paths], question=question_text(question),
-                     repeats=repeats, warmup=warmup, max_new_tokens=max_new_tokens, seed=opts.seed,
-                     scope=opts.budget_scope, options=zoo, device=str(adapter.device),
-                     dtype=str(adapter.dtype).replace("torch.", ""), random_weights=random_weights)
-    for message in budget_warnings(adapter, imgs, spec):
-        warn(message)
-    rows = _run_rows(adapter, imgs, spec, done_keys(out), out)
+    with _locked(out):
+        done = done_keys(out)  # also refuses a file that is not zoo's bench rows, before the model
+        adapter = load_model(model, device, dtype, random_weights)
+        check_images(adapter, paths, imgs)
+        spec = BenchSpec(model=adapter.model_id, methods=names, budgets=budget_list,
+                         images=[Path(p).name for p in paths], question=question,
+                         repeats=repeats, warmup=warmup, max_new_tokens=max_new_tokens,
+                         seed=opts.seed, scope=opts.budget_scope, options=zoo,
+                         device=str(adapter.device), dtype=str(adapter.dtype).replace("torch.", ""),
+                         random_weights=random_weights)
+        for message in budget_warnings(adapter, imgs, spec):
+            warn(message)
+        rows = _run_rows(adapter, imgs, spec, done, out)
     if json_out:
         print_json(rows)
         return
     console.print(render.bench_table(rows, spec))
     if out is not None:
-        err.print(f"appended {len(rows)} rows to {out}", highlight=False)
+        note(f"appended {len(rows)} rows to {out}")
 
 
 def _run_rows(adapter, imgs, spec, done: set[str], out: Path | None) -> list[dict]:

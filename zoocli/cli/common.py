@@ -23,20 +23,64 @@ import typer
 from rich.console import Console
 
 from zoocli.errors import UsageError, ZooError
+from zoocli.process import INTERRUPTED, reader_gone, stdout_gone
+
+
+class _Console(Console):
+    """Rich's console, ending like the rest of zoo when its reader goes away (exit 141, quiet)."""
+
+    def on_broken_pipe(self) -> None:  # rich's documented hook (its default exits 1)
+        self.quiet = True
+        reader_gone()
+
 
 # A terminal gets its own width; a file or pipe gets 120 columns so wide tables stay readable,
 # unless the standard COLUMNS variable says otherwise (Rich reads it: `COLUMNS=80 zoo ... | cat`).
-console = Console(width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 120)
-err = Console(stderr=True)
+# markup=False: a string cell of a table (a file name, a model's answer) is shown as it is, never
+# read as Rich markup ("[/x].jpg" would crash the printer); styled text comes as Text objects.
+_TTY = sys.stdout is not None and sys.stdout.isatty()
+console = _Console(width=None if _TTY or os.environ.get("COLUMNS") else 120, markup=False)
+err = _Console(stderr=True)
+
+_LONG_WORD = 240  # a word of a message longer than this (a 10,000-character path) is shortened
+_CONTROL = {c: f"\\x{c:02x}" for c in [*range(32), 127]} | {9: "\\t", 10: "\\n", 13: "\\r"}
+
+
+def one_line(message: str) -> str:
+    """``message`` as one readable line: control characters (a newline in a file name) written
+    as escapes, and any word over 240 characters shortened to its start and end with the count."""
+    words = str(message).translate(_CONTROL).split(" ")
+    return " ".join(w if len(w) <= _LONG_WORD else f"{w[:100]}…{w[-40:]} ({len(w)} characters)"
+                    for w in words)
+
+
+def _line(tag: str, style: str, message: str):
+    from rich.text import Text
+
+    return Text.assemble((tag, style), " ", one_line(message))  # Text: user strings are never markup
+
+
+SHOWN: list[str] = []  # the error lines printed by this process (``main`` prints one for Ctrl-C if none)
+
+
+def error_line(message: str) -> None:
+    """Print ``error: MESSAGE`` on stderr as one line; the message is plain text, not markup."""
+    SHOWN.append(message)
+    err.print(_line("error:", "red", message), highlight=False, soft_wrap=True)
 
 
 def fail(message: str, code: int = 1) -> None:
-    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    error_line(message)
     raise typer.Exit(code)
 
 
 def warn(message: str) -> None:
-    err.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
+    err.print(_line("warning:", "yellow", message), highlight=False, soft_wrap=True)
+
+
+def note(message: str) -> None:
+    """A plain status line on stderr (``wrote out.png``): never read as markup."""
+    err.print(one_line(message), highlight=False, markup=False, soft_wrap=True)
 
 
 def handle_errors(fn):
@@ -49,7 +93,11 @@ def handle_errors(fn):
         except ZooError as e:
             fail(str(e), e.exit_code)
         except KeyboardInterrupt:
-            fail("interrupted", 130)
+            fail("interrupted", INTERRUPTED)
+        except BrokenPipeError as e:
+            if stdout_gone():  # `zoo methods | head -1`: the reader has what it wanted
+                reader_gone()
+            fail(f"a connection closed under zoo (broken pipe: {e.strerror or e})")
         except MemoryError:
             fail("out of memory: try a smaller --keep or --m, --dtype bf16, or a smaller model")
         except RuntimeError as e:
@@ -63,7 +111,13 @@ def handle_errors(fn):
 
 # ------------------------------------------------------------------------- configuration file
 
-def _coerce(key: str, val: Any, annotation: Any) -> Any:
+# Options that take a comma-separated list on the command line: in --config also a YAML list
+# (``methods: [zoo, divprune]``, ``budgets: [192, 128]``).
+LIST_OPTIONS = ("methods", "budgets")
+MAX_CONFIG_BYTES = 1 << 20  # a configuration is a few lines; 1 MiB bounds what is parsed
+
+
+def _coerce(key: str, val: Any, annotation: Any, name: str = "") -> Any:
     """A YAML value as the option's Python type, or an error naming the key."""
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
@@ -73,6 +127,11 @@ def _coerce(key: str, val: Any, annotation: Any) -> Any:
     if typing.get_origin(annotation) is list:
         items = val if isinstance(val, list) else [val]
         return [str(_coerce(key, v, typing.get_args(annotation)[0])) for v in items]
+    if name in LIST_OPTIONS and annotation is str and isinstance(val, list):
+        if any(isinstance(v, (list, dict, bool)) or v is None for v in val):
+            raise typer.BadParameter(f"key '{key}' must be a list of single values, e.g. "
+                                     f"{key}: [a, b], or one comma-separated string")
+        return ",".join(str(v) for v in val)
     if isinstance(val, (list, dict)):
         raise typer.BadParameter(f"key '{key}' must be a single value")
     scalar = isinstance(val, (int, float)) and not isinstance(val, bool)
@@ -84,19 +143,63 @@ def _coerce(key: str, val: Any, annotation: Any) -> Any:
         return float(val)
     if annotation in (str, Path) and (scalar or isinstance(val, str)):
         return annotation(val) if annotation is Path else str(val)
-    name = getattr(annotation, "__name__", str(annotation))
-    raise typer.BadParameter(f"key '{key}' must be of type {name}, got {val!r}")
+    type_name = getattr(annotation, "__name__", str(annotation))
+    raise typer.BadParameter(f"key '{key}' must be of type {type_name}, got {_shown(val)}")
+
+
+def _shown(val: Any) -> str:
+    """A YAML value for a message: its repr, cut short (a 5000-character string, a date)."""
+    try:
+        text = repr(val)
+    except ValueError:  # an int over Python's digit limit
+        text = f"an integer of over {sys.get_int_max_str_digits()} digits"
+    return text if len(text) <= 80 else f"{text[:60]}… ({len(text)} characters)"
+
+
+def _config_text(value: str) -> str:
+    """The text of --config ``value``: a regular file (a FIFO or device is refused without being
+    opened, so it cannot hang), at most ``MAX_CONFIG_BYTES``, UTF-8."""
+    from zoocli.outfile import check_regular
+
+    try:
+        if not check_regular(value, "--config"):
+            raise typer.BadParameter(f"no such file: {value}")
+        with open(value, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except ZooError as e:
+        raise typer.BadParameter(str(e)) from None
+    except OSError as e:
+        raise typer.BadParameter(f"cannot read {value}: {e.strerror or e}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise typer.BadParameter(f"{value} is over {MAX_CONFIG_BYTES >> 20} MiB; a configuration "
+                                 f"file holds a few option values")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise typer.BadParameter(f"{value} is not UTF-8 text (byte {e.start})") from None
+
+
+def _yaml_problem(e: Exception) -> str:
+    """What PyYAML found wrong, with its place: "found unhashable key (line 1, column 3)"."""
+    problem, mark = getattr(e, "problem", None), getattr(e, "problem_mark", None)
+    if not problem:
+        return (str(e).splitlines() or ["not valid YAML"])[0]
+    return problem + (f" (line {mark.line + 1}, column {mark.column + 1})" if mark else "")
 
 
 def _read_config(value: str) -> dict:
     import yaml
 
+    text = _config_text(value)
     try:
-        data = yaml.safe_load(Path(value).read_text())
-    except FileNotFoundError:
-        raise typer.BadParameter(f"no such file: {value}") from None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise typer.BadParameter(f"cannot read {value}: {str(e).splitlines()[0]}") from None
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise typer.BadParameter(f"cannot read {value}: {_yaml_problem(e)}") from None
+    except RecursionError:
+        raise typer.BadParameter(f"cannot read {value}: it is nested too deeply") from None
+    except (ValueError, OverflowError):  # an integer over Python's digit limit (4300)
+        raise typer.BadParameter(f"cannot read {value}: it holds a number of over "
+                                 f"{sys.get_int_max_str_digits()} digits") from None
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise typer.BadParameter(f"{value}: expected a mapping of option names to values")
@@ -117,8 +220,9 @@ def load_config(ctx: typer.Context, param: Any, value: str | None):
             name = "json_out"
         if name not in options:
             known = ", ".join(sorted(n.replace("_out", "") for n in options))
-            raise typer.BadParameter(f"{value}: unknown key '{key}' for this command; known: {known}")
-        defaults[name] = _coerce(str(key), val, options[name].type_descriptor.annotation)
+            raise typer.BadParameter(f"{value}: unknown key {_shown(str(key))} for this command; "
+                                     f"known: {known}")
+        defaults[name] = _coerce(str(key), val, options[name].type_descriptor.annotation, name)
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
     return value
 
@@ -178,18 +282,19 @@ class MethodOptions:
         import math
 
         from zoocli.pipeline import BUDGET_SCOPES
-        from zoocli.sensitivity import SEED_MAX, SEED_MIN
+        from zoocli.sensitivity import H_MAX, H_MIN, H_WHY, M_MAX, SEED_MAX, SEED_MIN
 
         if not SEED_MIN <= self.seed <= SEED_MAX:  # what torch.Generator.manual_seed takes
             raise UsageError(f"--seed must be in [{SEED_MIN}, {SEED_MAX}], got {self.seed}")
-        if self.m is not None and self.m <= 0:
-            raise UsageError(f"--m must be at least 1, got {self.m}")
-        if self.h is not None and (not math.isfinite(self.h) or self.h <= 0):
-            raise UsageError(f"--h must be a positive number, got {self.h}")
+        if self.m is not None:
+            check_int("--m", self.m, 1, M_MAX)
+        if self.h is not None and (not math.isfinite(self.h) or not H_MIN <= self.h <= H_MAX):
+            what = "a positive number" if not self.h > 0 else "a number"
+            raise UsageError(f"--h must be {what} in [{H_MIN:g}, {H_MAX:g}] ({H_WHY}), got {self.h:g}")
         if self.estimator not in ESTIMATORS:
             raise UsageError(f"--estimator {self.estimator!r}: choose {', '.join(ESTIMATORS)}")
-        if self.rank is not None and self.rank <= 0:
-            raise UsageError(f"--rank must be at least 1, got {self.rank}")
+        if self.rank is not None:
+            check_int("--rank", self.rank, 1, M_MAX)
         if self.estimator == "exact":
             given = [f"--{k}" for k in ("m", "h", "rank") if getattr(self, k) is not None]
             if given:
@@ -244,6 +349,22 @@ def method_options(*, budget_scope: bool = True):
 
 # ------------------------------------------------------------------------------ small helpers
 
+# Upper bounds of the numeric flags: far above any sensible run, low enough that a typo (a
+# 20-digit number) is refused before anything loads instead of running for ever or overflowing.
+MAX_NEW_TOKENS = 32768  # Qwen2.5-VL's native context; LLaVA's is 4096
+MAX_REPEATS = 100_000  # --repeats and --warmup
+MAX_BATCH = 4096  # eval --batch-size
+MAX_TOP = 1_000_000  # score --top (more than any image's visual tokens: all are listed)
+
+
+def check_int(flag: str, value: int, low: int, high: int) -> int:
+    """``value`` when ``low <= value <= high``, else a ``UsageError`` naming ``flag`` and the range
+    (a command line or --config value of 5000 digits is shown shortened)."""
+    if not low <= value <= high:
+        raise UsageError(f"{flag} must be at least {low} and at most {high}, got {value}")
+    return value
+
+
 def split_list(text: str, what: str) -> list[str]:
     """``"a, b,c"`` -> ``["a", "b", "c"]``; an empty list is a usage error naming the flag."""
     items = [t.strip() for t in text.split(",") if t.strip()]
@@ -253,9 +374,13 @@ def split_list(text: str, what: str) -> list[str]:
 
 
 def question_text(q: str) -> str:
+    """The question as plain text: stripped, not empty, and every byte that is not UTF-8 (a
+    question typed in another encoding) replaced by U+FFFD (``zoocli.text.user_text``)."""
+    from zoocli.text import user_text
+
     if not q or not q.strip():
         raise UsageError("the question is empty")
-    return q.strip()
+    return user_text(q.strip())
 
 
 def early_checks(question: str, keep: str, specs: list[str], max_new_tokens: int,
@@ -269,8 +394,7 @@ def early_checks(question: str, keep: str, specs: list[str], max_new_tokens: int
     parsed = [parse_method_spec(spec) for spec in specs]
     parse_keep(keep, 10**9)  # syntax and sign; the token count is known after encoding
     zoo = opts.zoo()
-    if max_new_tokens <= 0:
-        raise UsageError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    check_int("--max-new-tokens", max_new_tokens, 1, MAX_NEW_TOKENS)
     check_out_file(overlay, "--overlay")
     return question, parsed, zoo
 
@@ -311,9 +435,20 @@ def load_model(model: str, device: str, dtype: str, random_weights: bool, quiet:
 
 
 def load_image(path: str):
+    """The image at ``path`` (RGB), or a one-line ``ZooError`` naming the file. Loaded before the
+    model, so a bad file fails fast; ``check_images`` adds the model family's limits after."""
     from zoocli.images import load_image as load
 
     return load(path)
+
+
+def check_images(adapter, paths: list[str], images: list) -> None:
+    """Each image against what ``adapter``'s family can take (aspect ratio), naming the file
+    (``adapter.prepare`` would refuse it too, but without its name)."""
+    check = getattr(adapter, "check_image", None)  # the families define it; base.Adapter does not
+    for path, im in zip(paths, images, strict=True):
+        if check is not None:
+            check(im.size, path)
 
 
 def check_out_file(path: Path | None, option: str) -> None:
@@ -336,4 +471,4 @@ def save_png(im, path: Path) -> None:
         im.save(path, format="PNG")
     except OSError as e:
         raise ZooError(f"cannot write {path}: {e.strerror or e}") from None
-    err.print(f"wrote {path}", highlight=False)
+    note(f"wrote {path}")

@@ -9,9 +9,9 @@ from typing import Annotated
 import typer
 
 from zoocli.cli.common import (
-    ConfigOpt, DeviceOpt, DtypeOpt, JsonOpt, KeepOpt, MaxNewOpt, MethodOptions,
-    MethodsOpt, ModelOpt, RandomOpt, console, err, early_checks, handle_errors, load_image,
-    load_model, method_options, print_json, save_png, split_list, warn,
+    check_images, ConfigOpt, console, DeviceOpt, DtypeOpt, early_checks, err, handle_errors,
+    JsonOpt, KeepOpt, load_image, load_model, MaxNewOpt, method_options, MethodOptions, MethodsOpt,
+    ModelOpt, print_json, RandomOpt, save_png, split_list, warn,
 )
 
 
@@ -41,6 +41,7 @@ def compare(
     question, parsed, zoo = early_checks(question, keep, names, max_new_tokens, overlay, opts)
     img = load_image(image)
     adapter = load_model(model, device, dtype, random_weights)
+    check_images(adapter, [image], [img])
     for base_name, _ in parsed:
         check_family(adapter, base_name)
     enc = encode_image(adapter, img, question)

@@ -19,9 +19,9 @@ from typing import Annotated, Any
 import typer
 
 from zoocli.cli.common import (
-    BudgetsOpt, ConfigOpt, DeviceOpt, DtypeOpt, JsonOpt, MethodOptions, MethodsOpt, ModelOpt,
-    RandomOpt, console, handle_errors, load_model, method_options, print_json,
-    split_list, warn,
+    MAX_BATCH, MAX_NEW_TOKENS, BudgetsOpt, check_int, ConfigOpt, console, DeviceOpt, DtypeOpt,
+    handle_errors, JsonOpt, load_model, method_options, MethodOptions, MethodsOpt, ModelOpt,
+    print_json, RandomOpt, split_list, warn,
 )
 from zoocli.errors import UsageError, ZooError
 
@@ -38,8 +38,10 @@ class EvalPlan:
     plan_keys: set = field(default_factory=set)
 
 
-def _datasets(data: list[str] | None, answers: list[str] | None, image_root: str | None):
-    """[(Dataset, path)], validating every file, field and image before a model loads."""
+def _datasets(data: list[str] | None, answers: list[str] | None, image_root: str | None,
+              outside: bool = False):
+    """[(Dataset, path)], validating every file, field and image before a model loads; an image
+    path that leaves its root is refused unless ``outside`` (``--allow-outside-root``)."""
     from zoocli.bench import shipped_images
     from zoocli.eval_runner import Dataset
     from zoocli.evaluation import SAMPLE_EVAL, dataset_name, load_samples
@@ -48,7 +50,8 @@ def _datasets(data: list[str] | None, answers: list[str] | None, image_root: str
         if answers:
             raise UsageError("--answers needs a question file (DATA)")
         root = image_root or str(shipped_images()[0].parent)
-        return [(Dataset(dataset_name(SAMPLE_EVAL), load_samples(SAMPLE_EVAL, image_root=root)),
+        samples = load_samples(SAMPLE_EVAL, image_root=root, allow_outside_root=outside)
+        return [(Dataset(dataset_name(SAMPLE_EVAL), samples),
                  str(SAMPLE_EVAL))]
     if answers and len(answers) != len(data):
         raise UsageError(f"{len(answers)} --answers files for {len(data)} question files; give one "
@@ -62,7 +65,8 @@ def _datasets(data: list[str] | None, answers: list[str] | None, image_root: str
                              f"rename one")
         names[name] = path
         root = image_root if image_root is not None else str(p.parent)
-        samples = load_samples(p, answers=answers[i] if answers else None, image_root=root)
+        samples = load_samples(p, answers=answers[i] if answers else None, image_root=root,
+                               allow_outside_root=outside)
         out.append((Dataset(name, samples), str(p)))
     return out
 
@@ -81,10 +85,8 @@ def _method_plan(methods: str, budgets: str, batch_size: int, max_new_tokens: in
     budget_list = split_list(budgets, "--budgets") if names else []
     for b in budget_list:
         budget_value(b)
-    if batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
-    if max_new_tokens < 1:
-        raise UsageError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    check_int("--batch-size", batch_size, 1, MAX_BATCH)
+    check_int("--max-new-tokens", max_new_tokens, 1, MAX_NEW_TOKENS)
     options = {k: v for k, v in opts.zoo().items() if v is not None}
     return names, budget_list, options
 
@@ -103,10 +105,26 @@ def _output(out: Path | None, world: int) -> tuple[Path, Any]:
     return out, tmp
 
 
+def _locked(out: Path, rank: int):
+    """Rank 0 holds the advisory lock of --out from before it reads the previous records to the
+    end of the run (a second `zoo eval` on the same file is refused, naming this process); the
+    other ranks write only their own shard files, each locked while it is open."""
+    import contextlib
+
+    from zoocli.outfile import output_lock
+
+    return output_lock(out, "--out") if rank == 0 else contextlib.nullcontext()
+
+
 def _resume(plan: EvalPlan) -> None:
-    """Refuse a --out of other settings; note the predictions it already holds."""
+    """Refuse a --out that is not zoo's records (``notes.txt``, a JSON array: never truncated) or
+    holds other settings; note the predictions it already holds. Before the model loads."""
     from zoocli.eval_runner import check_resumable
     from zoocli.evaluation import done_keys, find_shards, read_records
+    from zoocli.evaluation.store import KEY_FIELDS, ROW_HEADS
+    from zoocli.outfile import check_jsonl
+
+    check_jsonl(plan.out, KEY_FIELDS, ROW_HEADS, "--out")
 
     previous = [p for p in find_shards(plan.out) + [plan.out] if p.exists()]
     check_resumable(list(read_records(previous, missing_ok=True)), plan.spec, str(plan.out))
@@ -205,6 +223,9 @@ def eval_command(
         "--answers", help="answers file for a LLaVA question file (repeat: one per DATA file, in order)")] = None,
     image_root: Annotated[str | None, typer.Option(
         "--image-root", help="folder the image names are relative to (default: each DATA file's folder)")] = None,
+    allow_outside_root: Annotated[bool, typer.Option("--allow-outside-root", help=(
+        "read images whose path (absolute, '..', or a symlink) leads outside the image root; "
+        "off by default, so a data file cannot make zoo read other files"))] = False,
     model: ModelOpt = "llava-1.5",
     methods: MethodsOpt = "zoo,divprune",
     budgets: BudgetsOpt = "192,128,64",
@@ -224,15 +245,16 @@ def eval_command(
     rank, world, local = dist_env()
     try:
         names, budget_list, options = _method_plan(methods, budgets, batch_size, max_new_tokens, opts)
-        sets = _datasets(data, answers, image_root)
+        sets = _datasets(data, answers, image_root, allow_outside_root)
         spec = EvalSpec(model=model + (" (random weights)" if random_weights else ""), methods=names,
                         budgets=budget_list, batch_size=batch_size, max_new_tokens=max_new_tokens,
                         seed=opts.seed, options=options, scope=opts.budget_scope)
         plan = EvalPlan(spec, sets, *_output(out, world))
-        _resume(plan)
-        done = _run(plan, rank, world, local, (model, dtype, random_weights), device)
-        if done is not None:
-            _report(plan, *done, world, json_out)
+        with _locked(plan.out, rank):
+            _resume(plan)
+            done = _run(plan, rank, world, local, (model, dtype, random_weights), device)
+            if done is not None:
+                _report(plan, *done, world, json_out)
         if plan.temporary is not None:
             plan.temporary.cleanup()
         sys.stdout.flush()

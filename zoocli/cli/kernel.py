@@ -6,8 +6,11 @@ from typing import Annotated
 
 import typer
 
-from zoocli.cli.common import DeviceOpt, JsonOpt, MOpt, console, handle_errors, print_json
-from zoocli.errors import UsageError
+from zoocli.cli.common import (
+    MAX_REPEATS, DeviceOpt, JsonOpt, MOpt, check_int, console, handle_errors, print_json,
+)
+
+MAX_KERNEL_TOKENS = 65536  # --n: ~16k visual tokens is the most any supported model makes
 
 
 @handle_errors
@@ -25,8 +28,12 @@ def bench_kernel(
     from zoocli.cli.progress import Steps
     from zoocli.kernel_bench import kernel_steps, sensitivity_bench
 
-    if repeats < 1 or warmup < 0 or n < 1 or m < 1:
-        raise UsageError("--repeats, --n and --m must be at least 1, --warmup at least 0")
+    from zoocli.sensitivity import M_MAX
+
+    check_int("--n", n, 1, MAX_KERNEL_TOKENS)
+    check_int("--m", m, 1, M_MAX)
+    check_int("--repeats", repeats, 1, MAX_REPEATS)
+    check_int("--warmup", warmup, 0, MAX_REPEATS)
     with Steps("bench-kernel", kernel_steps(), "stages") as steps:
         rows = sensitivity_bench(device=str(resolve_device(device)), n=n, m=m, repeats=repeats,
                                  warmup=warmup, progress=lambda name: steps.finished(name))

@@ -8,9 +8,9 @@ from typing import Annotated
 import typer
 
 from zoocli.cli.common import (
-    ConfigOpt, DeviceOpt, DtypeOpt, JsonOpt, MethodOptions, ModelOpt, RandomOpt,
-    check_out_file, console, err, handle_errors, load_image, load_model, method_options, print_json,
-    question_text, save_png,
+    MAX_TOP, check_images, check_int, check_out_file, ConfigOpt, console, DeviceOpt, DtypeOpt, err,
+    handle_errors, JsonOpt, load_image, load_model, method_options, MethodOptions, ModelOpt,
+    print_json, question_text, RandomOpt, save_png,
 )
 
 
@@ -41,9 +41,11 @@ def score(
         image, question = with_sample(image, question)
     q = question_text(question) if question is not None else "Describe the image."
     zoo = opts.zoo()
+    check_int("--top", top, 0, MAX_TOP)
     check_out_file(overlay, "--overlay")
     img = load_image(image)
     adapter = load_model(model, device, dtype, random_weights)
+    check_images(adapter, [image], [img])
     scored = score_image(adapter, img, q, seed=opts.seed, zoo=zoo)
     out = {"model": adapter.model_id, "n_visual_tokens": len(scored.values), "m": opts.m,
            "h": opts.h, "seed": opts.seed, "estimator": opts.estimator, "rank": opts.rank,

@@ -288,7 +288,8 @@ def _image(path, n, obj, image_root: Path | None, allow_outside: bool = False) -
         real, root = os.path.realpath(full), os.path.realpath(image_root)
         if os.path.commonpath([real, root]) != root:
             raise ZooError(f"{path}, line {n}: field 'image': {_show(rel)} is outside the image folder "
-                           f"{_short(image_root)} (after symlinks); images must be inside it")
+                           f"{_short(image_root)} (after symlinks); images must be inside it "
+                           f"(zoo eval --allow-outside-root reads them anyway)")
     if not os.path.isfile(full):  # False for a FIFO / device, a name too long, a loop of links
         raise ZooError(f"{path}, line {n}: field 'image': no such image file {_short(full)}")
     return str(full)

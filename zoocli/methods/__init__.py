@@ -202,7 +202,10 @@ def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
             raise UsageError(f"method '{name}' has no option '{key}'; its options: "
                              f"{', '.join(sorted(method.options)) or 'none'}")
         opts[key] = _parse_value(raw)
-    method.validate(opts)
+    try:
+        method.validate(opts)
+    except UsageError as e:  # name the spec at fault: "zoo:m=99999": m must be at most 65536
+        raise UsageError(f"method spec '{spec.strip()}': {e}") from None
     return name, opts
 
 
