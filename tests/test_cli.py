@@ -361,7 +361,7 @@ def test_compare_and_score_without_an_image_use_the_shipped_sample_and_say_so():
     assert json.loads(res.stdout)["question"] == SAMPLE_QUESTION
     assert "compare: 1/3 methods done (none)" in res.stderr  # progress off a terminal
     assert "compare: 3/3 methods done (zoo)" in res.stderr
-    res = run("score", "--model", "tiny-llava", "--m", "4", "--json")
+    res = run("score", "--model", "tiny-llava", "--json")
     assert SAMPLE_IMAGE in res.stderr and json.loads(res.stdout)["n_visual_tokens"] == 16
     one_line_error(run("compare", CUP, code=2), "QUESTION")
 
