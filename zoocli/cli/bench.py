@@ -59,7 +59,9 @@ def bench(
 ) -> None:
     """Latency of each method x budget against the unpruned model, measured in one run."""
     from zoocli import render
-    from zoocli.bench import BenchSpec, append_row, bench_rows, done_keys, planned_runs, shipped_images
+    from zoocli.bench import (
+        BenchSpec, append_row, bench_rows, done_keys, plan_rows, planned_runs, shipped_images,
+    )
 
     names = split_list(methods, "--methods")
     budget_list = split_list(budgets, "--budgets")
@@ -83,6 +85,8 @@ def bench(
             rows.append(row)
             if out is not None:
                 append_row(out, row)
+    order = plan_rows(spec)  # rows finish in the last round's shuffled order: show them in plan order
+    rows.sort(key=lambda r: order.index((r["method"], r["budget"])))
     if json_out:
         print_json(rows)
         return
