@@ -21,7 +21,7 @@ from torch import Tensor
 
 from zoocli.adapters.base import Adapter, Encoded, Prepared
 from zoocli.errors import UsageError
-from zoocli.methods import LLMView, Method, PruneInputs, check_keep, get_method, select
+from zoocli.methods import LLMView, Method, PruneInputs, check_keep, get_method, select_scopes
 from zoocli.timing import Timer, add_ttft_e2e, device_sync
 
 BUDGET_SCOPES = ("crop", "global")
@@ -121,7 +121,9 @@ def select_tokens(
     scope: str = "crop", seed: int = 0, options: dict[str, Any] | None = None,
     signals: dict[str, Tensor] | None = None,
 ) -> SelectionResult:
-    """Run a pre-LLM method over the scopes (per crop, or once globally) and merge the picks."""
+    """Run a pre-LLM method over the scopes (per crop, or once globally) and merge the picks. The
+    crops go through ``zoocli.methods.select_scopes``: one padded batch for the methods with a
+    batched kernel (zoo, sum, sensitivity, divprune), one crop after another for the rest."""
     if scope not in BUDGET_SCOPES:
         raise UsageError(f"--budget-scope {scope!r}: choose one of {', '.join(BUDGET_SCOPES)}")
     method = get_method(method_name)
@@ -140,12 +142,12 @@ def select_tokens(
         groups = [(s.index.to(dev), s.grid) for s in encoded.scopes]
     quotas = split_budget(keep, [len(index) for index, _ in groups])
     kept, tokens, scores = [], [], torch.full((n,), float("nan"))
+    live = [(index, grid, q) for (index, grid), q in zip(groups, quotas) if q > 0]
+    inps = [prune_inputs(method, adapter, prepared, encoded, index, grid, seed, signals)
+            for index, grid, _ in live]
+    sels = select_scopes(method_name, inps, [q for _, _, q in live], **options)
     has_tokens = False
-    for (index, grid), q in zip(groups, quotas):
-        if q == 0:
-            continue
-        inp = prune_inputs(method, adapter, prepared, encoded, index, grid, seed, signals)
-        sel = select(method_name, inp, q, **options)
+    for (index, _, _), sel in zip(live, sels):
         kept.append(index[sel.idx])
         tokens.append(sel.tokens if sel.tokens is not None else encoded.features[index[sel.idx]])
         has_tokens |= sel.tokens is not None
