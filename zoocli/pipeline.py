@@ -182,6 +182,8 @@ class RunResult:
     scores: list[float] | None = None
     stage: str = "pre_llm"  # in_llm: selection_ms is the scoring inside the LLM, already in prefill_ms
     llm_stages: list[dict[str, int]] = field(default_factory=list)  # in-LLM prune stages (layer, before, kept)
+    warmup_runs: int = 0  # untimed runs before this one (``run_warm``)
+    first_call_ms: dict[str, float] | None = None  # the first (warm-up) run's timings, one-time costs included
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -237,6 +239,27 @@ def run_one(
         warnings.append(warn)
     return run_method(adapter, enc, method_name, keep, scope=scope, seed=seed, options=options,
                       max_new_tokens=max_new_tokens)
+
+
+def run_warm(run, warmup: bool = True) -> RunResult:
+    """``run()`` once untimed, then again timed: the timed run is warm, so one-time costs (caches
+    such as the exact estimator's M matrix or the SVD factor, the first call of each kernel) never
+    show up in its selection time. The warm-up run's own timings, those costs included, are kept
+    apart in ``first_call_ms``. ``warmup=False``: one cold run, ``first_call_ms`` None."""
+    first = run() if warmup else None
+    res = run()
+    res.warmup_runs = int(warmup)
+    res.first_call_ms = None if first is None else dict(first.timings_ms)
+    return res
+
+
+def run_one_warm(adapter: Adapter, image, question: str, method_name: str, keep_spec: str | int = "64",
+                 *, warmup: bool = True, warnings: list[str] | None = None, **kw) -> RunResult:
+    """``run_one`` timed warm (``run_warm``): one untimed warm-up run (image encode included)
+    first. Keeps ``run_one``'s keywords; ``warnings`` are collected from the timed run only."""
+    calls = iter([None] * int(warmup) + [warnings])
+    return run_warm(lambda: run_one(adapter, image, question, method_name, keep_spec,
+                                    warnings=next(calls), **kw), warmup)
 
 
 def check_family(adapter: Adapter, method_name: str) -> Method:

@@ -203,6 +203,13 @@ def _spread(row: Mapping[str, Any]) -> str:
     return f"{sp['min']:.2f}-{sp['max']:.2f}" if sp else ""
 
 
+def warm_note(warmup_runs: int) -> str:
+    """One line under `zoo ask` / `zoo compare`: how the timings were taken."""
+    if warmup_runs:
+        return ("timings: warm run, one warm-up run excluded (one-time costs: first_call_ms in --json)")
+    return "timings: cold run (--no-warmup), one-time costs (caches, first kernel calls) included"
+
+
 def bench_table(rows: Sequence[Mapping[str, Any]], spec: Any) -> Table:
     t = Table(title=(f"{spec.model} · {spec.device} {spec.dtype} · {len(spec.images)} image(s) x "
                      f"{spec.repeats} repeats, median ms (warm-up {spec.warmup} excluded)"),

@@ -10,7 +10,7 @@ import typer
 
 from zoocli.cli.common import (
     ConfigOpt, DeviceOpt, DtypeOpt, ImageArg, JsonOpt, KeepOpt, MaxNewOpt, MethodOptions,
-    MethodsOpt, ModelOpt, QuestionArg, RandomOpt, console, early_checks, handle_errors, load_image,
+    MethodsOpt, ModelOpt, NoWarmupOpt, QuestionArg, RandomOpt, console, early_checks, handle_errors, load_image,
     load_model, method_options, print_json, progress, save_png, split_list, warn,
 )
 
@@ -27,13 +27,14 @@ def compare(
     random_weights: RandomOpt = False,
     max_new_tokens: MaxNewOpt = 64,
     overlay: Annotated[Path | None, typer.Option(help="write a contact sheet of the overlays (PNG)")] = None,
+    no_warmup: NoWarmupOpt = False,
     json_out: JsonOpt = False,
     config: ConfigOpt = None,
 ) -> None:
     """Run several methods on the same image (encoded once) and compare them with the unpruned model."""
     from zoocli import render
-    from zoocli.compare import compare_rows, run_methods
-    from zoocli.pipeline import check_family, encode_image, parse_keep
+    from zoocli.compare import compare_rows, run_compare
+    from zoocli.pipeline import check_family
 
     names = split_list(methods, "--methods")
     question, parsed, zoo = early_checks(question, keep, names, max_new_tokens, overlay, opts)
@@ -41,16 +42,16 @@ def compare(
     adapter = load_model(model, device, dtype, random_weights)
     for base_name, _ in parsed:
         check_family(adapter, base_name)
-    enc = encode_image(adapter, img, question)
-    k, warning = parse_keep(keep, enc.n)
-    if warning:
-        warn(warning)
     specs = dict(zip(names, parsed, strict=True))
+    warnings: list[str] = []
     with progress() as bar:
-        task = bar.add_task("methods", total=len({"none", *names}))
-        results = run_methods(adapter, enc, specs, k, scope=opts.budget_scope, seed=opts.seed,
-                              options=zoo, max_new_tokens=max_new_tokens,
-                              advance=lambda: bar.advance(task))
+        task = bar.add_task("methods", total=len({"none", *names}) * (1 if no_warmup else 2))
+        enc, k, results = run_compare(adapter, img, question, specs, keep, warmup=not no_warmup,
+                                      scope=opts.budget_scope, seed=opts.seed, options=zoo,
+                                      max_new_tokens=max_new_tokens, warnings=warnings,
+                                      advance=lambda: bar.advance(task))
+    for w in warnings:
+        warn(w)
     rows = compare_rows(results, {n: p[0] for n, p in specs.items()} | {"none": "none"})
     if overlay is not None:
         from zoocli.figures import compare_sheet
@@ -63,3 +64,4 @@ def compare(
         return
     for renderable in render.compare_view(rows, results, adapter.meaningless):
         console.print(renderable)
+    console.print(render.warm_note(int(not no_warmup)), highlight=False)
