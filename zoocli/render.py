@@ -303,6 +303,11 @@ def kernel_table(rows: Sequence[Mapping[str, Any]], *, n: int, m: int, repeats: 
                   f"{r['max_ms']:.0f}", "" if sp is None else f"{sp:.1f}x",
                   "" if rho is None else f"{rho:.4f}")
     t.caption = "the SVD row is paid once per projector (cached), not per call"
+    ref = [r for r in rows if "spearman_vs_ref" in r and r.get("spectrum") == "decay"]
+    if ref:
+        t.caption += (f"\nSpearman vs float64 reference ({ref[0]['ref_tokens']} tokens x "
+                      f"{ref[0]['ref_dirs']} directions, split-half {ref[0]['ref_split_half_spearman']:.3f}): "
+                      + ", ".join(f"{r['name']} {r['spearman_vs_ref']:.3f}" for r in ref))
     return t
 
 
