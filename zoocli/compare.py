@@ -51,9 +51,9 @@ def run_compare(adapter, image, question: str, specs: Mapping[str, tuple[str, di
                 *, warmup: bool = True, advance: Callable[[], None] | None = None,
                 warnings: list[str] | None = None, **kw) -> tuple[Any, int, dict[str, Any]]:
     """Encode ``image`` and ``run_methods`` at ``keep_spec`` (parsed against the image's tokens),
-    timed warm as ``zoocli.pipeline.run_warm`` times one run: with ``warmup`` the whole pass (encode + every
-    method) runs once untimed first, and each result carries that pass's timings as
-    ``first_call_ms``. ``kw``: ``run_methods``' scope, seed, options, max_new_tokens.
+    timed warm as ``zoocli.pipeline.run_warm`` times one run: with ``warmup`` the whole pass
+    (encode + every method) runs once untimed first, and each result carries that pass's timings
+    as ``first_call_ms``. ``kw``: ``run_methods``' scope, seed, options, max_new_tokens.
     -> (the encoded image, keep, results)."""
     from zoocli.pipeline import encode_image, parse_keep
 
