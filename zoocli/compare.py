@@ -92,6 +92,6 @@ def compare_rows(results: Mapping[str, Any], method_of: Mapping[str, str]) -> li
             "speedup_e2e": up["speedup_e2e"], "speedup_prefill": up["speedup_prefill"],
             "jaccard_vs_zoo": None if ref is None else jaccard(r.kept_indices, ref),
             "kept_indices": r.kept_indices, "llm_stages": r.llm_stages,
-            "warmup_runs": r.warmup_runs, "first_call_ms": r.first_call_ms,
+            "warmup_runs": getattr(r, "warmup_runs", 0), "first_call_ms": getattr(r, "first_call_ms", None),
         })
     return rows
