@@ -39,3 +39,27 @@ def test_mc_reference_against_float64_jacobian():
     rms = (jac.pow(2).sum((1, 2)) / 32).sqrt()
     assert ((ref / rms) < 1.001).all() and ((ref / rms) > 0.85).all()  # E||Ju|| <= sqrt(E||Ju||^2)
     assert spearman(ref, rms) >= 0.95
+
+
+def test_structured_reference_equals_the_jvp_reference_on_the_same_directions():
+    from zoocli.kernel_bench import _rows64, bench_projector, clip_like, structured_reference
+
+    p = bench_projector(16, 40, 24, "decay", seed=2)
+    x = clip_like(12, 16, seed=2)
+    ha, hb = structured_reference(x, p, n_dirs=64, seed=5, chunk_mb=0.01)  # chunks of one token
+    # the first half uses the same 32 directions (the same generator draws) as mc_reference
+    torch.testing.assert_close(ha, mc_reference(x, _rows64(p), 32, seed=5), rtol=1e-10, atol=0)
+    both = structured_reference(x, p, n_dirs=64, seed=5)  # one chunk: the same numbers
+    torch.testing.assert_close(both[1], hb, rtol=1e-12, atol=0)
+    assert not torch.equal(ha, hb)  # independent halves
+
+
+def test_reference_columns_report_the_split_half_ceiling():
+    rows = sensitivity_bench(n=16, d_in=16, d_hidden=32, d_out=24, m=4, repeats=1, warmup=0,
+                             estimators=("fd",), ranks=(), ref_tokens=10, ref_dirs=64, merger=(8, 4, 32, 20))
+    for r in rows:
+        if "spearman_vs_ref" in r:
+            split = r["ref_split_half_spearman"]
+            assert -1 <= split <= 1 and r["ref_reliability"] == 2 * split / (1 + split)
+    assert {r["ref"] for r in rows if "ref" in r} == {
+        "float64 E_u||J u|| (structured: W2 (a_i * W1 u))", "float64 E_u||J u|| (jvp)"}

@@ -1,16 +1,28 @@
 """`zoo bench`: latency of every (method, budget) against the unpruned baseline, in one run.
 
-Every clock read is device-synchronised (``zoocli.timing.Timer``); warm-up runs are left out of
-the figures; each figure is the median (with min and max) over ``repeats`` x images. Speed-ups are
-ratios of medians against the unpruned baseline measured by the same process. Rows are yielded
-as they finish so the caller can append them to ``--out`` at once (a crash loses nothing already
-measured); rows whose key is already in that file are skipped on a rerun (the baseline is always
-re-measured, since the ratios need it, but written only once).
+Every clock read is device-synchronised (``zoocli.timing.Timer``). Rows are interleaved: each round
+runs every row once on every image before the next round, so a load spike on a shared machine
+hits all rows alike. The first round runs the rows in plan order (baseline first); every later
+round in a fresh order, a shuffle seeded by ``spec.seed``. The first ``warmup`` rounds are left out
+of the figures; each stage figure is the median (with min and max) over ``repeats`` x images.
+Speed-ups are the median over repeats of the per-repeat ratio (times summed over the images)
+against the unpruned row *of the same repeat*, with their min-max spread (``speedup_spread``).
+When the baseline's own per-repeat TTFT spreads by more than ``NOISE_LIMIT`` ((max - min) /
+median), every row says ``noisy: true``.
+
+Resuming (``--out``): a row is *finished* when all its rounds are measured and the baseline has
+finished too (its ratios need the baseline's last repeat). With interleaving, rows finish during
+the last round, each as soon as its last run (and the baseline's) is done; it is yielded then, so
+the caller can append it at once. A crash before the last round loses that run's measurements (no
+row is written half-measured). Rows whose key is already in that file are skipped on a rerun (the
+baseline is always re-measured, since the ratios need it, but written only once).
 """
 
 from __future__ import annotations
 
 import json
+import random
+import statistics
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,11 +31,12 @@ from typing import Any
 from zoocli.errors import UsageError, ZooError
 from zoocli.methods import parse_method_spec
 from zoocli.pipeline import check_family, encode_image, parse_keep, run_method
-from zoocli.compare import BASELINE, speedups
+from zoocli.compare import BASELINE, speedup
 from zoocli.timing import peak_memory_mb, reset_peak_memory, summarize
 
 STAGES = ("preprocess", "vision", "selection", "prefill", "ttft", "decode", "e2e")
 SPEEDUP_STAGES = ("prefill", "ttft", "e2e")
+NOISE_LIMIT = 0.10  # baseline TTFT (max - min) / median over repeats above this: a noisy machine
 
 
 @dataclass
@@ -167,58 +180,113 @@ def _projector_dims(adapter) -> dict[str, int]:
     return dict(adapter.llm_dims().projector)
 
 
+def round_orders(plan: Sequence[Any], rounds: int, seed: int) -> list[list[Any]]:
+    """The order of the rows in each round: the plan order first, then seeded shuffles."""
+    rng = random.Random(seed)
+    orders = [list(plan)]
+    for _ in range(1, rounds):
+        order = list(plan)
+        rng.shuffle(order)
+        orders.append(order)
+    return orders[:rounds]
+
+
 def bench_rows(
     adapter, images: Sequence[Any], spec: BenchSpec, skip: set[str] | None = None,
     progress: Callable[[str], None] | None = None,
     row_done: Callable[[str, str], None] | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """Measure the baseline, then every (budget, method) not in ``skip``; yield rows as they finish.
-    ``progress(what)`` after every model run; ``row_done(method, budget)`` after every measured
-    row (the baseline too, also when --out already holds it and it is not yielded)."""
+    """Measure the baseline and every (budget, method) not in ``skip``, interleaved (module
+    docstring); yield each row once it is finished (during the last round). ``progress(what)``
+    after every model run; ``row_done(method, budget)`` when a row's last run is done (the
+    baseline too, also when --out already holds it and it is not yielded)."""
     skip = skip or set()
     for name in spec.methods:
         check_family(adapter, parse_method_spec(name)[0])
     cfg, n_llm = _llm_params(adapter)
     dims = _projector_dims(adapter)
-    plan = planned_rows(spec)
-    base: dict[str, Any] | None = None
-    for method, budget in plan:
-        key = spec.key(method, budget)
-        if method != BASELINE and key_str(key) in skip:  # the caller says how many it skips
-            continue
-        row = _measure(adapter, images, spec, method, budget, cfg, n_llm, dims, progress)
-        row["key"] = key
-        if row_done:
-            row_done(method, budget)
-        if base is None:
-            base = row
-        else:  # ratios of medians against this run's baseline
-            row |= speedups({s: base[s]["median"] for s in SPEEDUP_STAGES},
-                            {s: row[s]["median"] for s in SPEEDUP_STAGES}, SPEEDUP_STAGES)
-        if method == BASELINE and key_str(key) in skip:
-            continue
-        yield row
+    plan = [(m, b) for m, b in planned_rows(spec) if m == BASELINE or key_str(spec.key(m, b)) not in skip]
+    reps: dict[tuple[str, str], list[list[dict]]] = {row: [] for row in plan}  # per repeat, per image
+    orders = round_orders(plan, spec.warmup + spec.repeats, spec.seed)
+    pending, base_done = [], False
+    for rnd, order in enumerate(orders):
+        for row in order:
+            runs = []
+            for img in images:
+                runs.append(_run_once(adapter, img, spec, *row, cfg))
+                if progress:
+                    progress(f"{row[0]}@{row[1]}")
+            if rnd >= spec.warmup:  # warm-up rounds never reach the figures
+                reps[row].append(runs)
+            if rnd < len(orders) - 1:
+                continue
+            pending.append(row)  # the last round: this row is measured
+            if row_done:
+                row_done(*row)
+            base_done |= row == (BASELINE, "all")
+            if not base_done:  # its ratios wait for the baseline's last repeat
+                continue
+            for method, budget in pending:
+                if method == BASELINE and key_str(spec.key(method, budget)) in skip:
+                    continue
+                yield _build(method, budget, reps[(method, budget)], reps[(BASELINE, "all")],
+                             spec, adapter, cfg, n_llm, dims)
+            pending = []
+
+
+def _repeat_ms(runs: list[dict], stage: str) -> float:
+    """One repeat's time for a stage: summed over the images."""
+    return sum(r["ms"][stage] for r in runs)
+
+
+def _build(method, budget, row_reps, base_reps, spec, adapter, cfg, n_llm, dims) -> dict[str, Any]:
+    """A finished row: stage summaries over all timed runs, FLOPs, and (not for the baseline) the
+    median and min-max of the per-repeat speed-ups against the baseline of the same repeat."""
+    runs = [r for rep in row_reps for r in rep]
+    row = _row(method, budget, runs, adapter)
+    name = parse_method_spec(method)[0]
+    _add_flops(row, runs, cfg, n_llm, dims, name, spec.method_options(method))
+    row["key"] = spec.key(method, budget)
+    base_ttft = [_repeat_ms(rep, "ttft") for rep in base_reps]
+    noise = summarize(base_ttft)
+    row["baseline_ttft_spread"] = (noise["max"] - noise["min"]) / noise["median"] if noise["median"] else 0.0
+    row["noisy"] = row["baseline_ttft_spread"] > NOISE_LIMIT
+    if method != BASELINE:
+        spread = {}
+        for s in SPEEDUP_STAGES:
+            ratios = [speedup(_repeat_ms(b, s), _repeat_ms(r, s)) for b, r in zip(base_reps, row_reps)]
+            row[f"speedup_{s}"] = statistics.median(ratios)
+            spread[s] = {"min": min(ratios), "max": max(ratios)}
+        row["speedup_spread"] = spread
+        row["speedup_spread_kind"] = "min-max of per-repeat ratios"
+    return row
+
+
+def _run_once(adapter, img, spec: BenchSpec, method: str, budget: str, cfg) -> dict[str, Any]:
+    """One run of ``method`` at ``budget`` on one image: what it contributes to its row."""
+    reset_peak_memory(adapter.device)
+    enc = encode_image(adapter, img, spec.question)
+    keep = enc.n if budget == "all" else parse_keep(budget, enc.n, "--budgets")[0]
+    res = run_method(adapter, enc, parse_method_spec(method)[0], keep, scope=spec.scope,
+                     seed=spec.seed, options=spec.method_options(method),
+                     max_new_tokens=spec.max_new_tokens)
+    return _observe(adapter, enc, res, cfg)
 
 
 def _measure(adapter, images, spec, method, budget, cfg, n_llm, dims, progress):
-    """One row: ``spec.warmup`` untimed then ``spec.repeats`` timed runs of ``method`` at
-    ``budget`` on every image; medians (min, max) per stage, tokens, peak memory, FLOPs."""
-    name = parse_method_spec(method)[0]
-    opts = spec.method_options(method)
+    """One row measured on its own (not interleaved): ``spec.warmup`` untimed then
+    ``spec.repeats`` timed runs on every image; medians (min, max) per stage, tokens, peak
+    memory, FLOPs."""
     runs = []
     for rep in range(spec.warmup + spec.repeats):
         for img in images:
-            reset_peak_memory(adapter.device)
-            enc = encode_image(adapter, img, spec.question)
-            keep = enc.n if budget == "all" else parse_keep(budget, enc.n, "--budgets")[0]
-            res = run_method(adapter, enc, name, keep, scope=spec.scope, seed=spec.seed,
-                             options=opts, max_new_tokens=spec.max_new_tokens)
+            obs = _run_once(adapter, img, spec, method, budget, cfg)
             if progress:
                 progress(f"{method}@{budget}")
             if rep >= spec.warmup:  # warm-up runs never reach the figures
-                runs.append(_observe(adapter, enc, res, cfg))
+                runs.append(obs)
     row = _row(method, budget, runs, adapter)
-    _add_flops(row, runs, cfg, n_llm, dims, name, opts)
+    _add_flops(row, runs, cfg, n_llm, dims, parse_method_spec(method)[0], spec.method_options(method))
     return row
 
 

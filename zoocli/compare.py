@@ -4,7 +4,8 @@
 ``EncodedImage``; ``compare_rows`` turns the results into the rows `compare` prints and returns
 as JSON: speed-ups against the baseline (``speedups``, shared with ``zoo bench``) and the
 Jaccard overlap of each kept set with the first ZOO spec's (``zoocli.ops.jaccard``).
-No printing here.
+``run_compare`` times a warm run: every method once untimed (image encode included), then the
+timed pass, the first pass's timings kept apart as each result's ``first_call_ms``. No printing here.
 """
 
 from __future__ import annotations
@@ -50,6 +51,35 @@ def run_methods(adapter, enc, specs: Mapping[str, tuple[str, dict]], keep: int, 
     return results
 
 
+def run_compare(adapter, image, question: str, specs: Mapping[str, tuple[str, dict]], keep_spec,
+                *, warmup: bool = True, advance: Callable[[], None] | None = None,
+                warnings: list[str] | None = None, on_done: Callable[[str], None] | None = None,
+                on_warm: Callable[[], None] | None = None, **kw) -> tuple[Any, int, dict[str, Any]]:
+    """Encode ``image`` and ``run_methods`` at ``keep_spec`` (parsed against the image's tokens),
+    timed warm as ``zoocli.pipeline.run_warm`` times one run: with ``warmup`` the whole pass
+    (encode + every method) runs once untimed first, and each result carries that pass's timings
+    as ``first_call_ms``; ``on_warm()`` after it, ``on_done(spec)`` after each timed run. ``kw``:
+    ``run_methods``' scope, seed, options, max_new_tokens.
+    -> (the encoded image, keep, results)."""
+    from zoocli.pipeline import encode_image, parse_keep
+
+    first = None
+    if warmup:
+        enc = encode_image(adapter, image, question)
+        first = run_methods(adapter, enc, specs, parse_keep(keep_spec, enc.n)[0], advance=advance, **kw)
+        if on_warm is not None:
+            on_warm()
+    enc = encode_image(adapter, image, question)
+    keep, warning = parse_keep(keep_spec, enc.n)
+    if warning and warnings is not None:
+        warnings.append(warning)
+    results = run_methods(adapter, enc, specs, keep, advance=advance, on_done=on_done, **kw)
+    for spec, res in results.items():
+        res.warmup_runs = int(warmup)
+        res.first_call_ms = None if first is None else dict(first[spec].timings_ms)
+    return enc, keep, results
+
+
 def compare_rows(results: Mapping[str, Any], method_of: Mapping[str, str]) -> list[dict[str, Any]]:
     """One row per result (``results`` holds the baseline first); ``method_of`` maps each spec
     to its method name (the first ``zoo`` spec is the Jaccard reference)."""
@@ -70,5 +100,6 @@ def compare_rows(results: Mapping[str, Any], method_of: Mapping[str, str]) -> li
             "speedup_e2e": up["speedup_e2e"], "speedup_prefill": up["speedup_prefill"],
             "jaccard_vs_zoo": None if ref is None else jaccard(r.kept_indices, ref),
             "kept_indices": r.kept_indices, "llm_stages": r.llm_stages,
+            "warmup_runs": getattr(r, "warmup_runs", 0), "first_call_ms": getattr(r, "first_call_ms", None),
         })
     return rows

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from zoocli.adapters.base import Adapter, Encoded, Prepared
 from zoocli.errors import UsageError
-from zoocli.methods import LLMView, Method, PruneInputs, check_keep, get_method, select
+from zoocli.methods import LLMView, Method, PruneInputs, check_keep, get_method, select_scopes
 from zoocli.timing import Timer, add_ttft_e2e, device_sync
 
 BUDGET_SCOPES = ("crop", "global")
@@ -124,7 +124,9 @@ def select_tokens(
     scope: str = "crop", seed: int = 0, options: dict[str, Any] | None = None,
     signals: dict[str, Tensor] | None = None,
 ) -> SelectionResult:
-    """Run a pre-LLM method over the scopes (per crop, or once globally) and merge the picks."""
+    """Run a pre-LLM method over the scopes (per crop, or once globally) and merge the picks. The
+    crops go through ``zoocli.methods.select_scopes``: one padded batch for the methods with a
+    batched kernel (zoo, sum, sensitivity, divprune), one crop after another for the rest."""
     if scope not in BUDGET_SCOPES:
         raise UsageError(f"--budget-scope {scope!r}: choose one of {', '.join(BUDGET_SCOPES)}")
     method = get_method(method_name)
@@ -143,12 +145,12 @@ def select_tokens(
         groups = [(s.index.to(dev), s.grid) for s in encoded.scopes]
     quotas = split_budget(keep, [len(index) for index, _ in groups])
     kept, tokens, scores = [], [], torch.full((n,), float("nan"))
+    live = [(index, grid, q) for (index, grid), q in zip(groups, quotas) if q > 0]
+    inps = [prune_inputs(method, adapter, prepared, encoded, index, grid, seed, signals)
+            for index, grid, _ in live]
+    sels = select_scopes(method_name, inps, [q for _, _, q in live], **options)
     has_tokens = False
-    for (index, grid), q in zip(groups, quotas):
-        if q == 0:
-            continue
-        inp = prune_inputs(method, adapter, prepared, encoded, index, grid, seed, signals)
-        sel = select(method_name, inp, q, **options)
+    for (index, _, _), sel in zip(live, sels):
         kept.append(index[sel.idx])
         tokens.append(sel.tokens if sel.tokens is not None else encoded.features[index[sel.idx]])
         has_tokens |= sel.tokens is not None
@@ -183,6 +185,8 @@ class RunResult:
     scores: list[float] | None = None
     stage: str = "pre_llm"  # in_llm: selection_ms is the scoring inside the LLM, already in prefill_ms
     llm_stages: list[dict[str, int]] = field(default_factory=list)  # in-LLM prune stages (layer, before, kept)
+    warmup_runs: int = 0  # untimed runs before this one (``run_warm``)
+    first_call_ms: dict[str, float] | None = None  # the first (warm-up) run's timings, one-time costs included
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -238,6 +242,27 @@ def run_one(
         warnings.append(warn)
     return run_method(adapter, enc, method_name, keep, scope=scope, seed=seed, options=options,
                       max_new_tokens=max_new_tokens)
+
+
+def run_warm(run, warmup: bool = True) -> RunResult:
+    """``run()`` once untimed, then again timed: the timed run is warm, so one-time costs (caches
+    such as the exact estimator's M matrix or the SVD factor, the first call of each kernel) never
+    show up in its selection time. The warm-up run's own timings, those costs included, are kept
+    apart in ``first_call_ms``. ``warmup=False``: one cold run, ``first_call_ms`` None."""
+    first = run() if warmup else None
+    res = run()
+    res.warmup_runs = int(warmup)
+    res.first_call_ms = None if first is None else dict(first.timings_ms)
+    return res
+
+
+def run_one_warm(adapter: Adapter, image, question: str, method_name: str, keep_spec: str | int = "64",
+                 *, warmup: bool = True, warnings: list[str] | None = None, **kw) -> RunResult:
+    """``run_one`` timed warm (``run_warm``): one untimed warm-up run (image encode included)
+    first. Keeps ``run_one``'s keywords; ``warnings`` are collected from the timed run only."""
+    calls = iter([None] * int(warmup) + [warnings])
+    return run_warm(lambda: run_one(adapter, image, question, method_name, keep_spec,
+                                    warnings=next(calls), **kw), warmup)
 
 
 def check_family(adapter: Adapter, method_name: str) -> Method:

@@ -302,12 +302,25 @@ def _med(stat: Mapping[str, float]) -> str:
     return f"{stat['median']:.1f}"
 
 
+def _spread(row: Mapping[str, Any]) -> str:
+    """The TTFT speed-up's min-max over repeats, or "" (the baseline, rows from older files)."""
+    sp = row.get("speedup_spread", {}).get("ttft")
+    return f"{sp['min']:.2f}-{sp['max']:.2f}" if sp else ""
+
+
+def warm_note(warmup_runs: int) -> str:
+    """One line under `zoo ask` / `zoo compare`: how the timings were taken."""
+    if warmup_runs:
+        return ("timings: warm run, one warm-up run excluded (one-time costs: first_call_ms in --json)")
+    return "timings: cold run (--no-warmup), one-time costs (caches, first kernel calls) included"
+
+
 def bench_table(rows: Sequence[Mapping[str, Any]], spec: Any) -> Table:
     t = NumTable(title=(f"{spec.model} · {spec.device} {spec.dtype} · {len(spec.images)} image(s) x "
                      f"{spec.repeats} repeats, median ms (warm-up {spec.warmup} excluded)"),
               title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
-    cols = ["method", "budget", "tokens", "select", "prefill", "ttft", "e2e", "ttft×", "e2e×",
-            "sel/ttft"]
+    cols = ["method", "budget", "tokens", "select", "prefill", "ttft", "e2e", "ttft×", "spread",
+            "e2e×", "sel/ttft"]
     for c in cols:
         left = c in ("method", "budget")
         t.add_column(c, justify="left" if left else "right", no_wrap=True)
@@ -318,11 +331,16 @@ def bench_table(rows: Sequence[Mapping[str, Any]], spec: Any) -> Table:
         t.add_row(
             r["method"] + mark, str(r["budget"]), f"{r['llm_visual_tokens']:.0f}", _med(r["selection"]) + mark,
             _med(r["prefill"]), _med(r["ttft"]), _med(r["e2e"]),
-            *(f"{r[f'speedup_{s}']:.2f}" if f"speedup_{s}" in r else "1.00" for s in ("ttft", "e2e")),
+            f"{r['speedup_ttft']:.2f}" if "speedup_ttft" in r else "1.00", _spread(r),
+            f"{r['speedup_e2e']:.2f}" if "speedup_e2e" in r else "1.00",
             f"{100 * r['selection_share_of_ttft']:.1f}%",
         )
-    t.caption = ("x: speed-up against the unpruned row of this run (ratio of medians). "
-                 "--json adds min/max, vision, decode, peak memory and estimated FLOPs.")
+    t.caption = ("x: speed-up against the unpruned row, median of per-repeat ratios (same repeat); "
+                 "spread: their min-max. --json adds min/max, vision, decode, peak memory, FLOPs.")
+    noisy = [r for r in rows if r.get("noisy")]
+    if noisy:
+        t.caption += (f"\nNOISY MACHINE: the unpruned TTFT spread {100 * noisy[0]['baseline_ttft_spread']:.0f}% "
+                      "(max-min over median, > 10%) over repeats; treat the speed-ups with care.")
     if in_llm:
         t.caption += "\n" + IN_LLM_NOTE
     return keep_numbers(t)
@@ -394,6 +412,11 @@ def kernel_table(rows: Sequence[Mapping[str, Any]], *, n: int, m: int, repeats: 
                   f"{r['max_ms']:.0f}", "" if sp is None else f"{sp:.1f}x",
                   "" if rho is None else f"{rho:.4f}")
     t.caption = "the SVD row is paid once per projector (cached), not per call"
+    ref = [r for r in rows if "spearman_vs_ref" in r and r.get("spectrum") == "decay"]
+    if ref:
+        t.caption += (f"\nSpearman vs float64 reference ({ref[0]['ref_tokens']} tokens x "
+                      f"{ref[0]['ref_dirs']} directions, split-half {ref[0]['ref_split_half_spearman']:.3f}): "
+                      + ", ".join(f"{r['name']} {r['spearman_vs_ref']:.3f}" for r in ref))
     return keep_numbers(t)
 
 

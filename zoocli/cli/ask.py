@@ -9,8 +9,8 @@ import typer
 
 from zoocli.cli.common import (
     ConfigOpt, DeviceOpt, DtypeOpt, ImageArg, JsonOpt, KeepOpt, MaxNewOpt, MethodOptions, ModelOpt,
-    QuestionArg, RandomOpt, check_images, console, early_checks, handle_errors, load_image,
-    load_model, method_options, print_json, save_png, warn,
+    NoWarmupOpt, QuestionArg, RandomOpt, check_images, console, early_checks, handle_errors,
+    load_image, load_model, method_options, print_json, save_png, warn,
 )
 
 
@@ -27,12 +27,13 @@ def ask(
     random_weights: RandomOpt = False,
     max_new_tokens: MaxNewOpt = 64,
     overlay: Annotated[Path | None, typer.Option(help="write a PNG with dropped patches dimmed")] = None,
+    no_warmup: NoWarmupOpt = False,
     json_out: JsonOpt = False,
     config: ConfigOpt = None,
 ) -> None:
     """Answer a question about an image with only --keep visual tokens."""
     from zoocli import render
-    from zoocli.pipeline import run_one
+    from zoocli.pipeline import run_one_warm
 
     question, [(name, extra)], zoo = early_checks(  # name: "fastv" from "fastv:K=3"
         question, keep, [method], max_new_tokens, overlay, opts)
@@ -40,8 +41,9 @@ def ask(
     adapter = load_model(model, device, dtype, random_weights)
     check_images(adapter, [image], [img])
     warnings: list[str] = []
-    res = run_one(adapter, img, question, name, keep, scope=opts.budget_scope, seed=opts.seed,
-                  options={**zoo, **extra}, max_new_tokens=max_new_tokens, warnings=warnings)
+    res = run_one_warm(adapter, img, question, name, keep, warmup=not no_warmup,
+                       scope=opts.budget_scope, seed=opts.seed, options={**zoo, **extra},
+                       max_new_tokens=max_new_tokens, warnings=warnings)
     for w in warnings:
         warn(w)
     if overlay is not None:
@@ -56,3 +58,4 @@ def ask(
         return
     for renderable in render.ask_view(res.as_dict(), res.scopes, res.timings_ms, res.new_tokens):
         console.print(renderable)
+    console.print(render.warm_note(res.warmup_runs), highlight=False)

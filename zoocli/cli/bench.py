@@ -72,7 +72,7 @@ def bench(
 ) -> None:
     """Latency of each method x budget against the unpruned model, measured in one run."""
     from zoocli import render
-    from zoocli.bench import BenchSpec, budget_warnings, done_keys, shipped_images
+    from zoocli.bench import BenchSpec, budget_warnings, done_keys, planned_rows, shipped_images
 
     names = split_list(methods, "--methods")
     budget_list = split_list(budgets, "--budgets")
@@ -96,6 +96,8 @@ def bench(
         for message in budget_warnings(adapter, imgs, spec):
             warn(message)
         rows = _run_rows(adapter, imgs, spec, done, out)
+        order = planned_rows(spec)  # rows finish in the last round's shuffled order: plan order
+        rows.sort(key=lambda r: order.index((r["method"], r["budget"])))
     if json_out:
         print_json(rows)
         return

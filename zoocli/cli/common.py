@@ -241,6 +241,8 @@ DtypeOpt = Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU) | 
 RandomOpt = Annotated[bool, typer.Option("--random-weights",
                                          help="full-size architecture of an alias, random weights")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON document instead of tables")]
+NoWarmupOpt = Annotated[bool, typer.Option("--no-warmup", help=(
+    "time the first (cold) run; by default one untimed warm-up run comes first"))]
 KeepOpt = Annotated[str, typer.Option(help="visual tokens to keep: a count (64) or a share (11%)")]
 MaxNewOpt = Annotated[int, typer.Option("--max-new-tokens", help="answer length limit")]
 ImageArg = Annotated[str, typer.Argument(help="image file")]

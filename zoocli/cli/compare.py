@@ -9,9 +9,9 @@ from typing import Annotated
 import typer
 
 from zoocli.cli.common import (
-    check_images, ConfigOpt, console, DeviceOpt, DtypeOpt, early_checks, err, handle_errors,
-    JsonOpt, KeepOpt, load_image, load_model, MaxNewOpt, method_options, MethodOptions, MethodsOpt,
-    ModelOpt, print_json, RandomOpt, save_png, split_list, warn,
+    ConfigOpt, DeviceOpt, DtypeOpt, JsonOpt, KeepOpt, MaxNewOpt, MethodOptions, MethodsOpt,
+    ModelOpt, NoWarmupOpt, RandomOpt, check_images, console, early_checks, handle_errors,
+    load_image, load_model, method_options, note, print_json, save_png, split_list, warn,
 )
 
 
@@ -28,13 +28,14 @@ def compare(
     random_weights: RandomOpt = False,
     max_new_tokens: MaxNewOpt = 64,
     overlay: Annotated[Path | None, typer.Option(help="write a contact sheet of the overlays (PNG)")] = None,
+    no_warmup: NoWarmupOpt = False,
     json_out: JsonOpt = False,
     config: ConfigOpt = None,
 ) -> None:
     """Run several methods on the same image (encoded once) and compare them with the unpruned model."""
     from zoocli import render
-    from zoocli.compare import compare_rows, run_methods
-    from zoocli.pipeline import check_family, encode_image, parse_keep
+    from zoocli.compare import compare_rows, run_compare
+    from zoocli.pipeline import check_family
 
     image, question = with_sample(image, question)
     names = split_list(methods, "--methods")
@@ -44,17 +45,18 @@ def compare(
     check_images(adapter, [image], [img])
     for base_name, _ in parsed:
         check_family(adapter, base_name)
-    enc = encode_image(adapter, img, question)
-    k, warning = parse_keep(keep, enc.n)
-    if warning:
-        warn(warning)
     specs = dict(zip(names, parsed, strict=True))
     from zoocli.cli.progress import Steps
 
+    warnings: list[str] = []
     with Steps("compare", len({"none", *names}), "methods") as steps:
-        results = run_methods(adapter, enc, specs, k, scope=opts.budget_scope, seed=opts.seed,
-                              options=zoo, max_new_tokens=max_new_tokens,
-                              on_done=lambda spec: steps.finished(spec))
+        enc, k, results = run_compare(
+            adapter, img, question, specs, keep, warmup=not no_warmup, scope=opts.budget_scope,
+            seed=opts.seed, options=zoo, max_new_tokens=max_new_tokens, warnings=warnings,
+            on_warm=lambda: steps.note("compare: warm-up pass done (untimed, left out of the figures)"),
+            on_done=lambda spec: steps.finished(spec))
+    for w in warnings:
+        warn(w)
     rows = compare_rows(results, {n: p[0] for n, p in specs.items()} | {"none": "none"})
     if overlay is not None:
         from zoocli.figures import compare_sheet
@@ -67,6 +69,7 @@ def compare(
         return
     for renderable in render.compare_view(rows, results, adapter.meaningless):
         console.print(renderable)
+    console.print(render.warm_note(int(not no_warmup)), highlight=False)
 
 
 def with_sample(image: str | None, question: str | None) -> tuple[str, str]:
@@ -79,8 +82,7 @@ def with_sample(image: str | None, question: str | None) -> tuple[str, str]:
 
         path, sample_q = sample_example()
         question = sample_q if question is None else question
-        err.print(f"no image given: using the shipped sample {path.name}, question "
-                  f"{question!r}", highlight=False, soft_wrap=True)
+        note(f"no image given: using the shipped sample {path.name}, question {question!r}")
         return str(path), question
     if question is None:
         raise UsageError("missing argument QUESTION: compare asks one question of the image")

@@ -86,6 +86,7 @@ class Steps:
         of = f"/{self.total}" if self.total is not None else ""
         detail = f" ({what})" if what else ""
         err.print(f"{self.label}: {self.count}{of} {self.noun} done{detail} {self.elapsed:.1f} s",
+                  markup=False,
                   highlight=False, soft_wrap=True)
 
 
@@ -128,8 +129,8 @@ def loading(model: str, quiet: bool = False) -> Iterator[Any]:
     def on_status(text: str, slow: bool = False) -> None:
         if slow:
             said.append(text)
-            err.print(text, highlight=False, soft_wrap=True)
+            err.print(text, highlight=False, soft_wrap=True, markup=False)
 
     yield on_status
     if said:
-        err.print(f"loaded {model} in {time.perf_counter() - t0:.1f} s", highlight=False)
+        err.print(f"loaded {model} in {time.perf_counter() - t0:.1f} s", highlight=False, markup=False)

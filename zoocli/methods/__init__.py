@@ -16,6 +16,9 @@ still works). It carries its metadata (summary, paper, deviation, families), the
 before any model loads. ``select(name, inp, keep)`` is the one entry point for pre-LLM methods: it
 enforces the contract (``keep <= 0`` is an error, ``keep >= N`` keeps everything, the result holds
 ``min(keep, N)`` distinct in-range indices) so each method body only handles ``0 < keep < N``.
+``select_scopes(name, inps, keeps)`` is the same over several scopes (LLaVA-NeXT crops): a method
+with a ``batch`` function runs them as one padded batch (its greedy loop has max-per-scope steps,
+not the sum), the others one scope after another; the results are the same.
 
 Importing this package does not import torch (``zoo methods`` lists the registry instantly).
 """
@@ -122,6 +125,9 @@ class Method:
     options: Mapping[str, Any] = field(default_factory=dict)  # option name -> default
     check: Callable[..., None] | None = None  # validates a full set of options (UsageError)
     plan: PlanFn | None = None  # in-LLM methods: the prune stages of one prompt
+    # optional: several scopes at once, batch(inps, keeps, **options) -> [Selection], each equal to
+    # fn(inp, keep) (``select_scopes``); methods whose kernels take a padded batch
+    batch: Callable[..., list] | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "needs", frozenset(self.needs))
@@ -249,6 +255,35 @@ def select(name: str, inp: PruneInputs, keep: int, **options: Any) -> Selection:
     want = n if name == "none" else keep  # the baseline keeps everything whatever the budget
     assert idx.dtype == torch.long and idx.ndim == 1 and idx.numel() == want, (name, idx.shape)
     return sel
+
+
+def select_scopes(name: str, inps: list[PruneInputs], keeps: list[int], **options: Any) -> list[Selection]:
+    """``[select(name, inp, keep) for inp, keep in zip(inps, keeps)]``, with the scopes that need
+    a selection (``0 < keep < N``) run as one batch when the method has a ``batch`` function."""
+    import torch
+
+    method = get_method(name)
+    if method.batch is None or method.fn is None:
+        return [select(name, inp, k, **options) for inp, k in zip(inps, keeps, strict=True)]
+    for k in keeps:
+        check_keep(k)
+    full = method.validate(options)
+    for inp in inps:
+        missing = [s for s in sorted(method.needs) if getattr(inp, s) is None]
+        if missing:
+            raise UsageError(f"method '{name}' needs {', '.join(missing)}, which were not provided")
+    todo = [i for i, (inp, k) in enumerate(zip(inps, keeps, strict=True)) if k < inp.n]
+    out = [Selection(idx=torch.arange(inp.n, device=inp.features.device)) for inp in inps]
+    if len(todo) == 1:
+        out[todo[0]] = method.fn(inps[todo[0]], keeps[todo[0]], **full)
+    elif todo:
+        for i, sel in zip(todo, method.batch([inps[i] for i in todo], [keeps[i] for i in todo], **full),
+                          strict=True):
+            out[i] = sel
+    for i in todo:
+        idx = out[i].idx
+        assert idx.dtype == torch.long and idx.ndim == 1 and idx.numel() == keeps[i], (name, idx.shape)
+    return out
 
 
 # Registration happens on import of the method modules.

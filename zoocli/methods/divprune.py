@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from zoocli.lazy import torch
 from zoocli.methods import Method, PruneInputs, Selection, register
-from zoocli.methods.zoo import _picks_done, greedy_rows, host_lengths, valid_mask
+from zoocli.methods.zoo import _picks_done, greedy_rows, host_lengths, pad_rows, valid_mask
 from zoocli.ops import COS_EPS, unit_rows
 
 if TYPE_CHECKING:
@@ -69,8 +69,16 @@ def divprune(inp: PruneInputs, keep: int) -> Selection:
     return Selection(idx=divprune_select(inp.features, keep))
 
 
+def divprune_batch(inps: list[PruneInputs], keeps: list[int]) -> list[Selection]:
+    """Several scopes as one padded batch, k = the largest quota; each keeps its first ``keep``
+    picks (its picks with k = keep: the greedy picks in order)."""
+    picks = divprune_select(pad_rows([inp.features for inp in inps]), max(keeps),
+                            lengths=[inp.n for inp in inps])
+    return [Selection(idx=picks[b, :k]) for b, k in enumerate(keeps)]
+
+
 DIVPRUNE = register(Method(
-    name="divprune", fn=divprune,
+    name="divprune", fn=divprune, batch=divprune_batch,
     summary="greedy max-min cosine diversity on the projected tokens",
     paper="DivPrune, Alvar et al., CVPR 2025 (arXiv:2503.02175)",
     deviation="picked tokens masked explicitly (the official greedy can repeat duplicates)",

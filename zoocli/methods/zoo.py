@@ -188,17 +188,63 @@ def sum_fusion(inp: PruneInputs, keep: int, **opt) -> Selection:
     return Selection(idx=sum_select(s, inp.features, keep), scores=s)
 
 
+def pad_rows(rows: list[Tensor], fill: float = 0.0) -> Tensor:
+    """Scopes of different sizes [N_b, ...] -> one padded batch [B, max N_b, ...] (``fill`` past a
+    row's length)."""
+    n = max(r.shape[0] for r in rows)
+    out = rows[0].new_full((len(rows), n, *rows[0].shape[1:]), fill)
+    for b, r in enumerate(rows):
+        out[b, :r.shape[0]] = r
+    return out
+
+
+def scope_sensitivities(inps: list[PruneInputs], **opt) -> list[Tensor]:
+    """S of every scope from one call over all their tokens (S is per token: the sampled
+    estimators share their directions across tokens), split back per scope."""
+    from dataclasses import replace
+
+    sizes = [inp.n for inp in inps]
+    s = _sensitivity(replace(inps[0], vision=torch.cat([inp.vision for inp in inps])), **opt)
+    return list(s.split(sizes))
+
+
+def _batched_greedy(select_fn):
+    """A ``Method.batch`` for a greedy on (S, Z): all scopes as one padded batch, min-max
+    normalised per scope over its real tokens (``normalize_scores`` with the valid mask), run with
+    k = the largest quota; each scope keeps its first ``keep`` picks, which are its picks with
+    k = keep (the greedy picks one token per step, in order, whatever k is)."""
+    def batch(inps: list[PruneInputs], keeps: list[int], **opt) -> list[Selection]:
+        ss = scope_sensitivities(inps, **opt)
+        dev = inps[0].features.device
+        picks = select_fn(pad_rows([s.to(dev) for s in ss]), pad_rows([inp.features for inp in inps]),
+                          max(keeps), lengths=[inp.n for inp in inps])
+        return [Selection(idx=picks[b, :k], scores=s) for b, (k, s) in enumerate(zip(keeps, ss))]
+    return batch
+
+
+def sensitivity_batch(inps: list[PruneInputs], keeps: list[int], **opt) -> list[Selection]:
+    """``sensitivity`` over several scopes: one padded stable sort (padding -inf sorts last)."""
+    ss = scope_sensitivities(inps, **opt)
+    order = torch.sort(pad_rows([s.float() for s in ss], float("-inf")), dim=-1, descending=True,
+                       stable=True).indices
+    dev = inps[0].features.device
+    return [Selection(idx=order[b, :k].to(dev), scores=s) for b, (k, s) in enumerate(zip(keeps, ss))]
+
+
 _NEEDS = frozenset({"vision", "projector"})
 _ZOO = dict(paper=PAPER, needs=_NEEDS, options=ZOO_OPTIONS, check=check_zoo_options)
 
 ZOO = register(Method(
     name="zoo", fn=zoo, summary="ZOO-Prune: zeroth-order sensitivity x diversity, greedy",
     deviation=("default S is the exact closed form ||J||_F/sqrt(d_in) (estimator=fd: the paper's "
-               "sampled Eq. 2-3, in fp32 whatever the model dtype, seeded directions)"), **_ZOO,
+               "sampled Eq. 2-3, in fp32 whatever the model dtype, seeded directions)"),
+    batch=_batched_greedy(zoo_select), **_ZOO,
 ))
 SENSITIVITY = register(Method(
-    name="sensitivity", fn=sensitivity, summary="ablation: top-k by zeroth-order sensitivity alone", **_ZOO,
+    name="sensitivity", fn=sensitivity, summary="ablation: top-k by zeroth-order sensitivity alone",
+    batch=sensitivity_batch, **_ZOO,
 ))
 SUM = register(Method(
-    name="sum", fn=sum_fusion, summary="ablation: sensitivity + diversity (sum fusion), greedy", **_ZOO,
+    name="sum", fn=sum_fusion, summary="ablation: sensitivity + diversity (sum fusion), greedy",
+    batch=_batched_greedy(sum_select), **_ZOO,
 ))
