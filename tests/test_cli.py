@@ -367,7 +367,9 @@ def test_compare_and_score_without_an_image_use_the_shipped_sample_and_say_so():
 
 
 def test_ctrl_c_during_bench_exits_130_and_keeps_the_finished_rows(tmp_path, zoo_model_cache):
-    """SIGINT after the first row is on disk: exit 130, one line, the finished rows kept intact."""
+    """SIGINT while a bench runs on an --out that already holds finished rows: exit 130, one line,
+    and the rows on disk are kept intact (bench interleaves its rows, so a run writes its own rows
+    only in its last round: what an interrupt must never touch is what is already there)."""
     import os
     import signal
     import time
@@ -376,12 +378,17 @@ def test_ctrl_c_during_bench_exits_130_and_keeps_the_finished_rows(tmp_path, zoo
     (home / ".cache" / "zoo").mkdir(parents=True)
     (home / ".cache" / "zoo" / "models").symlink_to(zoo_model_cache)  # the session's offline models
     out = tmp_path / "r.jsonl"
-    args = [*BENCH, "--repeats", "30", "--out", str(out)]  # 4 rows of 30 runs left: time to interrupt
+    run(*BENCH, "--out", out)  # the finished rows
+    before = out.read_text()
+    assert before.count("\n") == 5
+    args = [*BENCH, "--repeats", "30", "--out", str(out)]  # other settings: 5 rows of 30 runs to go
     proc = subprocess.Popen([sys.executable, "-m", "zoocli", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "HOME": str(home)})
+    lock = out.with_name(out.name + ".lock")
     try:
-        while proc.poll() is None and not (out.exists() and out.read_text().count("\n") >= 1):
+        while proc.poll() is None and not lock.exists():  # the run holds --out
             time.sleep(0.05)
+        time.sleep(2.0)
         assert proc.poll() is None, proc.communicate()
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=120)
@@ -389,5 +396,6 @@ def test_ctrl_c_during_bench_exits_130_and_keeps_the_finished_rows(tmp_path, zoo
         proc.kill()
     assert proc.returncode == 130, err
     assert "Traceback" not in err and err.strip().splitlines()[-1] == "error: interrupted"
+    assert out.read_text() == before and not lock.exists()
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert rows and rows[0]["method"] == "none"
