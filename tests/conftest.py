@@ -11,6 +11,7 @@ import importlib
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 
@@ -18,6 +19,16 @@ from PIL import Image
 def zoo_model_cache(tmp_path_factory):
     """A per-session cache dir for the offline models (no races with ~/.cache or other sessions)."""
     return tmp_path_factory.mktemp("zoo-models")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module: the tiny models are far faster on one thread than on two
+    contended cores (``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture

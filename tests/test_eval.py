@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from zoocli.eval_runner import Dataset, EvalSpec, run_eval
 from zoocli.evaluation import RecordWriter, load_samples, read_records, summarize
@@ -18,7 +17,7 @@ from zoocli.images import load_image
 from zoocli.pipeline import encode_image, select_tokens
 from cli_helpers import run
 
-pytestmark = pytest.mark.usefixtures("offline_models")
+pytestmark = pytest.mark.usefixtures("offline_models", "one_thread")
 
 REPO = Path(__file__).resolve().parent.parent
 IMAGES = REPO / "sample_images"
@@ -38,15 +37,6 @@ POPE = [
     {"question_id": 3, "image": "coffee_cup.jpg", "text": "Is there a cup in the image?", "label": "yes"},
 ]
 FAST = ["--max-new-tokens", "3", "--estimator", "fd", "--m", "4", "--model", "tiny-llava"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny models are far faster on one thread than on two contended cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def write_jsonl(path: Path, rows) -> Path:

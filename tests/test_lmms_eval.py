@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 if importlib.util.find_spec("lmms_eval") is None:
     pytest.skip("lmms-eval is not installed (see .ci/run for the CPU install)", allow_module_level=True)
@@ -34,14 +33,7 @@ TASKS = REPO / "zoocli" / "lmms_tasks"
 IMAGES = REPO / "sample_images"
 LIMIT = 6
 FAST = dict(pretrained="tiny-llava", keep=8, estimator="fd", m=4, batch_size=4)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -228,7 +228,24 @@ def answer_batch(adapter, encs, method_name: str, budget, spec: EvalSpec, warned
     of ``zoo eval`` and the lmms-eval backend. Decoding and method settings come from ``spec``
     (``max_new_tokens``, ``seed``, ``scope``, ``options``); clamp warnings are added to ``warned``
     and name ``option``."""
-    from zoocli.pipeline import parse_keep, run_method, select_tokens
+    keeps = _keeps(encs, method_name, budget, option, warned)
+    name, spec_opts = parse_method_spec(method_name)
+    options = {**spec.options, **spec_opts}
+    if method_name != BASELINE and not _batchable(get_method(name)):  # one at a time, through the pipeline
+        return _answer_one_by_one(adapter, encs, keeps, name, options, spec)
+    items, per = _select_batch(adapter, encs, keeps, method_name, name, options, spec)
+    gens, shares, n_rows = _generate_batch(adapter, items, spec.max_new_tokens)
+    out = []
+    for enc, p, g, share in zip(encs, per, gens, shares):
+        t = {"preprocess": p["preprocess"], "vision": p["vision"], "selection": p["selection"], **share}
+        add_ttft_e2e(t)
+        out.append(Answer(g.text, p["kept"], enc.n, t, n_rows))
+    return out
+
+
+def _keeps(encs, method_name: str, budget, option: str, warned: set[str]) -> list[int]:
+    """Tokens kept per image: all for the baseline, else ``budget`` resolved (clamp warnings to ``warned``)."""
+    from zoocli.pipeline import parse_keep
 
     keeps = []
     for enc in encs:
@@ -239,20 +256,27 @@ def answer_batch(adapter, encs, method_name: str, budget, spec: EvalSpec, warned
         if warn:
             warned.add(warn)
         keeps.append(k)
+    return keeps
 
-    name, spec_opts = parse_method_spec(method_name)
-    options = {**spec.options, **spec_opts}
-    method = get_method(name)
-    if method_name != BASELINE and not _batchable(method):  # one at a time, through the pipeline
-        out = []
-        for enc, k in zip(encs, keeps):
-            res = run_method(adapter, enc, name, k, scope=spec.scope, seed=spec.seed,
-                             options=options, max_new_tokens=spec.max_new_tokens)
-            t = add_ttft_e2e({key: res.timings_ms.get(key, 0.0) for key in
-                              ("preprocess", "vision", "selection", "build", "prefill", "decode")},
-                             selection_in_prefill=True)
-            out.append(Answer(res.answer, len(res.kept_indices), enc.n, t, 1))
-        return out
+
+def _answer_one_by_one(adapter, encs, keeps, name: str, options: dict, spec: EvalSpec) -> list[Answer]:
+    """A method that cannot batch: each image through ``pipeline.run_method``."""
+    from zoocli.pipeline import run_method
+
+    out = []
+    for enc, k in zip(encs, keeps):
+        res = run_method(adapter, enc, name, k, scope=spec.scope, seed=spec.seed,
+                         options=options, max_new_tokens=spec.max_new_tokens)
+        t = add_ttft_e2e({key: res.timings_ms.get(key, 0.0) for key in
+                          ("preprocess", "vision", "selection", "build", "prefill", "decode")},
+                         selection_in_prefill=True)
+        out.append(Answer(res.answer, len(res.kept_indices), enc.n, t, 1))
+    return out
+
+
+def _select_batch(adapter, encs, keeps, method_name: str, name: str, options: dict, spec: EvalSpec):
+    """The kept tokens of every image (timed one by one): the batch items and per-image timings."""
+    from zoocli.pipeline import select_tokens
 
     items, per = [], []
     for enc, k in zip(encs, keeps):
@@ -267,31 +291,32 @@ def answer_batch(adapter, encs, method_name: str, budget, spec: EvalSpec, warned
         items.append((enc.prepared, enc.encoded, kept, tokens))
         per.append({**enc.timings_ms, "selection": 0.0 if method_name == BASELINE else timer.ms["selection"],
                     "kept": int(kept.numel())})
+    return items, per
+
+
+def _generate_batch(adapter, items, max_new_tokens: int):
+    """One batched generate call (each row gets its share of the time), or one row at a time for
+    inputs this family cannot batch. Returns (generations, per-row build/prefill/decode ms, rows per call)."""
     n = len(items)
     try:
         timer = Timer(sync=lambda: device_sync(adapter.device))
         with timer("build"):
             inputs = adapter.build_inputs_batch(items)
-        gens = adapter.generate_batch(inputs, spec.max_new_tokens)
+        gens = adapter.generate_batch(inputs, max_new_tokens)
         # every row of one generate call carries the whole batch's time: give each row its share
         shares = [{"build": timer.ms["build"] / n, "prefill": gens[0].prefill_ms / n,
                    "decode": gens[0].decode_ms / n}] * n
-        n_rows = n
+        return gens, shares, n
     except NotImplementedError:  # inputs this family cannot batch: one row at a time
-        gens, shares, n_rows = [], [], 1
+        gens, shares = [], []
         for it in items:
             timer = Timer(sync=lambda: device_sync(adapter.device))
             with timer("build"):
                 one = adapter.build_inputs_batch([it])
-            g = adapter.generate_batch(one, spec.max_new_tokens)[0]
+            g = adapter.generate_batch(one, max_new_tokens)[0]
             gens.append(g)
             shares.append({"build": timer.ms["build"], "prefill": g.prefill_ms, "decode": g.decode_ms})
-    out = []
-    for enc, p, g, share in zip(encs, per, gens, shares):
-        t = {"preprocess": p["preprocess"], "vision": p["vision"], "selection": p["selection"], **share}
-        add_ttft_e2e(t)
-        out.append(Answer(g.text, p["kept"], enc.n, t, n_rows))
-    return out
+        return gens, shares, 1
 
 
 def _round(t: dict[str, float]) -> dict[str, float]:

@@ -48,9 +48,9 @@ the rest of Eq. 2 stays exact: a+- = a0 +- h W1 (J u). This agrees with Eq. 2 to
 order of the finite-difference truncation error itself (Prop. 3.1). It keeps the cost at one
 W1-sized product per direction plus cheap per-token terms, using the block structure of W1 over
 the patches: W1 J u = sum_p [W1_p (g (.) u_p) / r_p - W1_p (g (.) x_p) (x_p . u_p) / (d_v r_p^3)].
-The first term is shared by all tokens. Structures are detected from attributes and module types
-(no model names). The activation is checked to act elementwise and the RMSNorm is checked
-numerically against its formula. A thin wrapper (no parameters of its own, one child with a
+The first term is shared by all tokens. Structures are detected (``zoocli.projector``) from
+attributes and module types (no model names). The activation is checked to act elementwise and
+the RMSNorm is checked numerically against its formula. A thin wrapper (no parameters of its own, one child with a
 recognised structure, equal outputs on a probe) is looked through: the adapters' row-wise
 ``MergerProjector`` around the Qwen merger is one. Anything else takes the generic fp32 path.
 
@@ -77,17 +77,15 @@ Other choices and deviations (official code: AIM-SKKU/ZOO-Prune ``llava_arch.py`
 
 from __future__ import annotations
 
-import copy
 import math
 import numbers
-import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from zoocli.errors import UsageError
+from zoocli.projector import _MLP, _f32, _module32, _rows_fn, _structure, lowrank_factor
 
 ESTIMATORS = ("exact", "fd", "jvp", "naive")
 # the seeds torch.Generator.manual_seed accepts (a signed or unsigned 64-bit integer)
@@ -140,209 +138,6 @@ def tokens_per_chunk(m: int, widths: Sequence[int], chunk_mb: float) -> int:
 
 def _effective_mb(chunk_mb: float, device: torch.device) -> float:
     return min(chunk_mb, CPU_CHUNK_MB) if device.type == "cpu" else chunk_mb
-
-
-# ---------------------------------------------------------------------------------------------
-# caches (weak: they go away with the module / tensor)
-
-_F32: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_MOD32: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_SVD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _tensor_key(t: Tensor, device: torch.device) -> tuple:
-    return (t.data_ptr(), t._version, t.dtype, str(t.device), str(device))
-
-
-def _f32(t: Tensor | None, device: torch.device) -> Tensor | None:
-    """``t`` as float32 on ``device``; no copy when it already is, else a cached copy."""
-    if t is None:
-        return None
-    t = t.detach()
-    if t.dtype == torch.float32 and t.device == device:
-        return t
-    key = _tensor_key(t, device)
-    hit = _F32.get(t)
-    if hit is not None and hit[0] == key:
-        return hit[1]
-    c = t.to(device=device, dtype=torch.float32).contiguous()
-    _F32[t] = (key, c)
-    return c
-
-
-def _module32(mod: nn.Module, device: torch.device) -> nn.Module:
-    """An fp32 copy of ``mod`` on ``device`` (the module itself when it already is), cached."""
-    tensors = list(mod.parameters()) + list(mod.buffers())
-    if all(t.dtype == torch.float32 and t.device == device for t in tensors if t.is_floating_point()):
-        return mod
-    key = (tuple(_tensor_key(t, device) for t in tensors), str(device))
-    hit = _MOD32.get(mod)
-    if hit is not None and hit[0] == key:
-        return hit[1]
-    c = copy.deepcopy(mod).to(device=device, dtype=torch.float32)
-    _MOD32[mod] = (key, c)
-    return c
-
-
-def lowrank_factor(linear: nn.Linear, k: int, device) -> Tensor:
-    """B = V_k S_k [d_in, k] (fp32) with ||W v|| ~ ||v @ B||, from the rank-k SVD of the loaded W.
-
-    Cached per module; recomputed when the weight tensor (data_ptr / _version / device) or k changes.
-    """
-    device = torch.device(device)
-    w = linear.weight.detach()
-    k = min(int(k), min(w.shape))
-    key = (_tensor_key(w, device), k)
-    hit = _SVD.get(linear)
-    if hit is not None and hit[0] == key:
-        return hit[1]
-    _, s, vh = torch.linalg.svd(w.to(device=device, dtype=torch.float32), full_matrices=False)
-    b = (vh[:k].T * s[:k]).contiguous()  # [d_in, k]
-    _SVD[linear] = (key, b)
-    return b
-
-
-# ---------------------------------------------------------------------------------------------
-# structure detection
-
-
-@dataclass
-class _Norm:
-    weight: Tensor  # g [d_v]
-    eps: float
-    groups: int  # patches per row (spatial_merge_size ** 2)
-    d_v: int
-
-
-@dataclass
-class _MLP:
-    module: nn.Module  # the projector itself
-    lin1: nn.Linear
-    act: nn.Module
-    lin2: nn.Linear
-    norm: _Norm | None = None  # the Qwen2.5-VL merger's RMSNorm, linearised
-
-
-def _is_elementwise(act: nn.Module, width: int) -> bool:
-    """True when ``act`` maps each entry on its own (changing some entries leaves the others)."""
-    if isinstance(act, nn.Linear):
-        return False
-    try:
-        dev = next((t.device for t in list(act.parameters()) + list(act.buffers())), torch.device("cpu"))
-        f = _module32(act, dev)
-        g = torch.Generator(device="cpu").manual_seed(1234)
-        z = (2 * torch.randn(2, width, generator=g)).to(dev)
-        z2 = z.clone()
-        z2[:, ::2] += 1.0
-        y, y2 = f(z), f(z2)
-    except Exception:  # noqa: BLE001 - anything that cannot run on a [2, width] tensor is not elementwise
-        return False
-    return (isinstance(y, Tensor) and y.shape == z.shape
-            and torch.equal(y[:, 1::2], y2[:, 1::2]) and bool(torch.isfinite(y).all()))
-
-
-def _mlp_parts(lin1, act, lin2) -> bool:
-    return (isinstance(lin1, nn.Linear) and isinstance(lin2, nn.Linear)
-            and isinstance(act, nn.Module) and lin1.out_features == lin2.in_features
-            and _is_elementwise(act, lin1.out_features))
-
-
-def _rmsnorm(ln: nn.Module, d_in: int) -> _Norm | None:
-    """The merger's ``ln_q`` as an RMSNorm (checked against the formula), else None."""
-    w = getattr(ln, "weight", None)
-    if isinstance(ln, nn.LayerNorm) or not isinstance(w, Tensor) or w.dim() != 1:
-        return None
-    if getattr(ln, "bias", None) is not None:
-        return None
-    eps = getattr(ln, "variance_epsilon", getattr(ln, "eps", None))
-    if eps is None and isinstance(ln, nn.RMSNorm):
-        eps = torch.finfo(w.dtype).eps
-    d_v = w.numel()
-    if eps is None or d_v == 0 or d_in % d_v:
-        return None
-    eps = float(eps)
-    with torch.no_grad():
-        f = _module32(ln, w.device)
-        gen = torch.Generator(device="cpu").manual_seed(4321)
-        z = (1.5 * torch.randn(3, d_v, generator=gen)).to(w.device)
-        want = w.detach().float() * z * torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + eps)
-        try:
-            got = f(z)
-        except Exception:  # noqa: BLE001
-            return None
-        if not (isinstance(got, Tensor) and got.shape == z.shape
-                and torch.allclose(got.float(), want, rtol=1e-4, atol=1e-5)):
-            return None
-    return _Norm(weight=w, eps=eps, groups=d_in // d_v, d_v=d_v)
-
-
-_STRUCTURE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _structure(p: nn.Module) -> _MLP | None:
-    """``_detect_structure`` once per projector (and parameter dtype / device): its numerical
-    probes stay off the per-image path."""
-    param = next(p.parameters(), None)
-    key = None if param is None else (param.dtype, param.device)
-    hit = _STRUCTURE.get(p)
-    if hit is not None and hit[0] == key:
-        return hit[1]
-    s = _detect_structure(p)
-    _STRUCTURE[p] = (key, s)
-    return s
-
-
-def _detect_structure(p: nn.Module) -> _MLP | None:
-    """The recognised structure of a projector, or None (generic).
-
-    A thin wrapper is looked through: a module with no parameters of its own and a single child
-    whose structure is recognised, provided the wrapper computes the same as the child on a probe
-    (e.g. the adapters' row-wise ``MergerProjector`` around the Qwen2.5-VL merger)."""
-    s = _structure_of(p)
-    if s is not None:
-        return s
-    kids = list(p.children())
-    if len(kids) != 1 or any(True for _ in p.parameters(recurse=False)):
-        return None
-    s = _structure_of(kids[0])
-    if s is None:
-        return None
-    w = s.lin1.weight
-    z = torch.randn(3, s.lin1.in_features, generator=torch.Generator().manual_seed(77)).to(w.device, w.dtype)
-    try:
-        with torch.no_grad():
-            got, want = p(z), _rows_fn(s, kids[0])(z)
-    except Exception:  # noqa: BLE001 - a wrapper that cannot take [R, d_in] rows is not row-wise
-        return None
-    tol = 10 * torch.finfo(w.dtype).eps
-    if not (isinstance(got, Tensor) and got.shape == want.shape
-            and torch.allclose(got.float(), want.float(), rtol=tol, atol=tol)):
-        return None
-    return s
-
-
-def _structure_of(p: nn.Module) -> _MLP | None:
-    """The Linear-act-Linear structure of ``p`` itself (three recognised layouts), or None."""
-    parts = [getattr(p, n, None) for n in ("linear_1", "act", "linear_2")]
-    if all(isinstance(q, nn.Module) for q in parts) and _mlp_parts(*parts):
-        return _MLP(p, *parts)
-    if isinstance(p, nn.Sequential) and len(p) == 3 and _mlp_parts(p[0], p[1], p[2]):
-        return _MLP(p, p[0], p[1], p[2])
-    ln, mlp = getattr(p, "ln_q", None), getattr(p, "mlp", None)
-    if (isinstance(ln, nn.Module) and isinstance(mlp, nn.Sequential) and len(mlp) == 3
-            and _mlp_parts(mlp[0], mlp[1], mlp[2])):
-        norm = _rmsnorm(ln, mlp[0].in_features)
-        if norm is not None:
-            return _MLP(p, mlp[0], mlp[1], mlp[2], norm)
-    return None
-
-
-def _rows_fn(s: _MLP | None, mod32: nn.Module) -> Callable[[Tensor], Tensor]:
-    """M on rows [R, d_in] -> [R, d] through the (fp32) module itself."""
-    if s is not None and s.norm is not None:
-        d_v = s.norm.d_v
-        return lambda r: mod32(r.reshape(-1, d_v)).reshape(r.shape[0], -1)
-    return mod32
 
 
 # ---------------------------------------------------------------------------------------------
@@ -522,115 +317,138 @@ def _act_prime(act: nn.Module, a0: Tensor) -> Tensor:
     return torch.func.jvp(act, (a0,), (torch.ones_like(a0),))[1]
 
 
+def _w2_factor(lin2: nn.Linear, rank, dev: torch.device) -> tuple[Tensor, bool]:
+    """The right factor of the W2 product [d_h, d_y] (W2^T, or the rank-k ``lowrank_factor``) and
+    whether the product runs in the weight dtype (fp16/bf16 weights on a ``_LOWP_W2_DEVICES`` device)."""
+    if rank is not None:
+        return lowrank_factor(lin2, rank, dev), False  # [d_h, k]
+    w2_raw = lin2.weight.detach()
+    lowp = (w2_raw.dtype in (torch.float16, torch.bfloat16) and dev.type in _LOWP_W2_DEVICES
+            and w2_raw.device == dev)
+    return (w2_raw if lowp else _f32(w2_raw, dev)).T, lowp  # [d_h, d]
+
+
+class _Fast:
+    """``fd`` / ``jvp`` on a recognised structure (see the module docstring). Built once per call:
+    the fp32 weights, the activation, the W2 factor and the direction terms shared by every token.
+    Then per chunk: the W1 J u rows (``w1_ju``), the activation difference or product (``fd_rows``
+    / ``jvp_rows``) and the norms through W2 (``row_norms``)."""
+
+    def __init__(self, u: Tensor, h: float, s: _MLP, estimator: str, rank, dev: torch.device):
+        self.u, self.h, self.inv2h, self.estimator, self.norm = u, h, 1.0 / (2 * h), estimator, s.norm
+        self.dev = dev
+        self.w1 = _f32(s.lin1.weight, dev)  # [d_h, d_in]
+        self.b1 = _f32(s.lin1.bias, dev)
+        self.d_h = self.w1.shape[0]
+        self.act = _module32(s.act, dev)
+        self.gelu_mode = _gelu_mode(self.act, dev)  # exact GELU: aten gelu's out= variant, no allocation per chunk
+        self.bmat, self.lowp = _w2_factor(s.lin2, rank, dev)
+        self.g = None if s.norm is None else _f32(s.norm.weight, dev)
+        self.t_dir = self._direction_terms()
+        self._bufs: dict[int, tuple[Tensor, ...]] = {}
+
+    def row_widths(self) -> list[int]:
+        """fp32 widths per (token, direction) row: a+, a-, act(a+), act(a-) (fd) or the product
+        (jvp), the output, and for the merger the per-row W1 J u."""
+        return ([self.d_h] * (4 if self.estimator == "fd" else 1) + [self.bmat.shape[1]]
+                + ([self.d_h] if self.norm is not None else []))
+
+    def _direction_terms(self) -> Tensor:
+        """W1 u_j [m, d_h], or for the merger T_p = W1_p (g . u_p) [P, m, d_h]: shared by every token."""
+        if self.norm is None:
+            return self.u @ self.w1.T
+        m, groups, d_v = self.u.shape[0], self.norm.groups, self.norm.d_v
+        self.up = self.u.view(m, groups, d_v)
+        self.w1p = self.w1.view(self.d_h, groups, d_v)
+        ug = (self.up * self.g)  # [m, P, d_v]
+        return torch.stack([ug[:, p] @ self.w1p[:, p].T for p in range(groups)]).contiguous()
+
+    def first_layer(self, xf: Tensor) -> tuple[Tensor, Tensor | None]:
+        """a0 = W1 x + b1 (after the merger's RMSNorm) for all tokens in one product, and the
+        merger's r [N, P] (else None). [N, d_h], like the features themselves, not N*m: the finite
+        difference amplifies its rounding by 1/(2h), so it must not depend on how the tokens are
+        chunked (BLAS may sum differently for different row counts)."""
+        w1, b1 = self.w1, self.b1
+        if self.norm is None:
+            return (torch.addmm(b1, xf, w1.T) if b1 is not None else xf @ w1.T), None
+        xpa = xf.view(-1, self.norm.groups, self.norm.d_v)
+        r_all = torch.sqrt(xpa.pow(2).mean(-1) + self.norm.eps)  # [N, P]
+        y = (xpa * self.g / r_all[..., None]).reshape(-1, xf.shape[1])
+        return (torch.addmm(b1, y, w1.T) if b1 is not None else y @ w1.T), r_all
+
+    def token_terms(self, xf: Tensor, r: Tensor) -> tuple[Tensor, ...]:
+        """The merger's per-token terms for a chunk: x_p [t, P, d_v], C_p = W1_p (g . x_p)
+        [t, P, d_h], 1/r_p and 1/(d_v r_p^3) [t, P]."""
+        t, groups, d_v = xf.shape[0], self.norm.groups, self.norm.d_v
+        xp = xf.view(t, groups, d_v)
+        cgx = torch.stack([(xp[:, p] * self.g) @ self.w1p[:, p].T for p in range(groups)], 1)
+        return xp, cgx, 1.0 / r, 1.0 / (d_v * r.pow(3))
+
+    def w1_ju(self, b: int, k: int, t: int, tok) -> Tensor:
+        """W1 J u for directions b..b+k: [1, k, d_h] shared by the tokens, or for the merger
+        [t, k, d_h] = sum_p T_p / r_p - sum_p C_p (x_p . u_p) / (d_v r_p^3)."""
+        if tok is None:
+            return self.t_dir[b:b + k][None]  # broadcast over tokens
+        xp, cgx, rinv, coef = tok
+        tb = self.t_dir[:, b:b + k].reshape(self.norm.groups, k * self.d_h)
+        dw = (rinv @ tb).view(t, k, self.d_h)
+        xu = torch.einsum("tpd,kpd->tkp", xp, self.up[b:b + k]) * coef[:, None, :]  # [t, k, P]
+        return torch.baddbmm(dw, xu, cgx, alpha=-1.0)
+
+    def _buffers(self, rows: int) -> tuple[Tensor, ...]:
+        if rows not in self._bufs:
+            self._bufs.clear()
+            nb = 4 if self.estimator == "fd" else 1
+            self._bufs[rows] = tuple(torch.empty(rows, self.d_h, device=self.dev) for _ in range(nb))
+        return self._bufs[rows]
+
+    def jvp_rows(self, gp: Tensor, dw: Tensor, t: int, k: int) -> Tensor:
+        """act'(a0) (.) W1 J u, [t*k, d_h]."""
+        (v,) = self._buffers(t * k)
+        v = v.view(t, k, self.d_h)
+        torch.mul(gp[:, None, :], dw, out=v)
+        return v.view(t * k, self.d_h)
+
+    def fd_rows(self, a0: Tensor, dw: Tensor, t: int, k: int) -> Tensor:
+        """(act(a0 + h W1 J u) - act(a0 - h W1 J u)) / 2h, [t*k, d_h]."""
+        ap, am, fp, fm = (q.view(t, k, self.d_h) for q in self._buffers(t * k))
+        if self.norm is None:
+            torch.add(a0[:, None, :], dw, alpha=self.h, out=ap)
+            torch.sub(a0[:, None, :], dw, alpha=self.h, out=am)
+        else:
+            dw.mul_(self.h)
+            torch.add(a0[:, None, :], dw, out=ap)
+            torch.sub(a0[:, None, :], dw, out=am)
+        if self.gelu_mode is not None:
+            torch._C._nn.gelu(ap, approximate=self.gelu_mode, out=fp)
+            torch._C._nn.gelu(am, approximate=self.gelu_mode, out=fm)
+            v = fp.sub_(fm).mul_(self.inv2h)
+        else:
+            v = self.act(ap).sub_(self.act(am)).mul_(self.inv2h)
+        return v.reshape(t * k, self.d_h)
+
+    def row_norms(self, v: Tensor) -> Tensor:
+        """||W2 v|| per row [R] (or ||v B|| with the rank-k factor)."""
+        yv = (v.to(self.bmat.dtype) @ self.bmat).float() if self.lowp else v @ self.bmat
+        return torch.linalg.vector_norm(yv, dim=-1)
+
+
 def _structured(x: Tensor, u: Tensor, h: float, s: _MLP, estimator: str, rank, out: Tensor,
                 mb: float) -> None:
-    dev = x.device
-    m, d_in = u.shape
-    w1 = _f32(s.lin1.weight, dev)  # [d_h, d_in]
-    b1 = _f32(s.lin1.bias, dev)
-    d_h = w1.shape[0]
-    act = _module32(s.act, dev)
-    gelu_mode = _gelu_mode(act, dev)  # exact GELU: aten gelu's out= variant, no allocation per chunk
-
-    # the W2 product: v [R, d_h] (fp32, already scaled) -> per-row norms [R]
-    w2_raw = s.lin2.weight.detach()
-    if rank is not None:
-        bmat = lowrank_factor(s.lin2, rank, dev)  # [d_h, k]
-        d_y = bmat.shape[1]
-        lowp = False
-    else:
-        lowp = (w2_raw.dtype in (torch.float16, torch.bfloat16) and dev.type in _LOWP_W2_DEVICES
-                and w2_raw.device == dev)
-        bmat = (w2_raw if lowp else _f32(w2_raw, dev)).T  # [d_h, d]
-        d_y = bmat.shape[1]
-
-    norm = s.norm
-    groups = norm.groups if norm is not None else 1
-    # per (token, direction) row: a+, a-, act(a+), act(a-) (fd) or the product (jvp), the output,
-    # and for the merger the per-row W1 J u
-    w_rows = [d_h] * (4 if estimator == "fd" else 1) + [d_y] + ([d_h] if norm is not None else [])
-    tc, dc = chunk_plan(m, w_rows, mb)
+    f = _Fast(u, h, s, estimator, rank, x.device)
+    m = u.shape[0]
+    tc, dc = chunk_plan(m, f.row_widths(), mb)
     tc = min(tc, x.shape[0])
-
-    if norm is None:
-        t_dir = u @ w1.T  # W1 u_j [m, d_h], shared by every token
-    else:
-        g = _f32(norm.weight, dev)
-        d_v = norm.d_v
-        ug = (u.view(m, groups, d_v) * g)  # [m, P, d_v]
-        w1p = w1.view(d_h, groups, d_v)
-        # T_p = W1_p (g . u_p)  [P, m, d_h], shared by every token
-        t_dir = torch.stack([ug[:, p] @ w1p[:, p].T for p in range(groups)]).contiguous()
-        up = u.view(m, groups, d_v)
-
-    inv2h = 1.0 / (2 * h)
-    bufs: dict[int, tuple[Tensor, ...]] = {}
-
-    def buffers(rows: int) -> tuple[Tensor, ...]:
-        if rows not in bufs:
-            bufs.clear()
-            nb = 4 if estimator == "fd" else 1
-            bufs[rows] = tuple(torch.empty(rows, d_h, device=dev) for _ in range(nb))
-        return bufs[rows]
-
-    # a0 = W1 x + b1 for all tokens in one product ([N, d_h], like the features themselves, not
-    # N*m): the finite difference amplifies its rounding by 1/(2h), so it must not depend on how
-    # the tokens are chunked (BLAS may sum differently for different row counts).
     xf = x.float()
-    if norm is None:
-        a0_all = torch.addmm(b1, xf, w1.T) if b1 is not None else xf @ w1.T
-    else:
-        xpa = xf.view(-1, groups, d_v)
-        r_all = torch.sqrt(xpa.pow(2).mean(-1) + norm.eps)  # [N, P]
-        y = (xpa * g / r_all[..., None]).reshape(-1, d_in)
-        a0_all = torch.addmm(b1, y, w1.T) if b1 is not None else y @ w1.T
-        del y, xpa
+    a0_all, r_all = f.first_layer(xf)
     for a in range(0, x.shape[0], tc):
         a0 = a0_all[a:a + tc]
         t = a0.shape[0]
-        if norm is not None:
-            xp = xf[a:a + t].view(t, groups, d_v)
-            r = r_all[a:a + t]
-            # C_p = W1_p (g . x_p)  [t, P, d_h]
-            cgx = torch.stack([(xp[:, p] * g) @ w1p[:, p].T for p in range(groups)], 1)
-            rinv = 1.0 / r
-            coef = 1.0 / (d_v * r.pow(3))  # [t, P]
-        gp = _act_prime(act, a0) if estimator == "jvp" else None
+        tok = None if s.norm is None else f.token_terms(xf[a:a + t], r_all[a:a + t])
+        gp = _act_prime(f.act, a0) if estimator == "jvp" else None
         for b in range(0, m, dc):
             k = min(dc, m - b)
-            rws = t * k
-            if norm is None:
-                dw = t_dir[b:b + k][None]  # [1, k, d_h] broadcast over tokens
-            else:
-                # W1 J u = sum_p T_p / r_p - sum_p C_p (x_p . u_p) / (d_v r_p^3)
-                tb = t_dir[:, b:b + k].reshape(groups, k * d_h)
-                dw = (rinv @ tb).view(t, k, d_h)
-                xu = torch.einsum("tpd,kpd->tkp", xp, up[b:b + k]) * coef[:, None, :]  # [t, k, P]
-                dw = torch.baddbmm(dw, xu, cgx, alpha=-1.0)
-            if estimator == "jvp":
-                (v,) = buffers(rws)
-                v = v.view(t, k, d_h)
-                torch.mul(gp[:, None, :], dw, out=v)
-                v = v.view(rws, d_h)
-            else:
-                ap, am, fp, fm = (q.view(t, k, d_h) for q in buffers(rws))
-                if norm is None:
-                    torch.add(a0[:, None, :], dw, alpha=h, out=ap)
-                    torch.sub(a0[:, None, :], dw, alpha=h, out=am)
-                else:
-                    dw.mul_(h)
-                    torch.add(a0[:, None, :], dw, out=ap)
-                    torch.sub(a0[:, None, :], dw, out=am)
-                if gelu_mode is not None:
-                    torch._C._nn.gelu(ap, approximate=gelu_mode, out=fp)
-                    torch._C._nn.gelu(am, approximate=gelu_mode, out=fm)
-                    v = fp.sub_(fm).mul_(inv2h)
-                else:
-                    v = act(ap).sub_(act(am)).mul_(inv2h)
-                v = v.reshape(rws, d_h)
-            if lowp:
-                yv = (v.to(bmat.dtype) @ bmat).float()
-            else:
-                yv = v @ bmat
-            out[a:a + t] += torch.linalg.vector_norm(yv, dim=-1).view(t, k).sum(1)
+            dw = f.w1_ju(b, k, t, tok)
+            v = f.jvp_rows(gp, dw, t, k) if estimator == "jvp" else f.fd_rows(a0, dw, t, k)
+            out[a:a + t] += f.row_norms(v).view(t, k).sum(1)
     out /= m

@@ -50,9 +50,8 @@ import torch
 from torch import Tensor, nn
 
 from zoocli.errors import UsageError
-from zoocli.sensitivity import (
-    _MLP, _act_prime, _f32, _module32, _probe_width, _rows_fn, _tensor_key, chunk_plan,
-)
+from zoocli.projector import _MLP, _f32, _module32, _rows_fn, _tensor_key
+from zoocli.sensitivity import _act_prime, _probe_width, chunk_plan
 
 _EXACT_M: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 

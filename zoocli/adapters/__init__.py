@@ -44,11 +44,11 @@ RANDOM_CONFIGS: dict[str, str] = {
 
 # offline name -> (family, "module:builder"); a builder writes a checkpoint dir: builder(out_dir)
 OFFLINE_MODELS: dict[str, tuple[str, str]] = {
-    "tiny-llava": ("llava", "zoocli.adapters.llava:build_tiny_llava"),
-    "tiny-llava-next": ("llava_next", "zoocli.adapters.llava:build_tiny_llava_next"),
+    "tiny-llava": ("llava", "zoocli.adapters.offline_llava:build_tiny_llava"),
+    "tiny-llava-next": ("llava_next", "zoocli.adapters.offline_llava:build_tiny_llava_next"),
     "tiny-qwen2.5-vl": ("qwen2_5_vl", "zoocli.adapters.qwen2_5_vl:build_tiny"),
-    "small-llava": ("llava", "zoocli.adapters.llava:build_small_llava"),
-    "small-llava-next": ("llava_next", "zoocli.adapters.llava:build_small_llava_next"),
+    "small-llava": ("llava", "zoocli.adapters.offline_llava:build_small_llava"),
+    "small-llava-next": ("llava_next", "zoocli.adapters.offline_llava:build_small_llava_next"),
 }
 # offline name -> the most visual tokens one image can give it (checked against the builders'
 # configs by tests/test_figures_offline.py): for picking the offline model that fits a request
@@ -248,30 +248,42 @@ def load_adapter(
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     _quiet_transformers()
-
     if random_weights:
-        if model not in MODEL_ALIASES:
-            raise UsageError(
-                f"--random-weights needs a model alias, not '{model}'; aliases: {', '.join(MODEL_ALIASES)}"
-            )
-        config = load_random_config(model)
-        check_memory(model, config, dev, dt)
-        status(f"building {model}'s full-size architecture with random weights "
-               f"(no download; minutes on a CPU)", slow=True)
-        return adapter_class(config["model_type"]).from_config(config, dev, dt)
-
+        return _load_random(model, dev, dt, status)
     if model in OFFLINE_MODELS:
-        family = OFFLINE_MODELS[model][0]
-        path = ensure_offline_model(model, cache_dir, status)
-        status(f"loading {model} from {path}")
-        cls = adapter_class(family)
-        try:
-            adapter = cls.load(path, dev, dt, meaningless=True)
-            adapter.model_id = model
-            return adapter
-        except OSError as e:
-            raise ZooError(f"offline model '{model}' at {path} cannot be loaded: {_one_line(e)}") from None
+        return _load_offline(model, cache_dir, dev, dt, status)
+    return _load_checkpoint(model, dev, dt, status)
 
+
+def _load_random(model: str, dev: torch.device, dt: torch.dtype, status: StatusFn):
+    """The alias's full-size architecture with random weights (after a memory check)."""
+    if model not in MODEL_ALIASES:
+        raise UsageError(
+            f"--random-weights needs a model alias, not '{model}'; aliases: {', '.join(MODEL_ALIASES)}"
+        )
+    config = load_random_config(model)
+    check_memory(model, config, dev, dt)
+    status(f"building {model}'s full-size architecture with random weights "
+           f"(no download; minutes on a CPU)", slow=True)
+    return adapter_class(config["model_type"]).from_config(config, dev, dt)
+
+
+def _load_offline(model: str, cache_dir, dev: torch.device, dt: torch.dtype, status: StatusFn):
+    """An offline model (``OFFLINE_MODELS``), built into ``cache_dir`` on first use."""
+    family = OFFLINE_MODELS[model][0]
+    path = ensure_offline_model(model, cache_dir, status)
+    status(f"loading {model} from {path}")
+    cls = adapter_class(family)
+    try:
+        adapter = cls.load(path, dev, dt, meaningless=True)
+        adapter.model_id = model
+        return adapter
+    except OSError as e:
+        raise ZooError(f"offline model '{model}' at {path} cannot be loaded: {_one_line(e)}") from None
+
+
+def _load_checkpoint(model: str, dev: torch.device, dt: torch.dtype, status: StatusFn):
+    """An alias, HF id or local directory; a load failure is one line naming the cause."""
     repo = MODEL_ALIASES.get(model, model)
     local = Path(repo).expanduser()
     source = str(local) if local.is_dir() else _cached_or_reachable(model, repo)

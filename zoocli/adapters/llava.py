@@ -1,4 +1,4 @@
-"""LLaVA-1.5 and LLaVA-NeXT adapters, and the offline (random-weight) LLaVA models.
+"""LLaVA-1.5 and LLaVA-NeXT adapters (the offline random-weight LLaVA models: ``offline_llava``).
 
 LLaVA-1.5 (Liu et al., "Improved Baselines with Visual Instruction Tuning", arXiv:2310.03744):
 CLIP ViT-L/14-336 -> 2-layer GELU MLP projector -> Vicuna. X = the CLIP hidden states of
@@ -32,6 +32,8 @@ from PIL import Image
 from torch import Tensor, nn
 
 from zoocli.adapters.base import Adapter, Encoded, EncoderProbe, Generation, LLMInputs, Prepared, Scope
+# tiny_llava_config is imported from here by tests and tools too
+from zoocli.adapters.offline_llava import _round_up, build_tokenizer, tiny_llava_config  # noqa: F401
 from zoocli.adapters.prompt import prompt_batch, question_ids
 from zoocli.text import user_text
 from zoocli.timing import TokenClock, device_sync
@@ -483,80 +485,6 @@ class LlavaNextAdapter(LlavaAdapter):
 
 
 # ----------------------------------------------------------------------------------------------
-# offline models
-
-
-def build_tokenizer():
-    """The offline byte-level tokenizer with LLaVA's special tokens (<image> is one id)."""
-    from zoocli.adapters.tokenizer import build_byte_tokenizer
-
-    return build_byte_tokenizer(
-        ["<unk>", "<s>", "</s>", "<pad>", "<image>"], {"image_token": "<image>"},
-        bos="<s>", eos="</s>", pad="<pad>", unk="<unk>", vocab_size=512,
-    )
-
-
-def tiny_llava_config(tokenizer, next_: bool = False, small: bool = False):
-    """Configs of the offline models. tiny: 56 px / patch 14 (4x4 tokens per tile), 2+2 layers;
-    tiny NeXT: pinpoints up to 2x2 tiles so anyres gives several crops and unpadding;
-    small: LLaVA-1.5 geometry (336 px -> 576 tokens), projector 256->512->512 and a ~100M Llama."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaNextConfig
-
-    vocab = _round_up(len(tokenizer), 64)
-    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-               pad_token_id=tokenizer.pad_token_id)
-    if small:
-        vision = CLIPVisionConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
-                                  num_attention_heads=4, image_size=336, patch_size=14, projection_dim=256)
-        text = LlamaConfig(hidden_size=512, intermediate_size=4096, num_hidden_layers=14, num_attention_heads=8,
-                           num_key_value_heads=8, vocab_size=vocab, max_position_embeddings=4096, **ids)
-    else:
-        vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                  num_attention_heads=2, image_size=56, patch_size=14, projection_dim=32)
-        text = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                           num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=2048, **ids)
-    common = dict(vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-                  vision_feature_layer=-2, vision_feature_select_strategy="default")
-    side = vision.image_size // vision.patch_size
-    if next_:
-        s = vision.image_size
-        return LlavaNextConfig(**common, image_seq_length=side * side,
-                               image_grid_pinpoints=[[s, 2 * s], [2 * s, s], [2 * s, 2 * s], [s, 3 * s], [3 * s, s]])
-    return LlavaConfig(**common, image_seq_length=side * side)
-
-
-def _build(out_dir: Path, adapter_cls, next_: bool, small: bool) -> None:
-    tok = build_tokenizer()
-    config = tiny_llava_config(tok, next_=next_, small=small)
-    torch.manual_seed(0)
-    model = adapter_cls.model_class()(config).eval()
-    gc = model.generation_config
-    gc.bos_token_id, gc.eos_token_id, gc.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
-    processor = adapter_cls.make_processor(config, tok)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    processor.save_pretrained(out_dir)
-
-
-def build_tiny_llava(out_dir: Path) -> None:
-    _build(Path(out_dir), LlavaAdapter, next_=False, small=False)
-
-
-def build_tiny_llava_next(out_dir: Path) -> None:
-    _build(Path(out_dir), LlavaNextAdapter, next_=True, small=False)
-
-
-def build_small_llava(out_dir: Path) -> None:
-    _build(Path(out_dir), LlavaAdapter, next_=False, small=True)
-
-
-def build_small_llava_next(out_dir: Path) -> None:
-    """LLaVA-NeXT's real geometry with small-llava's small towers: 336-px tiles of 24x24 tokens
-    (CLIP patch 14) and llava-v1.6's pinpoints (up to 2x2 tiles + the base image = 2,880 visual
-    tokens), so budgets like 640/320/160 really prune."""
-    _build(Path(out_dir), LlavaNextAdapter, next_=True, small=True)
-
-
-# ----------------------------------------------------------------------------------------------
 # helpers
 
 
@@ -597,10 +525,6 @@ def clip_cls_attention(layer: nn.Module, hidden: Tensor) -> tuple[Tensor, Tensor
 
 def _box(x0: float, y0: float, x1: float, y1: float) -> tuple[float, float, float, float]:
     return tuple(round(float(v), 4) + 0.0 for v in (x0, y0, x1, y1))  # type: ignore[return-value]
-
-
-def _round_up(n: int, k: int) -> int:
-    return (n + k - 1) // k * k
 
 
 def _get(d, key):

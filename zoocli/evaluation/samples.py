@@ -324,6 +324,16 @@ def load_samples(path, answers=None, image_root=None, allow_outside_root: bool =
     root = Path(image_root) if image_root is not None else None
     if root is not None and not root.is_dir():
         raise ZooError(f"image folder {root} does not exist")
+    rows, fmt = _rows_and_format(path, answers)
+    row = _plain_row if fmt == "plain" else _question_row
+    raw = [row(path, n, obj, fmt, root, allow_outside_root) for n, obj in rows]
+    if answers is not None:
+        _attach_answers(path, raw, Path(answers))
+    return _samples(raw)
+
+
+def _rows_and_format(path: Path, answers) -> tuple[list, str]:
+    """The file's (line number, object) rows and its format (from the first row's keys)."""
     rows = list(_jsonl(path))
     if not rows:
         raise ZooError(f"{path}: no questions in the file")
@@ -336,52 +346,62 @@ def load_samples(path, answers=None, image_root=None, allow_outside_root: bool =
     if answers is not None and fmt != "llava":
         raise ZooError(f"{path}: this {_FORMATS[fmt]} file has its answers inline; "
                        f"an answers file is only for LLaVA question files")
+    return rows, fmt
 
-    raw: list[dict] = []
-    for n, obj in rows:
-        r = {"n": n, "category": None, "choices": None, "soft": False, "answers": None}
-        if fmt == "plain":
-            r["sid"] = _id(path, n, obj, "id", required=False)
-            if r["sid"] is None:
-                r["sid"] = _id(path, n, obj, "question_id", required=False)
-            if r["sid"] is None:
-                r["sid"] = n
-            r["image"] = _image(path, n, obj, root, allow_outside_root)
-            r["question"] = _str(path, n, obj, "question")
-            if "answer" in obj and "answers" in obj:
-                raise ZooError(f"{path}, line {n}: has both 'answer' and 'answers'; keep one")
-            if "answer" in obj:
-                r["answers"] = _str_list(path, n, obj, "answer")
-            elif "answers" in obj:
-                r["answers"] = _str_list(path, n, obj, "answers", allow_objects=True)
-                r["soft"] = len(r["answers"]) > 1
-            else:
-                raise ZooError(f"{path}, line {n}: missing field 'answer'")
-            if "choices" in obj:
-                ch = obj["choices"]
-                if not (isinstance(ch, list) and len(ch) >= 2 and len(ch) <= len(LETTERS)
-                        and all(isinstance(c, str) and c.strip() for c in ch)):
-                    raise ZooError(f"{path}, line {n}: field 'choices' must be a list of 2-26 "
-                                   f"non-empty strings, got {_show(ch)}")
-                r["choices"] = list(ch)
-                r["answers"] = _mc_gold(path, n, r["answers"], ch)
-        else:
-            r["sid"] = _id(path, n, obj, "question_id")
-            r["image"] = _image(path, n, obj, root, allow_outside_root)
-            r["question"] = _str(path, n, obj, "text")
-            if "category" in obj:
-                r["category"] = _str(path, n, obj, "category")
-            if fmt == "pope":
-                label = _str(path, n, obj, "label")
-                if not _is_yes_no(label):
-                    raise ZooError(f"{path}, line {n}: field 'label' must be \"yes\" or \"no\", "
-                                   f"got {_show(label)}")
-                r["answers"] = [label.strip().lower().rstrip(".")]
-        raw.append(r)
 
-    if answers is not None:
-        _attach_answers(path, raw, Path(answers))
+def _new_row(n: int) -> dict:
+    return {"n": n, "category": None, "choices": None, "soft": False, "answers": None}
 
+
+def _plain_row(path: Path, n: int, obj: dict, fmt: str, root, allow_outside_root: bool) -> dict:
+    """One row of a plain JSONL file: id, image, question, answer(s), optional choices."""
+    r = _new_row(n)
+    r["sid"] = _id(path, n, obj, "id", required=False)
+    if r["sid"] is None:
+        r["sid"] = _id(path, n, obj, "question_id", required=False)
+    if r["sid"] is None:
+        r["sid"] = n
+    r["image"] = _image(path, n, obj, root, allow_outside_root)
+    r["question"] = _str(path, n, obj, "question")
+    if "answer" in obj and "answers" in obj:
+        raise ZooError(f"{path}, line {n}: has both 'answer' and 'answers'; keep one")
+    if "answer" in obj:
+        r["answers"] = _str_list(path, n, obj, "answer")
+    elif "answers" in obj:
+        r["answers"] = _str_list(path, n, obj, "answers", allow_objects=True)
+        r["soft"] = len(r["answers"]) > 1
+    else:
+        raise ZooError(f"{path}, line {n}: missing field 'answer'")
+    if "choices" in obj:
+        ch = obj["choices"]
+        if not (isinstance(ch, list) and len(ch) >= 2 and len(ch) <= len(LETTERS)
+                and all(isinstance(c, str) and c.strip() for c in ch)):
+            raise ZooError(f"{path}, line {n}: field 'choices' must be a list of 2-26 "
+                           f"non-empty strings, got {_show(ch)}")
+        r["choices"] = list(ch)
+        r["answers"] = _mc_gold(path, n, r["answers"], ch)
+    return r
+
+
+def _question_row(path: Path, n: int, obj: dict, fmt: str, root, allow_outside_root: bool) -> dict:
+    """One row of a POPE file (gold ``label``) or a LLaVA question file (answers apart)."""
+    r = _new_row(n)
+    r["sid"] = _id(path, n, obj, "question_id")
+    r["image"] = _image(path, n, obj, root, allow_outside_root)
+    r["question"] = _str(path, n, obj, "text")
+    if "category" in obj:
+        r["category"] = _str(path, n, obj, "category")
+    if fmt == "pope":
+        label = _str(path, n, obj, "label")
+        if not _is_yes_no(label):
+            raise ZooError(f"{path}, line {n}: field 'label' must be \"yes\" or \"no\", "
+                           f"got {_show(label)}")
+        r["answers"] = [label.strip().lower().rstrip(".")]
+    return r
+
+
+def _samples(raw: list[dict]) -> list[Sample]:
+    """``Sample``s in file order; a repeated id gets ``#1``, ``#2``... (``source_id`` keeps it)."""
     counts = Counter(str(r["sid"]) for r in raw)
     seen: Counter = Counter()
     out = []

@@ -1,0 +1,230 @@
+"""What a projector is made of: Linear-act-Linear, Qwen2.5-VL's merger, or anything else.
+
+The sensitivity estimators (``zoocli.sensitivity``, ``zoocli.sensitivity_exact``) take fast paths
+for the projector structures recognised here and the generic ``torch.func`` / two-pass path for the
+rest. Recognised, from attributes and module types only (no model names):
+
+- LLaVA / LLaVA-NeXT ``linear_1, act, linear_2``;
+- the original LLaVA ``nn.Sequential(Linear, act, Linear)`` mm_projector;
+- Qwen2.5-VL's ``Qwen2_5_VLPatchMerger``: ``ln_q`` (an RMSNorm over d_v per patch, checked
+  numerically against the formula) then ``mlp`` = Linear, act, Linear on the s^2 * d_v rows.
+
+The activation is checked to act elementwise. A thin wrapper (no parameters of its own, one child
+with a recognised structure, equal outputs on a probe) is looked through: the adapters' row-wise
+``MergerProjector`` around the Qwen merger is one. ``_structure`` caches the result per projector.
+
+Also here: the weak caches the estimators share, fp32 copies of tensors and modules (``_f32``,
+``_module32``) and the rank-k SVD factor of the second Linear (``lowrank_factor``).
+"""
+
+from __future__ import annotations
+
+import copy
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+# ---------------------------------------------------------------------------------------------
+# caches (weak: they go away with the module / tensor)
+
+_F32: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_MOD32: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_SVD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _tensor_key(t: Tensor, device: torch.device) -> tuple:
+    return (t.data_ptr(), t._version, t.dtype, str(t.device), str(device))
+
+
+def _f32(t: Tensor | None, device: torch.device) -> Tensor | None:
+    """``t`` as float32 on ``device``; no copy when it already is, else a cached copy."""
+    if t is None:
+        return None
+    t = t.detach()
+    if t.dtype == torch.float32 and t.device == device:
+        return t
+    key = _tensor_key(t, device)
+    hit = _F32.get(t)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    c = t.to(device=device, dtype=torch.float32).contiguous()
+    _F32[t] = (key, c)
+    return c
+
+
+def _module32(mod: nn.Module, device: torch.device) -> nn.Module:
+    """An fp32 copy of ``mod`` on ``device`` (the module itself when it already is), cached."""
+    tensors = list(mod.parameters()) + list(mod.buffers())
+    if all(t.dtype == torch.float32 and t.device == device for t in tensors if t.is_floating_point()):
+        return mod
+    key = (tuple(_tensor_key(t, device) for t in tensors), str(device))
+    hit = _MOD32.get(mod)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    c = copy.deepcopy(mod).to(device=device, dtype=torch.float32)
+    _MOD32[mod] = (key, c)
+    return c
+
+
+def lowrank_factor(linear: nn.Linear, k: int, device) -> Tensor:
+    """B = V_k S_k [d_in, k] (fp32) with ||W v|| ~ ||v @ B||, from the rank-k SVD of the loaded W.
+
+    Cached per module; recomputed when the weight tensor (data_ptr / _version / device) or k changes.
+    """
+    device = torch.device(device)
+    w = linear.weight.detach()
+    k = min(int(k), min(w.shape))
+    key = (_tensor_key(w, device), k)
+    hit = _SVD.get(linear)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    _, s, vh = torch.linalg.svd(w.to(device=device, dtype=torch.float32), full_matrices=False)
+    b = (vh[:k].T * s[:k]).contiguous()  # [d_in, k]
+    _SVD[linear] = (key, b)
+    return b
+
+
+# ---------------------------------------------------------------------------------------------
+# structure detection
+
+
+@dataclass
+class _Norm:
+    weight: Tensor  # g [d_v]
+    eps: float
+    groups: int  # patches per row (spatial_merge_size ** 2)
+    d_v: int
+
+
+@dataclass
+class _MLP:
+    module: nn.Module  # the projector itself
+    lin1: nn.Linear
+    act: nn.Module
+    lin2: nn.Linear
+    norm: _Norm | None = None  # the Qwen2.5-VL merger's RMSNorm, linearised
+
+
+def _is_elementwise(act: nn.Module, width: int) -> bool:
+    """True when ``act`` maps each entry on its own (changing some entries leaves the others)."""
+    if isinstance(act, nn.Linear):
+        return False
+    try:
+        dev = next((t.device for t in list(act.parameters()) + list(act.buffers())), torch.device("cpu"))
+        f = _module32(act, dev)
+        g = torch.Generator(device="cpu").manual_seed(1234)
+        z = (2 * torch.randn(2, width, generator=g)).to(dev)
+        z2 = z.clone()
+        z2[:, ::2] += 1.0
+        y, y2 = f(z), f(z2)
+    except Exception:  # noqa: BLE001 - anything that cannot run on a [2, width] tensor is not elementwise
+        return False
+    return (isinstance(y, Tensor) and y.shape == z.shape
+            and torch.equal(y[:, 1::2], y2[:, 1::2]) and bool(torch.isfinite(y).all()))
+
+
+def _mlp_parts(lin1, act, lin2) -> bool:
+    return (isinstance(lin1, nn.Linear) and isinstance(lin2, nn.Linear)
+            and isinstance(act, nn.Module) and lin1.out_features == lin2.in_features
+            and _is_elementwise(act, lin1.out_features))
+
+
+def _rmsnorm(ln: nn.Module, d_in: int) -> _Norm | None:
+    """The merger's ``ln_q`` as an RMSNorm (checked against the formula), else None."""
+    w = getattr(ln, "weight", None)
+    if isinstance(ln, nn.LayerNorm) or not isinstance(w, Tensor) or w.dim() != 1:
+        return None
+    if getattr(ln, "bias", None) is not None:
+        return None
+    eps = getattr(ln, "variance_epsilon", getattr(ln, "eps", None))
+    if eps is None and isinstance(ln, nn.RMSNorm):
+        eps = torch.finfo(w.dtype).eps
+    d_v = w.numel()
+    if eps is None or d_v == 0 or d_in % d_v:
+        return None
+    eps = float(eps)
+    with torch.no_grad():
+        f = _module32(ln, w.device)
+        gen = torch.Generator(device="cpu").manual_seed(4321)
+        z = (1.5 * torch.randn(3, d_v, generator=gen)).to(w.device)
+        want = w.detach().float() * z * torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + eps)
+        try:
+            got = f(z)
+        except Exception:  # noqa: BLE001
+            return None
+        if not (isinstance(got, Tensor) and got.shape == z.shape
+                and torch.allclose(got.float(), want, rtol=1e-4, atol=1e-5)):
+            return None
+    return _Norm(weight=w, eps=eps, groups=d_in // d_v, d_v=d_v)
+
+
+_STRUCTURE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _structure(p: nn.Module) -> _MLP | None:
+    """``_detect_structure`` once per projector (and parameter dtype / device): its numerical
+    probes stay off the per-image path."""
+    param = next(p.parameters(), None)
+    key = None if param is None else (param.dtype, param.device)
+    hit = _STRUCTURE.get(p)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    s = _detect_structure(p)
+    _STRUCTURE[p] = (key, s)
+    return s
+
+
+def _detect_structure(p: nn.Module) -> _MLP | None:
+    """The recognised structure of a projector, or None (generic).
+
+    A thin wrapper is looked through: a module with no parameters of its own and a single child
+    whose structure is recognised, provided the wrapper computes the same as the child on a probe
+    (e.g. the adapters' row-wise ``MergerProjector`` around the Qwen2.5-VL merger)."""
+    s = _structure_of(p)
+    if s is not None:
+        return s
+    kids = list(p.children())
+    if len(kids) != 1 or any(True for _ in p.parameters(recurse=False)):
+        return None
+    s = _structure_of(kids[0])
+    if s is None:
+        return None
+    w = s.lin1.weight
+    z = torch.randn(3, s.lin1.in_features, generator=torch.Generator().manual_seed(77)).to(w.device, w.dtype)
+    try:
+        with torch.no_grad():
+            got, want = p(z), _rows_fn(s, kids[0])(z)
+    except Exception:  # noqa: BLE001 - a wrapper that cannot take [R, d_in] rows is not row-wise
+        return None
+    tol = 10 * torch.finfo(w.dtype).eps
+    if not (isinstance(got, Tensor) and got.shape == want.shape
+            and torch.allclose(got.float(), want.float(), rtol=tol, atol=tol)):
+        return None
+    return s
+
+
+def _structure_of(p: nn.Module) -> _MLP | None:
+    """The Linear-act-Linear structure of ``p`` itself (three recognised layouts), or None."""
+    parts = [getattr(p, n, None) for n in ("linear_1", "act", "linear_2")]
+    if all(isinstance(q, nn.Module) for q in parts) and _mlp_parts(*parts):
+        return _MLP(p, *parts)
+    if isinstance(p, nn.Sequential) and len(p) == 3 and _mlp_parts(p[0], p[1], p[2]):
+        return _MLP(p, p[0], p[1], p[2])
+    ln, mlp = getattr(p, "ln_q", None), getattr(p, "mlp", None)
+    if (isinstance(ln, nn.Module) and isinstance(mlp, nn.Sequential) and len(mlp) == 3
+            and _mlp_parts(mlp[0], mlp[1], mlp[2])):
+        norm = _rmsnorm(ln, mlp[0].in_features)
+        if norm is not None:
+            return _MLP(p, mlp[0], mlp[1], mlp[2], norm)
+    return None
+
+
+def _rows_fn(s: _MLP | None, mod32: nn.Module) -> Callable[[Tensor], Tensor]:
+    """M on rows [R, d_in] -> [R, d] through the (fp32) module itself."""
+    if s is not None and s.norm is not None:
+        d_v = s.norm.d_v
+        return lambda r: mod32(r.reshape(-1, d_v)).reshape(r.shape[0], -1)
+    return mod32
