@@ -49,6 +49,11 @@ OFFLINE_MODELS: dict[str, tuple[str, str]] = {
     "tiny-qwen2.5-vl": ("qwen2_5_vl", "zoocli.adapters.qwen2_5_vl:build_tiny"),
     "small-llava": ("llava", "zoocli.adapters.llava:build_small_llava"),
 }
+# shipped trained checkpoint -> (family, its directory under zoocli/data): loaded like a real
+# checkpoint, no download, meaningful answers (demo-llava: trained on the synthetic world of zoocli.demo)
+SHIPPED_MODELS: dict[str, tuple[str, str]] = {
+    "demo-llava": ("llava", "demo-llava"),
+}
 OFFLINE_BUILD_VERSION = "1"  # bump when a builder changes: cached copies are rebuilt
 
 # config.model_type -> "module:AdapterClass"
@@ -185,6 +190,9 @@ def load_adapter(
         check_memory(model, config, dev, dt)
         return adapter_class(config["model_type"]).from_config(config, dev, dt)
 
+    if model in SHIPPED_MODELS:
+        return _load_shipped(model, dev, dt)
+
     if model in OFFLINE_MODELS:
         family = OFFLINE_MODELS[model][0]
         path = ensure_offline_model(model, cache_dir)
@@ -207,6 +215,25 @@ def load_adapter(
         if local.is_dir():
             raise ZooError(f"model directory '{local}' cannot be loaded: {_one_line(e)}") from None
         raise _not_available(model) from None
+
+
+def shipped_model_dir(name: str) -> Path:
+    """The checkpoint directory of a shipped model (``zoocli/data/<dir>``)."""
+    if name not in SHIPPED_MODELS:
+        raise UnknownNameError("shipped model", name, SHIPPED_MODELS)
+    return Path(str(resources.files("zoocli").joinpath("data", SHIPPED_MODELS[name][1])))
+
+
+def _load_shipped(model: str, device: torch.device, dtype: torch.dtype):
+    path = shipped_model_dir(model)
+    if not (path / "config.json").is_file():
+        raise ZooError(f"the shipped model '{model}' is missing from {path} (a broken install?)")
+    try:
+        adapter = adapter_class(SHIPPED_MODELS[model][0]).load(path, device, dtype, meaningless=False)
+    except OSError as e:
+        raise ZooError(f"shipped model '{model}' at {path} cannot be loaded: {_one_line(e)}") from None
+    adapter.model_id = model
+    return adapter
 
 
 def parameter_count(config_dict: dict[str, Any]) -> int:
@@ -310,7 +337,7 @@ def _one_line(e: BaseException) -> str:
 
 
 __all__ = [
-    "ADAPTERS", "DEFAULT_MODEL", "MODEL_ALIASES", "OFFLINE_MODELS", "RANDOM_CONFIGS", "adapter_class",
+    "ADAPTERS", "DEFAULT_MODEL", "MODEL_ALIASES", "OFFLINE_MODELS", "RANDOM_CONFIGS", "SHIPPED_MODELS", "adapter_class",
     "default_cache_dir", "ensure_offline_model", "load_adapter", "load_random_config", "resolve_device",
-    "resolve_dtype",
+    "resolve_dtype", "shipped_model_dir",
 ]
