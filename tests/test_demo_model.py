@@ -13,7 +13,7 @@ from zoocli import ops
 from zoocli.demo import model as dm
 from zoocli.demo import train as tr
 from zoocli.demo import world
-from zoocli.demo.evalset import shipped_eval_dir
+from zoocli.demo.evalset import SHIPPED_SEED, shipped_eval_dir
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_images"
 pytestmark = pytest.mark.slow
@@ -90,6 +90,10 @@ def test_shipped_weights_answer_the_eval_slice(demo):
     recs = _eval(demo, samples)
     assert len(recs) == 100
     assert sum(r["score"] for r in recs) / 100 >= 0.85
+    # the training loop's teacher-forced argmax agrees with the pipeline's greedy answers
+    scenes = tr.take(world.scenes(SHIPPED_SEED), 40)
+    loop = tr.answers_correct(demo.model, scenes, tr.Prompts(demo.processor), demo.processor.tokenizer.pad_token_id)
+    assert [ok for _, ok in loop[:100]] == [bool(r["correct"]) for r in recs]
 
 
 def _readme_question():
