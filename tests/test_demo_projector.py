@@ -37,17 +37,21 @@ def test_jvp_ranks_like_the_reference(tokens):
 
 
 def test_fd_ranks_like_the_reference(tokens):
-    assert _rho(tokens, estimator="fd") > FD_MIN
+    # measured: mean 0.961, min 0.877 over eval images 0-4 (near-tied background tokens, where
+    # fd's float32 difference at h=0.01 decides the order); see BENCHMARKS.md
+    assert _rho(tokens, estimator="fd") > 0.8
 
 
 def test_full_rank_is_exact_and_low_rank_degrades_gracefully(tokens):
     d = tokens[0][1].linear_2.weight.shape[1]
     assert _rho(tokens, estimator="jvp", rank=d) > 0.999
     rhos = [_rho(tokens, estimator="jvp", rank=k) for k in (8, 32, 128)]
-    assert rhos[2] > RANK128_MIN and rhos[0] < rhos[2]
+    assert rhos[2] > 0.99 and rhos[0] < rhos[1] < rhos[2]
 
 
 def test_exact_ranks_like_the_reference(tokens):
     if "exact" not in ESTIMATORS:
         pytest.skip("the 'exact' estimator is not in this build (added by another change)")
-    assert _rho(tokens, estimator="exact") > 0.999
+    for x, p, _ in tokens:
+        s = token_sensitivity(x, p, estimator="exact").double()
+        assert ops.spearman(s, dp.frobenius_reference(x, p)) > 0.999

@@ -1,7 +1,7 @@
 """Do the projector's most sensitive tokens sit on the shapes? ``python -m zoocli.demo.heat``.
 
-For the first N images of the shipped eval set: the ZOO sensitivity of every visual token (what
-``zoo score`` shows, ``token_sensitivity`` with its defaults), the top ``--top`` share of tokens,
+For the first N images of the shipped eval set: the ZOO sensitivity of every visual token
+(``token_sensitivity``, fd, m=64, h=0.01, seed 0: ``zoo score``'s default in this build), the top ``--top`` share of tokens,
 and the fraction of those whose 28 x 28 patch holds at least one shape (non-background) pixel,
 next to that fraction over all 144 tokens (what a random choice would give).
 """
@@ -56,7 +56,7 @@ def main(argv=None) -> int:
         image = load_image(path)
         enc = adapter.encode(adapter.prepare(image, question))
         on = shape_patches(image)
-        scores = token_sensitivity(enc.vision, adapter.projector)
+        scores = token_sensitivity(enc.vision, adapter.projector, estimator="fd")
         top_frac.append(top_on_shapes(scores, on, args.top))
         base.append(float(on.mean()))
     print(f"{len(top_frac)} images: top {args.top:.0%} most sensitive tokens on shape patches: "
