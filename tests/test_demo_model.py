@@ -81,7 +81,7 @@ def _eval(adapter, samples, methods=(), budgets=()):
 def test_shipped_weights_answer_the_eval_slice(demo):
     """The first 100 questions of the shipped eval set, unpruned, through ``zoo eval``'s runner:
     the accuracy recorded next to the weights (TRAINING.json, measured with ``zoo eval``), above the
-    answer prior (~0.42 on this slice: the most frequent answer of each type), and question by
+    majority-answer baseline (0.46 on this slice: blue / yes / 0 / left), and question by
     question the same right / wrong as the training loop's teacher-forced argmax."""
     from zoocli.evaluation.samples import load_samples
 
