@@ -67,6 +67,11 @@ OFFLINE_BUILD_SECONDS: dict[str, int] = {
     "small-llava-next": 15,
 }
 SLOW_STEP_S = 10  # a loading step expected to take longer is reported even off a terminal
+# shipped trained checkpoint -> (family, its directory under zoocli/data): loaded like a real
+# checkpoint, no download, meaningful answers (demo-llava: trained on the synthetic world of zoocli.demo)
+SHIPPED_MODELS: dict[str, tuple[str, str]] = {
+    "demo-llava": ("llava", "demo-llava"),
+}
 OFFLINE_BUILD_VERSION = "1"  # bump when a builder changes: cached copies are rebuilt
 
 # config.model_type -> "module:AdapterClass"
@@ -250,6 +255,8 @@ def load_adapter(
     _quiet_transformers()
     if random_weights:
         return _load_random(model, dev, dt, status)
+    if model in SHIPPED_MODELS:
+        return _load_shipped(model, dev, dt)
     if model in OFFLINE_MODELS:
         return _load_offline(model, cache_dir, dev, dt, status)
     return _load_checkpoint(model, dev, dt, status)
@@ -308,6 +315,25 @@ def _load_checkpoint(model: str, dev: torch.device, dt: torch.dtype, status: Sta
         from zoocli.adapters.checkpoint import load_error
 
         raise load_error(source, e) from None
+
+
+def shipped_model_dir(name: str) -> Path:
+    """The checkpoint directory of a shipped model (``zoocli/data/<dir>``)."""
+    if name not in SHIPPED_MODELS:
+        raise UnknownNameError("shipped model", name, SHIPPED_MODELS)
+    return Path(str(resources.files("zoocli").joinpath("data", SHIPPED_MODELS[name][1])))
+
+
+def _load_shipped(model: str, device: torch.device, dtype: torch.dtype):
+    path = shipped_model_dir(model)
+    if not (path / "config.json").is_file():
+        raise ZooError(f"the shipped model '{model}' is missing from {path} (a broken install?)")
+    try:
+        adapter = adapter_class(SHIPPED_MODELS[model][0]).load(path, device, dtype, meaningless=False)
+    except OSError as e:
+        raise ZooError(f"shipped model '{model}' at {path} cannot be loaded: {_one_line(e)}") from None
+    adapter.model_id = model
+    return adapter
 
 
 def parameter_count(config_dict: dict[str, Any]) -> int:
@@ -411,7 +437,7 @@ def _one_line(e: BaseException) -> str:
 
 
 __all__ = [
-    "ADAPTERS", "DEFAULT_MODEL", "MODEL_ALIASES", "OFFLINE_MODELS", "RANDOM_CONFIGS", "adapter_class",
+    "ADAPTERS", "DEFAULT_MODEL", "MODEL_ALIASES", "OFFLINE_MODELS", "RANDOM_CONFIGS", "SHIPPED_MODELS", "adapter_class",
     "default_cache_dir", "ensure_offline_model", "load_adapter", "load_random_config", "resolve_device",
-    "resolve_dtype", "suggest_offline",
+    "resolve_dtype", "shipped_model_dir", "suggest_offline",
 ]

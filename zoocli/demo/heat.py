@@ -1,0 +1,68 @@
+"""Do the projector's most sensitive tokens sit on the shapes? ``python -m zoocli.demo.heat``.
+
+For the first N images of the shipped eval set: the ZOO sensitivity of every visual token
+(``token_sensitivity``, fd, m=64, h=0.01, seed 0: ``zoo score``'s default in this build), the top ``--top`` share of tokens,
+and the fraction of those whose 28 x 28 patch holds at least one shape (non-background) pixel,
+next to that fraction over all 144 tokens (what a random choice would give).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+import torch
+
+from zoocli import ops
+from zoocli.demo import model as dm
+from zoocli.demo import world
+
+
+def shape_patches(image) -> np.ndarray:
+    """[144] bool: the patch holds a pixel that is not the background colour."""
+    px = np.asarray(image.convert("RGB"))
+    g, p = dm.GRID, dm.PATCH
+    fg = (px != np.asarray(world.BACKGROUND)).any(-1)
+    return fg.reshape(g, p, g, p).any(axis=(1, 3)).reshape(-1)
+
+
+def top_on_shapes(scores: torch.Tensor, on_shape: np.ndarray, share: float) -> float:
+    k = max(1, round(share * scores.numel()))
+    top = ops.stable_topk(scores, k)
+    return float(on_shape[np.asarray(top.tolist())].mean())
+
+
+def main(argv=None) -> int:
+    from zoocli.adapters import load_adapter
+    from zoocli.demo.evalset import shipped_eval_dir
+    from zoocli.evaluation.samples import load_samples
+    from zoocli.images import load_image
+    from zoocli.sensitivity import token_sensitivity
+
+    p = argparse.ArgumentParser(prog="python -m zoocli.demo.heat", description=__doc__.splitlines()[0])
+    p.add_argument("--images", type=int, default=30)
+    p.add_argument("--top", type=float, default=0.25, help="share of tokens counted as 'top'")
+    p.add_argument("--model", default="demo-llava")
+    args = p.parse_args(argv)
+    adapter = load_adapter(args.model, device="cpu", dtype="fp32")
+    root = shipped_eval_dir()
+    samples = load_samples(root / "questions.jsonl", image_root=root)
+    first = {}
+    for s in samples:
+        first.setdefault(s.image, s.question)
+    top_frac, base = [], []
+    for path, question in list(first.items())[: args.images]:
+        image = load_image(path)
+        enc = adapter.encode(adapter.prepare(image, question))
+        on = shape_patches(image)
+        scores = token_sensitivity(enc.vision, adapter.projector, estimator="fd")
+        top_frac.append(top_on_shapes(scores, on, args.top))
+        base.append(float(on.mean()))
+    print(f"{len(top_frac)} images: top {args.top:.0%} most sensitive tokens on shape patches: "
+          f"mean {np.mean(top_frac):.3f} (min {np.min(top_frac):.3f}); all tokens: mean {np.mean(base):.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""The demo model: a small LLaVA-1.5-architecture checkpoint (transformers' ``LlavaForConditionalGeneration``:
+CLIP vision tower -> Linear-GELU-Linear projector -> Llama) for the synthetic world of ``world.py``.
+
+Geometry: 336 px images, patch 28 -> 12 x 12 = 144 visual tokens. The features are the vision
+tower's last layer (``vision_feature_layer=-1``, CLS dropped): LLaVA-1.5 takes the second-to-last
+layer of a pretrained CLIP; a tower trained from scratch for this has no reason to waste a layer.
+The tokenizer and processor are the offline ones of ``zoocli.adapters.llava`` (called, not copied),
+so the checkpoint loads through ``LlavaAdapter.load`` like any llava-hf checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+IMAGE_SIZE, PATCH = 336, 28
+GRID = IMAGE_SIZE // PATCH  # 12
+SIZES = dict(vision_hidden=128, vision_layers=3, vision_heads=4, vision_mlp=512,
+             text_hidden=192, text_layers=3, text_heads=4, text_mlp=512)
+
+
+def shipped_dir() -> Path:
+    """Where the trained checkpoint ships inside the package."""
+    return Path(__file__).resolve().parent.parent / "data" / "demo-llava"
+
+
+def demo_config(tokenizer):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    s = SIZES
+    vision = CLIPVisionConfig(hidden_size=s["vision_hidden"], intermediate_size=s["vision_mlp"],
+                              num_hidden_layers=s["vision_layers"], num_attention_heads=s["vision_heads"],
+                              image_size=IMAGE_SIZE, patch_size=PATCH, projection_dim=s["vision_hidden"])
+    text = LlamaConfig(hidden_size=s["text_hidden"], intermediate_size=s["text_mlp"],
+                       num_hidden_layers=s["text_layers"], num_attention_heads=s["text_heads"],
+                       num_key_value_heads=s["text_heads"], vocab_size=_round_up(len(tokenizer), 64),
+                       max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return LlavaConfig(vision_config=vision, text_config=text,
+                       image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+                       vision_feature_layer=-1, vision_feature_select_strategy="default",
+                       image_seq_length=GRID * GRID)
+
+
+def new_model(seed: int):
+    """(model, processor): randomly initialised with ``seed``, float32."""
+    from zoocli.adapters.llava import LlavaAdapter, build_tokenizer
+
+    tok = build_tokenizer()
+    config = demo_config(tok)
+    torch.manual_seed(seed)
+    model = LlavaAdapter.model_class()(config)
+    gc = model.generation_config
+    gc.bos_token_id, gc.eos_token_id, gc.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+    return model, LlavaAdapter.make_processor(config, tok)
+
+
+def save(model, processor, out_dir: Path) -> None:
+    model.save_pretrained(out_dir, safe_serialization=True)
+    processor.save_pretrained(out_dir)
+
+
+def pixel_values(images) -> Tensor:
+    """The processor's pixel values for 336 x 336 RGB images, computed directly: the processor's
+    resize and centre crop are identities at this size, so this is rescale + CLIP normalise
+    (``tests/test_demo.py`` checks it against the processor)."""
+    from zoocli.adapters.llava import CLIP_MEAN, CLIP_STD
+
+    arr = np.stack([np.asarray(im, dtype=np.float32) for im in images]) / 255.0  # [B, H, W, 3]
+    arr = (arr - np.asarray(CLIP_MEAN, dtype=np.float32)) / np.asarray(CLIP_STD, dtype=np.float32)
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+
+def visual_features(model, pv: Tensor) -> Tensor:
+    """[B, 144, D]: the projected visual tokens, the same calls as the adapter's ``encode``."""
+    cfg = model.config
+    hs = model.model.vision_tower(pv, output_hidden_states=True).hidden_states
+    x = hs[cfg.vision_feature_layer][:, 1:]
+    return model.model.multi_modal_projector(x)
+
+
+def _round_up(n: int, k: int) -> int:
+    return (n + k - 1) // k * k
