@@ -112,7 +112,7 @@ def test_pruned_answers_on_the_sample_scenes(demo):
     """The README's main job: ZOO-Prune at 25% of the visual tokens (36 of 144) on the sample
     shapes scenes (``demo_world.jsonl``, answers from the generator). The README question is
     answered right; every answer is one of the world's answer words (one-token answers do not
-    break under pruning as the earlier multi-token ones did: "blue" -> "blloue"). Measured: 3 of
+    break under pruning as the earlier multi-token ones did: "blue" -> "blloue"). Measured: 7 of
     the 12 right at 25% (6 of 12 unpruned): the model is weak, see BENCHMARKS.md."""
     from pathlib import Path
 
