@@ -3,8 +3,9 @@
 Deterministic: the data come from ``--seed`` (training scenes) and ``--heldout-seed`` (held-out
 scenes), the weights are initialised from ``--seed``, the thread count is fixed and
 ``torch.use_deterministic_algorithms`` is on. Each step draws ``--batch`` fresh scenes, encodes each
-image once and asks every question the scene has (loss only on the answer tokens and the closing
-``</s>``). Auxiliary heads (``AuxHeads``: training only, not in the checkpoint) read the projected
+image once, runs its image prefix through the LLM once and asks every question the scene has from
+that key/value cache (loss only on the answer token and the closing ``</s>``; every answer is one
+token, ``model.add_world_words``). ``--per-type`` caps the dense questions per type and scene. Auxiliary heads (``AuxHeads``: training only, not in the checkpoint) read the projected
 visual tokens: per token, the colour/kind mix of its 28 x 28 patch; from their mean, a scene
 summary (which colour/kind pairs are present, shapes per kind, the colour of a kind's only shape,
 each pair's side of the midline). This is deep supervision of the vision side: without it, in a
@@ -62,7 +63,7 @@ class Prompts:
         return self.answer_cache[answer]
 
 
-def dense_questions(shapes, rng) -> list:
+def dense_questions(shapes, rng, per_type: int = 0) -> list:
     """Training only (``--dense``): every question a scene can answer, rather than one per type:
     the colour of each kind with one shape, each kind's count, each pair's side (where the spec
     asks it), and ``exists`` for every present pair plus as many absent ones (balanced)."""
@@ -82,16 +83,22 @@ def dense_questions(shapes, rng) -> list:
         if pairs.count((s.color, s.kind)) == 1 and abs(s.cx - world.MIDLINE) >= world.LR_MARGIN:
             out.append(q("leftright", f"Is the {s.color} {s.kind} on the left or the right?",
                          "left" if s.cx < world.MIDLINE else "right"))
+    if per_type:  # at most ``per_type`` of each type (cheaper steps, same answer balance per type)
+        out = [q for t in world.QTYPES for q in _at_most([q for q in out if q.qtype == t], per_type, rng)]
     return out
 
 
-def dense_scenes(seed: int):
+def _at_most(items: list, k: int, rng) -> list:
+    return items if len(items) <= k else rng.sample(items, k)
+
+
+def dense_scenes(seed: int, per_type: int = 0):
     """``world.scenes(seed)``'s scenes with ``dense_questions``."""
     import random
 
     rng = random.Random(seed + 1_000_003)
     for shapes, _ in world.scenes(seed):
-        yield shapes, dense_questions(shapes, rng)
+        yield shapes, dense_questions(shapes, rng, per_type)
 
 
 def patch_targets(scenes) -> Tensor:
@@ -257,9 +264,14 @@ def parse_args(argv=None):
     p.add_argument("--aux", type=float, default=0.5, help="weight of the auxiliary losses (per patch + scene summary)")
     p.add_argument("--dense", action="store_true",
                    help="train on every question a scene can answer (dense_questions), not one per type")
+    p.add_argument("--per-type", type=int, default=0,
+                   help="with --dense: at most this many questions of each type per scene (0: all)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1: on a busy 2-core machine, 2 threads spin and run ~8x slower)")
     p.add_argument("--every", type=int, default=100, help="print a held-out check every N steps (on 64 scenes)")
+    p.add_argument("--init", type=Path, default=None,
+                   help="continue from this checkpoint (a --out of an earlier run) instead of fresh weights; "
+                        "the optimizer and the auxiliary heads start afresh")
     p.add_argument("--out", type=Path, default=dm.shipped_dir())
     p.add_argument("--snapshot", type=Path, default=None,
                    help="also save the model here at every held-out check (a fallback while training)")
@@ -269,14 +281,14 @@ def parse_args(argv=None):
 def train(args) -> dict:
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)
-    model, processor = dm.new_model(args.seed)
+    model, processor = dm.new_model(args.seed) if args.init is None else dm.load(args.init)
     model.train()
     torch.manual_seed(args.seed)
     aux_head = AuxHeads(model.config.text_config.hidden_size)
     prompts, pad = Prompts(processor), processor.tokenizer.pad_token_id
     params = list(model.parameters()) + list(aux_head.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
-    data = dense_scenes(args.seed) if args.dense else world.scenes(args.seed)
+    data = dense_scenes(args.seed, args.per_type) if args.dense else world.scenes(args.seed)
     heldout = take(world.scenes(args.heldout_seed), args.heldout)
     t0, warmup = time.perf_counter(), max(1, args.steps // 20)
     for step in range(args.steps):
