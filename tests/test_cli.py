@@ -399,3 +399,10 @@ def test_ctrl_c_during_bench_exits_130_and_keeps_the_finished_rows(tmp_path, zoo
     assert out.read_text() == before and not lock.exists()
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert rows and rows[0]["method"] == "none"
+
+
+@pytest.mark.parametrize("args,flag", [(["ask", CUP, "q", "--keep", "0"], "--keep 0"),
+                                       (["bench", "--budgets", "64,0"], "--budgets 0")])
+def test_a_zero_budget_names_its_flag(args, flag):
+    """Regression (issue 12): --keep 0 and --budgets 0 both said "keep must be at least 1"."""
+    one_line_error(run(*args, code=2), flag, "keep must be at least 1")
