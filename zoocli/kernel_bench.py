@@ -22,7 +22,8 @@ import torch
 from torch import Tensor, nn
 
 from zoocli.ops import spearman
-from zoocli.sensitivity import _structure, lowrank_factor, token_sensitivity
+from zoocli.projector import _structure, lowrank_factor
+from zoocli.sensitivity import token_sensitivity
 from zoocli.sensitivity_exact import _EXACT_M, exact_matrices
 from zoocli.timing import Timer, device_sync, summarize
 

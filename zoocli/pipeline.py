@@ -21,7 +21,7 @@ from torch import Tensor
 
 from zoocli.adapters.base import Adapter, Encoded, Prepared
 from zoocli.errors import UsageError
-from zoocli.methods import LLMView, Method, PruneInputs, check_keep, get_method, select_scopes
+from zoocli.methods import LLMView, Method, PruneInputs, get_method, select_scopes
 from zoocli.timing import Timer, add_ttft_e2e, device_sync
 
 BUDGET_SCOPES = ("crop", "global")
@@ -41,10 +41,10 @@ def parse_keep(spec: str | int, n: int, option: str = "--keep") -> tuple[int, st
         if len(text.lstrip("-")) > 18:  # no model has 10**18 tokens; int() refuses 4300+ digits
             raise UsageError(f"{option} {text[:24]}… ({len(text)} digits): give a token count of at "
                              f"most {10**18 - 1} or a percentage (11%)")
-        if int(text) < 1:
+        keep = int(text)
+        if keep < 1:
             raise UsageError(f"{option} {text}: keep must be at least 1 visual token (a count such "
                              f"as 64, or a percentage such as 11%)")
-        keep = check_keep(int(text))
     else:
         raise UsageError(f"{option} {text!r}: give a token count (64) or a percentage (11%)")
     if keep > n:

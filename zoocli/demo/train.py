@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from zoocli.adapters.decoder import cache_keyword, language_model
 from zoocli.demo import model as dm
 from zoocli.demo import world
 
@@ -198,14 +199,15 @@ def forward(model, batch: dict, aux_head: AuxHeads | None = None):
     pre_e = embed(pre)
     ph = (pre == model.config.image_token_id)[..., None].expand_as(pre_e)
     pre_e = pre_e.masked_scatter(ph, feats.to(pre_e.dtype))
-    lm = model.model.language_model
+    lm = language_model(model)
+    kw = cache_keyword(type(lm))  # `cache` on newer transformers, `past_key_values` on 5.17
     cache = lm(inputs_embeds=pre_e, use_cache=True).past_key_values
     cache.batch_select_indices(batch["img"])
     n_pre, (r, n) = pre.shape[1], batch["ids"].shape
     mask = torch.cat([torch.ones(r, n_pre, dtype=torch.long), batch["mask"]], dim=1)
     pos = torch.arange(n_pre, n_pre + n)[None].expand(r, -1)
     hidden = lm(inputs_embeds=embed(batch["ids"]), attention_mask=mask, position_ids=pos,
-                past_key_values=cache, use_cache=True).last_hidden_state
+                use_cache=True, **{kw: cache}).last_hidden_state
     sel = batch["labels"] != -100
     logits = model.lm_head(hidden[sel])
     rows = sel.nonzero()[:, 0]
