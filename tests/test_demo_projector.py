@@ -56,3 +56,17 @@ def test_exact_ranks_like_the_reference(tokens):
     for x, p, _ in tokens:
         s = token_sensitivity(x, p, estimator="exact").double()
         assert ops.spearman(s, dp.frobenius_reference(x, p)) > 0.999
+
+
+def test_the_report_commands_run_on_the_shipped_model(capsys):
+    """``python -m zoocli.demo.projector`` and ``python -m zoocli.demo.heat`` (the BENCHMARKS.md
+    numbers) run with the current estimator defaults: the projector report once passed ``rank``
+    without naming a sampled estimator after ``exact`` became the default, and failed."""
+    from zoocli.demo import heat
+
+    assert dp.main(["--images", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "fd rank=4" in out and "jvp rank=128" in out and "exact" in out and "projector.linear_2" in out
+    assert heat.main(["--images", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [ln.split(",")[1].split(":")[0].strip() for ln in lines] == ["exact", "fd"]

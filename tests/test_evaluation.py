@@ -480,6 +480,16 @@ def test_summary_retention_and_mean():
     assert rows.index(table[("zoo", 64, MEAN)]) < rows.index(table[("zoo", 128, "A")])
 
 
+def test_summary_orders_percent_budgets_by_value():
+    """Budgets given as a share of the visual tokens sort by value (5% < 11% < 25% < 50%), after
+    token counts; they once sorted as strings (11%, 25%, 5%, 50%)."""
+    recs = [rec("A", 0, "none", None, 1)]
+    for b in ["50%", "5%", "25%", "11%", "2.5%", 64, "128"]:
+        recs.append(rec("A", 0, "zoo", b, 1))
+    order = [r["budget"] for r in summarize(recs) if r["method"] == "zoo" and r["dataset"] == "A"]
+    assert order == [64, "128", "2.5%", "5%", "11%", "25%", "50%"]
+
+
 def test_summary_zero_baseline_is_none_not_nan():
     recs = [rec("A", 0, "none", None, 0.0), rec("A", 0, "zoo", 64, 1.0),
             rec("B", 0, "none", None, 1.0), rec("B", 0, "zoo", 64, 1.0),

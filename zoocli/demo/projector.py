@@ -53,7 +53,7 @@ def estimates(x: Tensor, projector: nn.Module, ranks=RANKS) -> dict[str, Tensor]
     out = {"fd": token_sensitivity(x, projector, estimator="fd"),
            "jvp": token_sensitivity(x, projector, estimator="jvp")}
     for k in ranks:
-        out[f"fd rank={k}"] = token_sensitivity(x, projector, rank=k)
+        out[f"fd rank={k}"] = token_sensitivity(x, projector, estimator="fd", rank=k)
         out[f"jvp rank={k}"] = token_sensitivity(x, projector, estimator="jvp", rank=k)
     return out
 

@@ -188,7 +188,8 @@ def _glob_escape(s: str) -> str:
 
 
 def _sort_key(value):
-    """None < numbers < strings; digit strings sort as numbers ("2" < "10")."""
+    """None < numbers < percentages < other strings; digit strings sort as numbers ("2" < "10"),
+    percentages by their value ("5%" < "11%" < "50%")."""
     if value is None:
         return (0, 0, "")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -196,7 +197,9 @@ def _sort_key(value):
     s = str(value)
     if s.isascii() and s.isdigit() and len(s) <= 4000:  # int() refuses longer digit strings
         return (1, int(s), "")
-    return (2, 0, s)
+    if s.endswith("%") and s[:-1].replace(".", "", 1).isdigit() and s[:-1].isascii() and len(s) <= 64:
+        return (2, float(s[:-1]), "")
+    return (3, 0, s)
 
 
 def _record_order(rec: dict):
