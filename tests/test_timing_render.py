@@ -33,7 +33,8 @@ def test_summarize_is_median_min_max():
 
 
 def test_bench_leaves_warmup_out(monkeypatch):
-    """Warm-up runs are executed but never reach the figures."""
+    """Warm-up rounds are executed but never reach the figures (``bench_rows``, the runner
+    ``zoo bench`` uses)."""
     import zoocli.bench as bench
     from zoocli.pipeline import RunResult
 
@@ -51,10 +52,12 @@ def test_bench_leaves_warmup_out(monkeypatch):
 
     monkeypatch.setattr(bench, "encode_image", lambda *a: Enc())
     monkeypatch.setattr(bench, "run_method", fake_run)
+    monkeypatch.setattr(bench, "_llm_params", lambda adapter: (_Cfg(), 10))
+    monkeypatch.setattr(bench, "_projector_dims", lambda adapter: _DIMS)
     spec = bench.BenchSpec(model="m", methods=["none"], budgets=[], images=["x"], repeats=3, warmup=2)
-    row = bench._measure(_FakeAdapter(), [object()], spec, "none", "all", _Cfg(), 10, _DIMS, None)
-    assert len(calls) == 5
-    assert row["e2e"] == {"median": 4.0, "min": 3.0, "max": 5.0}
+    rows = list(bench.bench_rows(_FakeAdapter(), [object()], spec))
+    assert len(calls) == 5 and len(rows) == 1
+    assert rows[0]["e2e"] == {"median": 4.0, "min": 3.0, "max": 5.0}
 
 
 class _Cfg:
@@ -68,6 +71,7 @@ class _FakeAdapter:
     import torch as _t
 
     device = _t.device("cpu")
+    family = "llava"
 
 
 def _render(renderable) -> str:

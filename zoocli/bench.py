@@ -273,23 +273,6 @@ def _run_once(adapter, img, spec: BenchSpec, method: str, budget: str, cfg) -> d
     return _observe(adapter, enc, res, cfg)
 
 
-def _measure(adapter, images, spec, method, budget, cfg, n_llm, dims, progress):
-    """One row measured on its own (not interleaved): ``spec.warmup`` untimed then
-    ``spec.repeats`` timed runs on every image; medians (min, max) per stage, tokens, peak
-    memory, FLOPs."""
-    runs = []
-    for rep in range(spec.warmup + spec.repeats):
-        for img in images:
-            obs = _run_once(adapter, img, spec, method, budget, cfg)
-            if progress:
-                progress(f"{method}@{budget}")
-            if rep >= spec.warmup:  # warm-up runs never reach the figures
-                runs.append(obs)
-    row = _row(method, budget, runs, adapter)
-    _add_flops(row, runs, cfg, n_llm, dims, parse_method_spec(method)[0], spec.method_options(method))
-    return row
-
-
 def _observe(adapter, enc, res, cfg) -> dict[str, Any]:
     """What one timed run contributes to its row."""
     full_len = int(enc.prepared.inputs["input_ids"].shape[1])

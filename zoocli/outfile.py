@@ -30,7 +30,7 @@ from pathlib import Path
 
 from zoocli.errors import ZooError
 
-# ``zoo bench --out`` rows: their key fields, and how ``json.dumps(row)`` starts (``bench._measure``)
+# ``zoo bench --out`` rows: their key fields, and how ``json.dumps(row)`` starts (``bench._row`` puts "method" first)
 BENCH_KEYS = ("key", "method", "budget")
 BENCH_HEADS = (b'{"method": ',)
 DISK_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
