@@ -318,7 +318,7 @@ def parse_args(argv=None):
                    help="with --dense: at most this many questions of each type per scene (0: all)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1: on a busy 2-core machine, 2 threads spin and run ~8x slower)")
-    p.add_argument("--every", type=int, default=250, help="print a held-out check every N steps (on 64 scenes)")
+    p.add_argument("--every", type=int, default=250, help="print a held-out check every N steps (on 64 scenes; not during --vision-steps, when the LLM is untrained)")
     p.add_argument("--init", type=Path, default=None,
                    help="continue from this checkpoint (a --out of an earlier run) instead of fresh weights; "
                         "the optimizer and the auxiliary heads start afresh")
@@ -380,7 +380,7 @@ def train(args) -> dict:
             el = time.perf_counter() - t0
             print(f"step {step + 1}/{args.steps} loss {loss.item():.4f} aux {aux.item():.4f} "
                   f"lr {opt.param_groups[0]['lr']:.2e} {el:.0f}s ({el / (step + 1):.2f} s/step)", flush=True)
-        if args.every and (step + 1) % args.every == 0 and step + 1 < args.steps:
+        if args.every and (step + 1) % args.every == 0 and args.vision_steps < step + 1 < args.steps:
             acc = evaluate(model, heldout[:64], prompts, pad)
             print("  held-out (64 scenes): " + _fmt(acc), flush=True)
             if args.snapshot is not None:
