@@ -154,3 +154,16 @@ def test_rng_is_private():
     random.seed(0)
     _scenes(1, 3)
     assert random.random() == before  # the generator never touches the global RNG
+
+
+def test_demo_commands_describe_themselves_plainly():
+    """``python -m zoocli.demo.X --help`` opens with the module's first line, without the
+    ``python -m`` literal or the colon the docstring introduces itself with."""
+    import importlib
+
+    from zoocli.demo import cli_description
+
+    for name in ("train", "projector", "heat", "evalset", "table"):
+        text = cli_description(importlib.import_module(f"zoocli.demo.{name}").__doc__)
+        assert text and "``" not in text and not text.endswith(":") and not text.endswith(" ")
+    assert cli_description("Do X? ``python -m y``.\nmore") == "Do X?"

@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from zoocli.demo import world
+from zoocli.demo import cli_description, world
 
 SHIPPED_SEED = 14
 
@@ -46,7 +46,7 @@ def write_eval_set(out_dir: Path, seed: int = SHIPPED_SEED, questions: int = 400
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m zoocli.demo.evalset", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m zoocli.demo.evalset", description=cli_description(__doc__))
     p.add_argument("out", type=Path, nargs="?", default=shipped_eval_dir())
     p.add_argument("--seed", type=int, default=SHIPPED_SEED)
     p.add_argument("--questions", type=int, default=400)

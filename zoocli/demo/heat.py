@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from zoocli import ops
+from zoocli.demo import cli_description
 from zoocli.demo import model as dm
 from zoocli.demo import world
 
@@ -41,7 +42,7 @@ def main(argv=None) -> int:
     from zoocli.images import load_image
     from zoocli.sensitivity import token_sensitivity
 
-    p = argparse.ArgumentParser(prog="python -m zoocli.demo.heat", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m zoocli.demo.heat", description=cli_description(__doc__))
     p.add_argument("--images", type=int, default=30)
     p.add_argument("--top", type=float, default=0.25, help="share of tokens counted as 'top'")
     p.add_argument("--model", default="demo-llava")

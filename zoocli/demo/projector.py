@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from zoocli import ops
+from zoocli.demo import cli_description
 from zoocli.sensitivity import ESTIMATORS, directions, token_sensitivity
 
 RANKS = (4, 8, 16, 32, 64, 128)
@@ -70,7 +71,7 @@ def main(argv=None) -> int:
     from zoocli.evaluation.samples import load_samples
     from zoocli.images import load_image
 
-    p = argparse.ArgumentParser(prog="python -m zoocli.demo.projector", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m zoocli.demo.projector", description=cli_description(__doc__))
     p.add_argument("--images", type=int, default=5, help="first N eval images")
     p.add_argument("--model", default="demo-llava", help="a LLaVA checkpoint (default: the shipped demo)")
     args = p.parse_args(argv)

@@ -15,6 +15,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from zoocli.demo import cli_description
 from zoocli.demo.evalset import qtype_of
 from zoocli.demo.world import QTYPES
 
@@ -52,7 +53,7 @@ def markdown(table: dict[tuple[str, str], dict[str, float]], n: int) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m zoocli.demo.table", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m zoocli.demo.table", description=cli_description(__doc__))
     p.add_argument("predictions", type=Path)
     args = p.parse_args(argv)
     try:

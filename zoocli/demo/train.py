@@ -42,8 +42,8 @@ import torch
 from torch import Tensor, nn
 
 from zoocli.adapters.decoder import cache_keyword, language_model
+from zoocli.demo import cli_description, world
 from zoocli.demo import model as dm
-from zoocli.demo import world
 
 N_CLASSES = 1 + len(world.shape_classes())
 
@@ -296,7 +296,7 @@ def take(gen, n: int) -> list:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m zoocli.demo.train", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m zoocli.demo.train", description=cli_description(__doc__))
     p.add_argument("--seed", type=int, default=0, help="training scenes and weight initialisation")
     p.add_argument("--heldout-seed", type=int, default=1, help="held-out scenes (the shipped eval set uses another)")
     p.add_argument("--heldout", type=int, default=300, help="held-out scenes (~3.7 questions each)")
