@@ -167,3 +167,33 @@ def test_demo_commands_describe_themselves_plainly():
         text = cli_description(importlib.import_module(f"zoocli.demo.{name}").__doc__)
         assert text and "``" not in text and not text.endswith(":") and not text.endswith(" ")
     assert cli_description("Do X? ``python -m y``.\nmore") == "Do X?"
+
+
+@pytest.mark.parametrize("module, argv, needle", [
+    ("heat", ["--images", "0"], "--images: must be at least 1"),
+    ("heat", ["--top", "2"], "--top: must be above 0 and at most 1"),
+    ("projector", ["--images", "-1"], "--images: must be at least 1"),
+    ("evalset", ["{tmp}/file", "--questions", "5"], "exists and is not an empty folder"),
+    ("evalset", ["{tmp}/new", "--questions", "0"], "--questions: must be at least 1"),
+    ("train", ["--init", "{tmp}/nowhere", "--out", "{tmp}/t"], "--init"),
+    ("train", ["--out", "{tmp}/file"], "exists and is not an empty folder"),
+    ("heat", ["--model", "{tmp}/nowhere"], "error: model"),
+])
+def test_demo_scripts_refuse_bad_input_in_one_line(tmp_path, capsys, module, argv, needle):
+    """The demo scripts' bad input: one ``error`` line on stderr, a non-zero exit, no traceback,
+    nothing written."""
+    import importlib
+
+    from zoocli.demo import run_cli
+
+    (tmp_path / "file").write_text("mine\n")
+    mod = importlib.import_module(f"zoocli.demo.{module}")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    try:
+        code = run_cli(lambda: mod.main(argv))
+    except SystemExit as e:  # argparse's own one-line usage errors
+        code = e.code
+    err = capsys.readouterr().err
+    assert code != 0 and needle in err and "Traceback" not in err
+    assert len([ln for ln in err.splitlines() if "error" in ln]) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"] and (tmp_path / "file").read_text() == "mine\n"

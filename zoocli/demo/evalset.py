@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from zoocli.demo import cli_description, world
+from zoocli.demo import check_new_folder, cli_description, positive_int, run_cli, world
 
 SHIPPED_SEED = 14
 
@@ -47,14 +47,15 @@ def write_eval_set(out_dir: Path, seed: int = SHIPPED_SEED, questions: int = 400
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m zoocli.demo.evalset", description=cli_description(__doc__))
-    p.add_argument("out", type=Path, nargs="?", default=shipped_eval_dir())
+    p.add_argument("out", type=Path, help="a new or empty folder (the shipped set is zoocli/data/demo-eval)")
     p.add_argument("--seed", type=int, default=SHIPPED_SEED)
-    p.add_argument("--questions", type=int, default=400)
+    p.add_argument("--questions", type=positive_int, default=400)
     args = p.parse_args(argv)
+    check_new_folder(p, args.out, "OUT_DIR")
     path = write_eval_set(args.out, args.seed, args.questions)
     print(f"wrote {path}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

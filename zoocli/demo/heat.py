@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from zoocli import ops
-from zoocli.demo import cli_description
+from zoocli.demo import cli_description, positive_int, run_cli
 from zoocli.demo import model as dm
 from zoocli.demo import world
 
@@ -27,6 +27,14 @@ def shape_patches(image) -> np.ndarray:
     g, p = dm.GRID, dm.PATCH
     fg = (px != np.asarray(world.BACKGROUND)).any(-1)
     return fg.reshape(g, p, g, p).any(axis=(1, 3)).reshape(-1)
+
+
+def top_share(text: str) -> float:
+    """An argparse type: a share of the tokens, 0 < share <= 1."""
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be above 0 and at most 1, not {text}")
+    return value
 
 
 def top_on_shapes(scores: torch.Tensor, on_shape: np.ndarray, share: float) -> float:
@@ -43,8 +51,8 @@ def main(argv=None) -> int:
     from zoocli.sensitivity import token_sensitivity
 
     p = argparse.ArgumentParser(prog="python -m zoocli.demo.heat", description=cli_description(__doc__))
-    p.add_argument("--images", type=int, default=30)
-    p.add_argument("--top", type=float, default=0.25, help="share of tokens counted as 'top'")
+    p.add_argument("--images", type=positive_int, default=30)
+    p.add_argument("--top", type=top_share, default=0.25, help="share of tokens counted as 'top' (0 < share <= 1)")
     p.add_argument("--model", default="demo-llava")
     args = p.parse_args(argv)
     adapter = load_adapter(args.model, device="cpu", dtype="fp32")
@@ -69,4 +77,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

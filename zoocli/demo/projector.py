@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from zoocli import ops
-from zoocli.demo import cli_description
+from zoocli.demo import cli_description, positive_int, run_cli
 from zoocli.sensitivity import ESTIMATORS, directions, token_sensitivity
 
 RANKS = (4, 8, 16, 32, 64, 128)
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     from zoocli.images import load_image
 
     p = argparse.ArgumentParser(prog="python -m zoocli.demo.projector", description=cli_description(__doc__))
-    p.add_argument("--images", type=int, default=5, help="first N eval images")
+    p.add_argument("--images", type=positive_int, default=5, help="first N eval images")
     p.add_argument("--model", default="demo-llava", help="a LLaVA checkpoint (default: the shipped demo)")
     args = p.parse_args(argv)
     adapter = load_adapter(args.model, device="cpu", dtype="fp32")
@@ -103,4 +103,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -15,7 +15,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from zoocli.demo import cli_description
+from zoocli.demo import cli_description, run_cli
 from zoocli.demo.evalset import qtype_of
 from zoocli.demo.world import QTYPES
 
@@ -66,4 +66,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

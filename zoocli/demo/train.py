@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from zoocli.adapters.decoder import cache_keyword, language_model
-from zoocli.demo import cli_description, world
+from zoocli.demo import check_new_folder, cli_description, run_cli, world
 from zoocli.demo import model as dm
 
 N_CLASSES = 1 + len(world.shape_classes())
@@ -335,10 +335,10 @@ def parse_args(argv=None):
         p.error("--vision-steps must be at least 0 and below --steps")
     if args.per_type < 0 or args.every < 0 or not args.lr > 0 or not args.patch_lr > 0 or args.aux < 0:
         p.error("--per-type, --every and --aux must be >= 0, --lr and --patch-lr > 0")
-    for name in ("out", "snapshot"):
-        path = getattr(args, name)
-        if path is not None and (path.exists() and (not path.is_dir() or any(path.iterdir()))):
-            p.error(f"--{name} {path} exists and is not an empty folder; give a new one (nothing is overwritten)")
+    if args.init is not None and not (args.init / "config.json").is_file():
+        p.error(f"--init {args.init} is not a checkpoint folder (no config.json); give an earlier --out")
+    check_new_folder(p, args.out, "--out")
+    check_new_folder(p, args.snapshot, "--snapshot")
     return args
 
 
@@ -420,4 +420,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))
