@@ -20,25 +20,11 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-import functools
-
 from zoocli.methods import (
     METHODS, Method, PruneInputs, Selection, check_keep, get_method, register, select,
 )
-from zoocli.methods import divprune as _divprune
-from zoocli.methods import zoo as _zoo
-
-
-@functools.wraps(_divprune.divprune_select)
-def divprune_select(z, k: int, lengths=None):
-    check_keep(k)  # k = 0 or a non-integer: a clear ValueError (UsageError), not an IndexError
-    return _divprune.divprune_select(z, k, lengths)
-
-
-@functools.wraps(_zoo.zoo_select)
-def zoo_select(sensitivity, z, k: int, lengths=None):
-    check_keep(k)
-    return _zoo.zoo_select(sensitivity, z, k, lengths)
+from zoocli.methods.divprune import divprune_select
+from zoocli.methods.zoo import zoo_select
 
 
 def load_adapter(*args, **kwargs):

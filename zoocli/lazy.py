@@ -21,8 +21,10 @@ class LazyModule:
     def _module(self) -> ModuleType:
         return importlib.import_module(self._name)
 
-    def __getattr__(self, attr: str) -> Any:
-        return getattr(self._module(), attr)
+    def __getattr__(self, attr: str) -> Any:  # only called for names not yet cached
+        value = getattr(self._module(), attr)
+        setattr(self, attr, value)  # later reads are plain attribute reads (greedy loops read torch.* per step)
+        return value
 
     def __repr__(self) -> str:
         return f"<lazy module {self._name!r}>"

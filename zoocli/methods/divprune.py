@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from zoocli.lazy import torch
-from zoocli.methods import Method, PruneInputs, Selection, register
+from zoocli.methods import Method, PruneInputs, Selection, check_keep, register
 from zoocli.methods.zoo import _picks_done, greedy_rows, host_lengths, pad_rows, valid_mask
 from zoocli.ops import COS_EPS, unit_rows
 
@@ -52,6 +52,7 @@ def divprune_select(z: Tensor, k: int, lengths=None) -> Tensor:
     ``lengths`` [B] (optional): row b's first lengths[b] tokens are real, the rest padding, and its
     picks past lengths[b] are -1. No host read in the greedy (``zoocli.methods.zoo.greedy_rows``);
     ``lengths`` given as a tensor is read once, before it."""
+    check_keep(k)  # k = 0 or a non-integer: a clear ValueError (UsageError), not an IndexError
     if z.dim() not in (2, 3):
         raise ValueError(f"z must be [N, D] or [B, N, D], got {tuple(z.shape)}")
     squeeze = z.dim() == 2

@@ -25,8 +25,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from zoocli.lazy import torch
-from zoocli.methods import Method, PruneInputs, Selection, register
-from zoocli.ops import COS_EPS, cosine_distance, unit_rows
+from zoocli.methods import Method, PruneInputs, Selection, check_keep, register
+from zoocli.ops import COS_EPS, stable_topk, unit_rows
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -51,11 +51,6 @@ def cosine_distance_rows(zn: Tensor, i: Tensor, lengths: list[int]) -> Tensor:
         torch.mv(zn[r, :nr], zi[r], out=dots[r, :nr])
     d = 1 - dots
     return d.masked_fill(d < COS_EPS, 0.0)
-
-
-def cos_distance(zn: Tensor, i: Tensor) -> Tensor:
-    """1 - cos(z_j, z_i) for every j, from unit rows ``zn`` [N, D] (``zoocli.ops.cosine_distance``)."""
-    return cosine_distance(zn, i)
 
 
 def valid_mask(lengths, b: int, n: int, device) -> Tensor:
@@ -124,6 +119,7 @@ def greedy_rows(first_score: Tensor, zn: Tensor, valid: Tensor, lengths: list[in
 
 
 def _batched(sensitivity: Tensor, z: Tensor, k: int, lengths, fuse: str) -> Tensor:
+    check_keep(k)  # k = 0 or a non-integer: a clear ValueError (UsageError), not an IndexError
     squeeze = z.dim() == 2
     if z.dim() not in (2, 3) or sensitivity.dim() != z.dim() - 1:
         raise ValueError(f"sensitivity [B, N] / [N] and z [B, N, D] / [N, D] expected, got "
@@ -178,9 +174,7 @@ def zoo(inp: PruneInputs, keep: int, **opt) -> Selection:
 
 def sensitivity(inp: PruneInputs, keep: int, **opt) -> Selection:
     s = _sensitivity(inp, **opt)
-    # stable sort: ties go to the lowest index
-    order = torch.sort(s.float(), descending=True, stable=True).indices
-    return Selection(idx=order[:keep].to(inp.features.device), scores=s)
+    return Selection(idx=stable_topk(s, keep).to(inp.features.device), scores=s)  # ties: lowest index
 
 
 def sum_fusion(inp: PruneInputs, keep: int, **opt) -> Selection:
@@ -225,8 +219,7 @@ def _batched_greedy(select_fn):
 def sensitivity_batch(inps: list[PruneInputs], keeps: list[int], **opt) -> list[Selection]:
     """``sensitivity`` over several scopes: one padded stable sort (padding -inf sorts last)."""
     ss = scope_sensitivities(inps, **opt)
-    order = torch.sort(pad_rows([s.float() for s in ss], float("-inf")), dim=-1, descending=True,
-                       stable=True).indices
+    order = stable_topk(pad_rows([s.float() for s in ss], float("-inf")), max(keeps))
     dev = inps[0].features.device
     return [Selection(idx=order[b, :k].to(dev), scores=s) for b, (k, s) in enumerate(zip(keeps, ss))]
 
