@@ -10,6 +10,7 @@ so the checkpoint loads through ``LlavaAdapter.load`` like any llava-hf checkpoi
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -111,12 +112,21 @@ def save(model, processor, out_dir: Path) -> None:
 def pixel_values(images) -> Tensor:
     """The processor's pixel values for 336 x 336 RGB images, computed directly: the processor's
     resize and centre crop are identities at this size, so this is rescale + CLIP normalise
-    (``tests/test_demo.py`` checks it against the processor)."""
+    (``tests/test_demo_model.py`` checks it against the processor). Each output value depends only
+    on its byte and channel, so it is looked up in a [3, 256] table computed with the same float32
+    operations (the same bits; ~3x faster than computing it per pixel, once per training step)."""
+    u8 = np.stack([np.asarray(im) for im in images])  # [B, H, W, 3] uint8
+    table = _normalise_table()
+    return torch.from_numpy(np.stack([table[c][u8[..., c]] for c in range(3)], axis=1))  # [B, 3, H, W]
+
+
+@functools.cache
+def _normalise_table() -> np.ndarray:
+    """[3, 256]: (byte / 255 - CLIP mean) / CLIP std per channel, in float32."""
     from zoocli.adapters.llava import CLIP_MEAN, CLIP_STD
 
-    arr = np.stack([np.asarray(im, dtype=np.float32) for im in images]) / 255.0  # [B, H, W, 3]
-    arr = (arr - np.asarray(CLIP_MEAN, dtype=np.float32)) / np.asarray(CLIP_STD, dtype=np.float32)
-    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+    mean, std = np.asarray(CLIP_MEAN, dtype=np.float32), np.asarray(CLIP_STD, dtype=np.float32)
+    return (np.arange(256, dtype=np.float32)[None, :] / 255.0 - mean[:, None]) / std[:, None]
 
 
 def visual_features(model, pv: Tensor) -> Tensor:
