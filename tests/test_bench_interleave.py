@@ -8,11 +8,15 @@ from zoocli.pipeline import RunResult
 
 
 class _Cfg:
-    hidden_size, num_hidden_layers = 8, 2
+    hidden_size, num_hidden_layers, n_params = 8, 2, 10
+    projector = {"d_in": 4, "d_hidden": 8, "d": 8}
 
 
 class _Adapter:
     device = torch.device("cpu")
+
+    def llm_dims(self):
+        return _Cfg()
 
 
 class _Enc:
@@ -38,8 +42,6 @@ def fake(monkeypatch):
     monkeypatch.setattr(bench, "encode_image", lambda *a: _Enc())
     monkeypatch.setattr(bench, "run_method", run)
     monkeypatch.setattr(bench, "check_family", lambda *a: None)
-    monkeypatch.setattr(bench, "_llm_params", lambda a: (_Cfg(), 10))
-    monkeypatch.setattr(bench, "_projector_dims", lambda a: {"d_in": 4, "d_hidden": 8, "d": 8})
     return calls
 
 

@@ -52,19 +52,17 @@ def test_bench_leaves_warmup_out(monkeypatch):
 
     monkeypatch.setattr(bench, "encode_image", lambda *a: Enc())
     monkeypatch.setattr(bench, "run_method", fake_run)
-    monkeypatch.setattr(bench, "_llm_params", lambda adapter: (_Cfg(), 10))
-    monkeypatch.setattr(bench, "_projector_dims", lambda adapter: _DIMS)
     spec = bench.BenchSpec(model="m", methods=["none"], budgets=[], images=["x"], repeats=3, warmup=2)
     rows = list(bench.bench_rows(_FakeAdapter(), [object()], spec))
     assert len(calls) == 5 and len(rows) == 1
     assert rows[0]["e2e"] == {"median": 4.0, "min": 3.0, "max": 5.0}
 
 
-class _Cfg:
-    hidden_size, num_hidden_layers = 8, 2
-
-
 _DIMS = {"d_in": 4, "d_hidden": 8, "d": 8}
+
+
+class _Cfg:
+    hidden_size, num_hidden_layers, n_params, projector = 8, 2, 10, _DIMS
 
 
 class _FakeAdapter:
@@ -72,6 +70,9 @@ class _FakeAdapter:
 
     device = _t.device("cpu")
     family = "llava"
+
+    def llm_dims(self):
+        return _Cfg()
 
 
 def _render(renderable) -> str:

@@ -170,16 +170,6 @@ def selection_flops(method: str, n: int, keep: int, dims: dict[str, int], option
     return greedy + zoo
 
 
-def _llm_params(adapter) -> tuple[Any, int]:
-    """(the LLM's dims: ``hidden_size``, ``num_hidden_layers``..., its non-embedding parameters)."""
-    dims = adapter.llm_dims()
-    return dims, dims.n_params
-
-
-def _projector_dims(adapter) -> dict[str, int]:
-    return dict(adapter.llm_dims().projector)
-
-
 def round_orders(plan: Sequence[Any], rounds: int, seed: int) -> list[list[Any]]:
     """The order of the rows in each round: the plan order first, then seeded shuffles."""
     rng = random.Random(seed)
@@ -203,8 +193,8 @@ def bench_rows(
     skip = skip or set()
     for name in spec.methods:
         check_family(adapter, parse_method_spec(name)[0])
-    cfg, n_llm = _llm_params(adapter)
-    dims = _projector_dims(adapter)
+    cfg = adapter.llm_dims()  # the LLM's sizes (hidden_size, layers...), parameters, projector dims
+    n_llm, dims = cfg.n_params, dict(cfg.projector)
     plan = [(m, b) for m, b in planned_rows(spec) if m == BASELINE or key_str(spec.key(m, b)) not in skip]
     reps: dict[tuple[str, str], list[list[dict]]] = {row: [] for row in plan}  # per repeat, per image
     orders = round_orders(plan, spec.warmup + spec.repeats, spec.seed)

@@ -130,9 +130,7 @@ def _image(adapter, load_image: Callable[[str], Any], path: str):
     """The sample's image, checked against the family's limits with the file named in the error
     (``adapter.prepare`` would refuse it too, without the name)."""
     im = load_image(path)
-    check = getattr(adapter, "check_image", None)  # the families define it; base.Adapter does not
-    if check is not None:
-        check(im.size, path)
+    adapter.check_image(im.size, path)
     return im
 
 

@@ -189,8 +189,9 @@ def _reference_columns(rows: list[dict], scores: list[Tensor], x, proj, ref_toke
         ha, hb = structured_reference(xr, proj, ref_dirs, seed)
         ref, how = (ha + hb) / 2, "float64 E_u||J u|| (structured: W2 (a_i * W1 u))"
     else:
-        ha = mc_reference(xr, _rows64(proj), ref_dirs // 2, seed)
-        hb = mc_reference(xr, _rows64(proj), ref_dirs - ref_dirs // 2, seed + 1)
+        rows64 = _rows64(proj)  # one float64 copy of the projector for both halves
+        ha = mc_reference(xr, rows64, ref_dirs // 2, seed)
+        hb = mc_reference(xr, rows64, ref_dirs - ref_dirs // 2, seed + 1)
         ref, how = (ha * (ref_dirs // 2) + hb * (ref_dirs - ref_dirs // 2)) / ref_dirs, "float64 E_u||J u|| (jvp)"
     split = spearman(ha, hb)
     for r, sc in zip(rows, scores, strict=True):

@@ -125,6 +125,21 @@ class Adapter:
     family: ClassVar[str] = ""
     # signals a method may declare in ``needs`` that this adapter fills
     provides: ClassVar[frozenset[str]] = frozenset({"vision", "projector", "prompt", "decoder"})
+    # the longest image (long side : short side) the family's processor takes, and why; None: any
+    max_aspect: ClassVar[float | None] = None
+    aspect_reason: ClassVar[str] = ""
+
+    @classmethod
+    def family_name(cls) -> str:
+        """The family as users know it, for messages."""
+        return cls.family
+
+    @classmethod
+    def check_image(cls, size: tuple[int, int], name=None) -> None:
+        """Refuse (``ZooError``, one line with the limit and why) an image this family cannot take."""
+        from zoocli.images import check_aspect
+
+        check_aspect(size, cls.max_aspect, cls.family_name(), cls.aspect_reason, name)
 
     def __init__(self, model: nn.Module, processor: Any, model_id: str, meaningless: bool = False):
         self.model = model.eval()

@@ -74,13 +74,6 @@ class LlavaAdapter(Adapter):
                      "so a longer image is mostly thrown away after a huge resize")
 
     @classmethod
-    def check_image(cls, size: tuple[int, int], name=None) -> None:
-        """Refuse (``ZooError``, one line with the limit and why) an image this family cannot take."""
-        from zoocli.images import check_aspect
-
-        check_aspect(size, cls.max_aspect, cls.family_name(), cls.aspect_reason, name)
-
-    @classmethod
     def family_name(cls) -> str:
         return "LLaVA-1.5"
 

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from ..errors import ZooError
 from ..text import user_text
 from ..timing import TokenClock
-from .base import Adapter, Encoded, Generation, LLMInputs, Prepared, Scope, cut_at_eos
+from .base import Adapter, Encoded, Generation, LLMInputs, Prepared, Scope
 from .prompt import prompt_batch, question_ids
 
 # The official Qwen2-VL / Qwen2.5-VL chat template (chat_template.json of the Instruct checkpoints).
@@ -240,11 +240,8 @@ class Qwen25VLAdapter(Adapter):
     aspect_reason = "transformers' smart_resize, which fits it to whole 28 px patches, refuses longer images"
 
     @classmethod
-    def check_image(cls, size: tuple[int, int], name=None) -> None:
-        """Refuse (``ZooError``, one line with the limit and why) an image this family cannot take."""
-        from zoocli.images import check_aspect
-
-        check_aspect(size, cls.max_aspect, "Qwen2.5-VL", cls.aspect_reason, name)
+    def family_name(cls) -> str:
+        return "Qwen2.5-VL"
 
     # ---- loading ----------------------------------------------------------------------------------
     @classmethod
@@ -386,7 +383,6 @@ class Qwen25VLAdapter(Adapter):
         gc.do_sample, gc.num_beams, gc.repetition_penalty = False, 1, 1.0
         gc.temperature = gc.top_p = gc.top_k = None
         gc.max_new_tokens = max_new_tokens
-        eos = self.eos_ids
 
         pos, mask = inputs.position_ids, inputs.attention_mask
         if pos is not None:
@@ -404,7 +400,7 @@ class Qwen25VLAdapter(Adapter):
         # with inputs_embeds and no input_ids, generate returns the new tokens only
         gens = []
         for row in out.tolist():
-            ids = cut_at_eos(row, eos, gc.pad_token_id)
+            ids = self.answer_ids(row, gc.pad_token_id)
             gens.append(Generation(ids, self.decode(ids), clock.prefill_ms, clock.decode_ms))
         return gens
 

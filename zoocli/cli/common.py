@@ -447,10 +447,8 @@ def load_image(path: str):
 def check_images(adapter, paths: list[str], images: list) -> None:
     """Each image against what ``adapter``'s family can take (aspect ratio), naming the file
     (``adapter.prepare`` would refuse it too, but without its name)."""
-    check = getattr(adapter, "check_image", None)  # the families define it; base.Adapter does not
     for path, im in zip(paths, images, strict=True):
-        if check is not None:
-            check(im.size, path)
+        adapter.check_image(im.size, path)
 
 
 def check_out_file(path: Path | None, option: str) -> None:
