@@ -95,3 +95,26 @@ def test_next_grids_explain_unpadded_rows_and_fit_80_columns():
     assert all(len(line) <= 80 for line in text.splitlines())
     assert all(f"crop {i}" in text for i in range(1, 5)) and "base" in text
     assert text.count("unpadding") == 1
+
+
+@pytest.mark.parametrize("answer", ["[/x] closed", "[bold]cat[/bold]", "a [red]b"])
+def test_table_cells_and_headers_are_never_read_as_markup(answer):
+    """A model answer (compare) or a question-file name (eval column header) with square
+    brackets is printed as written: ``keep_numbers`` once parsed every string cell as Rich
+    markup, so ``[/x]`` raised MarkupError and ``[bold]cat[/bold]`` lost its brackets."""
+    rows = _compare_rows()
+    rows[1]["answer"] = answer
+    out = _text(render.compare_table(rows), 160)
+    assert answer in out
+    t = render.NumTable()
+    t.add_column(f"set {answer}", justify="right")
+    t.add_row("1.0")
+    assert answer in _text(render.keep_numbers(t), 160)
+
+
+def test_answer_panel_prints_the_answer_literally_with_the_random_weights_note():
+    res = {"answer": "[bold]cat[/bold]", "meaningless": True, "n_llm_visual_kept": 1,
+           "n_llm_visual_full": 2, "method": "zoo", "kept_indices": [0], "n_visual_tokens": 2,
+           "model": "m"}
+    out = _text(render.answer_panel(res), 100)
+    assert "[bold]cat[/bold]" in out and "random weights: this answer is meaningless" in out

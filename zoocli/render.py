@@ -10,7 +10,6 @@ from typing import Any
 from rich import box
 from rich.columns import Columns
 from rich.console import Group, RenderableType
-from rich.markup import escape
 from rich.measure import Measurement
 from rich.panel import Panel
 from rich.table import Table
@@ -83,7 +82,7 @@ def _floor(col, stage: str) -> int:
 def _plain_len(cell) -> int:
     if isinstance(cell, Text):
         return max((len(line) for line in cell.plain.split("\n")), default=0)
-    return _plain_len(Text.from_markup(str(cell)))
+    return _plain_len(Text(str(cell)))
 
 
 def keep_numbers(t: Table) -> Table:
@@ -91,7 +90,7 @@ def keep_numbers(t: Table) -> Table:
     widest cell (headers may wrap at spaces); the text columns' cells are one line each, ending
     in an ellipsis when ``NumTable`` shortens them."""
     for col in t.columns:
-        header = col.header if isinstance(col.header, Text) else Text.from_markup(str(col.header))
+        header = col.header if isinstance(col.header, Text) else Text(str(col.header))
         header.no_wrap = False
         col.header = header
         if col.justify == "right":
@@ -100,7 +99,7 @@ def keep_numbers(t: Table) -> Table:
             col.no_wrap = True
             col.min_width = max([*cells, *words, col.min_width or 0])
         else:
-            col._cells = [Text.from_markup(c) if isinstance(c, str) else c for c in col._cells]
+            col._cells = [Text(c) if isinstance(c, str) else c for c in col._cells]  # user text: never markup
             for c in col._cells:
                 if isinstance(c, Text):
                     c.no_wrap, c.overflow = True, "ellipsis"
@@ -196,15 +195,13 @@ def heat_panel(scopes, values, lo, hi):
 
 
 def answer_panel(result: Mapping[str, Any]) -> Panel:
-    note = ""
+    text = Text(result["answer"] or "(empty answer)")
     if result.get("meaningless"):
-        note = "\n[yellow]random weights: this answer is meaningless[/yellow]"
+        text.append("\nrandom weights: this answer is meaningless", style="yellow")
     kept, total = result["n_llm_visual_kept"], result["n_llm_visual_full"]
     title = (f"{result['method']} · kept {len(result['kept_indices'])}/{result['n_visual_tokens']} "
              f"visual tokens ({kept}/{total} in the LLM) · {result['model']}")
-    return Panel(Text(result["answer"] or "(empty answer)") if not note else
-                 Text.from_markup(escape(result["answer"] or "(empty answer)") + note),
-                 title=title, title_align="left")
+    return Panel(text, title=title, title_align="left")
 
 
 def ask_view(result: Mapping[str, Any], scopes, timings_ms: Mapping[str, float],
