@@ -120,15 +120,16 @@ def _resume(plan: EvalPlan) -> None:
     """Refuse a --out that is not zoo's records (``notes.txt``, a JSON array: never truncated) or
     holds other settings; note the predictions it already holds. Before the model loads."""
     from zoocli.eval_runner import check_resumable
-    from zoocli.evaluation import done_keys, find_shards, read_records
-    from zoocli.evaluation.store import KEY_FIELDS, ROW_HEADS
+    from zoocli.evaluation import find_shards, read_records
+    from zoocli.evaluation.store import KEY_FIELDS, ROW_HEADS, record_key
     from zoocli.outfile import check_jsonl
 
     check_jsonl(plan.out, KEY_FIELDS, ROW_HEADS, "--out")
 
     previous = [p for p in find_shards(plan.out) + [plan.out] if p.exists()]
-    check_resumable(list(read_records(previous, missing_ok=True)), plan.spec, str(plan.out))
-    plan.done = done_keys(previous)
+    records = list(read_records(previous, missing_ok=True))  # read once: checked, then keyed
+    check_resumable(records, plan.spec, str(plan.out))
+    plan.done = {record_key(r) for r in records}
     plan.plan_keys = {(d.name, str(s.id), m, b) for d, _p in plan.sets for s in d.samples
                       for m, b in plan.spec.configs()}
 
