@@ -1,6 +1,6 @@
 """What every `zoo` command shares, declared once: the consoles, the error handler, the option
 types, the method-option group (``--m --h --seed --estimator --rank --budget-scope``), ``--config``
-loading, the JSON printer, the progress factory and the model / image loaders.
+loading, the JSON printer and the model / image loaders (progress: ``cli.progress``).
 
 Only typer and rich are imported here at module level: torch and transformers load inside the
 helpers that need them, so `zoo --help` starts without them.
@@ -416,14 +416,6 @@ def finite(obj: Any) -> Any:
 
 def print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(finite(obj), indent=2, allow_nan=False) + "\n")
-
-
-def progress(unit: str | None = None, disable: bool = False):
-    """A transient progress bar on stderr; ``unit`` adds a rate column (``2.1 samples/s``).
-    Plain lines for a non-terminal: ``zoocli.cli.progress.Steps``."""
-    from zoocli.cli.progress import _rich_bar
-
-    return _rich_bar(unit, disable)
 
 
 def load_model(model: str, device: str, dtype: str, random_weights: bool, quiet: bool = False):

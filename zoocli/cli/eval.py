@@ -20,7 +20,7 @@ import typer
 
 from zoocli.cli.common import (
     MAX_BATCH, MAX_NEW_TOKENS, BudgetsOpt, check_int, ConfigOpt, console, DeviceOpt, DtypeOpt,
-    handle_errors, JsonOpt, load_model, method_options, MethodOptions, MethodsOpt, ModelOpt,
+    handle_errors, JsonOpt, load_model, MaxNewOpt, method_options, MethodOptions, MethodsOpt, ModelOpt,
     print_json, RandomOpt, split_list, warn,
 )
 from zoocli.errors import UsageError, ZooError
@@ -231,7 +231,7 @@ def eval_command(
     methods: MethodsOpt = "zoo,divprune",
     budgets: BudgetsOpt = "192,128,64",
     batch_size: Annotated[int, typer.Option("--batch-size", help="questions per generate batch")] = 8,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="answer length limit")] = 16,
+    max_new_tokens: MaxNewOpt = 16,
     device: DeviceOpt = "auto", dtype: DtypeOpt = "auto", random_weights: RandomOpt = False,
     opts: MethodOptions = MethodOptions(),
     out: Annotated[Path | None, typer.Option(

@@ -90,7 +90,7 @@ class Steps:
                   highlight=False, soft_wrap=True)
 
 
-def _rich_bar(unit: str | None, disable: bool = False):
+def _rich_bar(unit: str | None):
     from rich.progress import (
         BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn,
         TimeRemainingColumn,
@@ -106,7 +106,7 @@ def _rich_bar(unit: str | None, disable: bool = False):
     if unit:
         columns.append(RateColumn())
     columns += [TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
-    return Progress(*columns, console=err, transient=True, disable=disable)
+    return Progress(*columns, console=err, transient=True)
 
 
 @contextlib.contextmanager
