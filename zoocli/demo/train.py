@@ -79,22 +79,17 @@ def dense_questions(shapes, rng, per_type: int = 0) -> list:
     """Training only (``--dense``): every question a scene can answer, rather than one per type:
     the colour of each kind with one shape, each kind's count, each pair's side (where the spec
     asks it), and ``exists`` for every present pair plus as many absent ones (balanced)."""
-    q = world.Question
     out = []
     for kind in world.KINDS:
         same = [s for s in shapes if s.kind == kind]
         if len(same) == 1:
-            out.append(q("color", f"What color is the {kind}?", same[0].color))
-        out.append(q("count", f"How many {kind}s are there?", str(len(same))))
+            out.append(world.color_question(kind, same[0].color))
+        out.append(world.count_question(kind, len(same)))
     present = sorted({(s.color, s.kind) for s in shapes})
     absent = [ck for ck in world.shape_classes() if ck not in present]
     for (color, kind), ans in [(ck, "yes") for ck in present] + [(ck, "no") for ck in rng.sample(absent, len(present))]:
-        out.append(q("exists", f"Is there a {color} {kind}?", ans))
-    pairs = [(s.color, s.kind) for s in shapes]
-    for s in shapes:
-        if pairs.count((s.color, s.kind)) == 1 and abs(s.cx - world.MIDLINE) >= world.LR_MARGIN:
-            out.append(q("leftright", f"Is the {s.color} {s.kind} on the left or the right?",
-                         "left" if s.cx < world.MIDLINE else "right"))
+        out.append(world.exists_question(color, kind, ans))
+    out += [world.leftright_question(s) for s in world.leftright_candidates(shapes)]
     if per_type:  # at most ``per_type`` of each type (cheaper steps, same answer balance per type)
         out = [q for t in world.QTYPES for q in _at_most([q for q in out if q.qtype == t], per_type, rng)]
     return out

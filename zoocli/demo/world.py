@@ -114,8 +114,7 @@ def _color_q(shapes, rng):
     if not single:
         return None
     kind = rng.choice(single)
-    color = next(s.color for s in shapes if s.kind == kind)
-    return Question("color", f"What color is the {kind}?", color)
+    return color_question(kind, next(s.color for s in shapes if s.kind == kind))
 
 
 def _exists_q(shapes, rng):
@@ -126,20 +125,43 @@ def _exists_q(shapes, rng):
     else:
         color, kind = rng.choice([ck for ck in shape_classes() if ck not in present])
         answer = "no"
-    return Question("exists", f"Is there a {color} {kind}?", answer)
+    return exists_question(color, kind, answer)
 
 
 def _count_q(shapes, rng):
     kind = rng.choice(KINDS)
-    return Question("count", f"How many {kind}s are there?", str(sum(s.kind == kind for s in shapes)))
+    return count_question(kind, sum(s.kind == kind for s in shapes))
 
 
 def _leftright_q(shapes, rng):
-    pairs = [(s.color, s.kind) for s in shapes]
-    ok = [s for s in shapes if pairs.count((s.color, s.kind)) == 1 and abs(s.cx - MIDLINE) >= LR_MARGIN]
+    ok = leftright_candidates(shapes)
     if not ok:
         return None
-    s = rng.choice(ok)
+    return leftright_question(rng.choice(ok))
+
+
+# The question texts and answers, one place for the eval questions above and the training
+# questions (``train.dense_questions``).
+def color_question(kind: str, color: str) -> Question:
+    return Question("color", f"What color is the {kind}?", color)
+
+
+def exists_question(color: str, kind: str, answer: str) -> Question:
+    return Question("exists", f"Is there a {color} {kind}?", answer)
+
+
+def count_question(kind: str, n: int) -> Question:
+    return Question("count", f"How many {kind}s are there?", str(n))
+
+
+def leftright_candidates(shapes: list[Shape]) -> list[Shape]:
+    """The shapes left/right is asked about: the only one of its colour and kind, with its box
+    centre at least ``LR_MARGIN`` from the midline."""
+    pairs = [(s.color, s.kind) for s in shapes]
+    return [s for s in shapes if pairs.count((s.color, s.kind)) == 1 and abs(s.cx - MIDLINE) >= LR_MARGIN]
+
+
+def leftright_question(s: Shape) -> Question:
     return Question("leftright", f"Is the {s.color} {s.kind} on the left or the right?",
                     "left" if s.cx < MIDLINE else "right")
 
