@@ -42,11 +42,11 @@ def score_image(adapter, image, question: str, *, seed: int, zoo: Mapping[str, A
     import torch
 
     from zoocli.pipeline import encode_image, scope_layout
-    from zoocli.sensitivity import token_sensitivity
+    from zoocli.sensitivity import run_seed, token_sensitivity
 
     enc = encode_image(adapter, image, question)
-    sampled = {} if zoo.get("estimator", "exact") == "exact" else {"seed": seed}
-    s = token_sensitivity(enc.encoded.vision, adapter.projector, **sampled, **zoo).cpu()
+    s = token_sensitivity(enc.encoded.vision, adapter.projector, seed=run_seed(zoo.get("estimator", "exact"), seed),
+                          **zoo).cpu()
     layout = scope_layout(enc.encoded, torch.zeros(0, dtype=torch.long))
     return Scored(enc, [float(v) for v in s], layout, units(zoo))
 

@@ -152,6 +152,12 @@ class SampledOptionError(UsageError, ValueError):
 SAMPLED_DEFAULTS = {"m": 64, "h": 0.01, "seed": 0}
 
 
+def run_seed(estimator: str, seed):
+    """The seed a run passes on: the run's seed drives the sampled estimators' directions; the
+    closed-form ``exact`` takes none (and refuses one, ``SampledOptionError``)."""
+    return None if estimator == "exact" else seed
+
+
 def check_options(m=None, h=None, seed=None, estimator="exact", rank=None, chunk_mb=256) -> None:
     """Raise ``UsageError`` for option values ``token_sensitivity`` cannot take.
 

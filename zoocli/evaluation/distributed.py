@@ -101,12 +101,13 @@ class ProcessGroup:
 
 
 def merge_into(out: Path) -> None:
-    """Merge every rank's shard of ``out`` (and ``out`` itself, if it exists) into ``out`` in
-    canonical (sorted) form, then delete the shards. Rank 0 calls it after the barrier."""
+    """Merge every rank's shard of ``out`` into ``out`` (``merge_shards`` keeps what ``out``
+    already holds) in canonical (sorted) form, then delete the shards. Rank 0 calls it after the
+    barrier."""
     from zoocli.evaluation.store import find_shards, merge_shards
 
     shards = find_shards(out)
     if shards or out.exists():
-        merge_shards(shards + ([out] if out.exists() else []), out)
+        merge_shards(shards, out)
         for p in shards:
             p.unlink(missing_ok=True)

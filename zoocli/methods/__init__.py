@@ -234,6 +234,19 @@ def check_keep(keep: int) -> int:
     return keep
 
 
+def _checked(name: str, method: Method, inps: list[PruneInputs], keeps: list[int], options) -> dict:
+    """The shared contract's checks, in order (every keep, the options, the signals each scope
+    needs); returns the options with their defaults."""
+    for k in keeps:
+        check_keep(k)
+    full = method.validate(options)
+    for inp in inps:
+        missing = [s for s in sorted(method.needs) if getattr(inp, s) is None]
+        if missing:
+            raise UsageError(f"method '{name}' needs {', '.join(missing)}, which were not provided")
+    return full
+
+
 def select(name: str, inp: PruneInputs, keep: int, **options: Any) -> Selection:
     """Run pre-LLM method ``name`` on one scope under the shared contract (module docstring)."""
     import torch
@@ -242,11 +255,7 @@ def select(name: str, inp: PruneInputs, keep: int, **options: Any) -> Selection:
     if method.fn is None:
         raise UsageError(f"method '{name}' prunes inside the LLM: it runs through its plan "
                          "(zoocli.pipeline.run_method), not select")
-    check_keep(keep)
-    full = method.validate(options)
-    missing = [s for s in sorted(method.needs) if getattr(inp, s) is None]
-    if missing:
-        raise UsageError(f"method '{name}' needs {', '.join(missing)}, which were not provided")
+    full = _checked(name, method, [inp], [keep], options)
     n = inp.n
     if keep >= n:
         return Selection(idx=torch.arange(n, device=inp.features.device))
@@ -265,13 +274,7 @@ def select_scopes(name: str, inps: list[PruneInputs], keeps: list[int], **option
     method = get_method(name)
     if method.batch is None or method.fn is None:
         return [select(name, inp, k, **options) for inp, k in zip(inps, keeps, strict=True)]
-    for k in keeps:
-        check_keep(k)
-    full = method.validate(options)
-    for inp in inps:
-        missing = [s for s in sorted(method.needs) if getattr(inp, s) is None]
-        if missing:
-            raise UsageError(f"method '{name}' needs {', '.join(missing)}, which were not provided")
+    full = _checked(name, method, inps, keeps, options)
     todo = [i for i, (inp, k) in enumerate(zip(inps, keeps, strict=True)) if k < inp.n]
     out = [Selection(idx=torch.arange(inp.n, device=inp.features.device)) for inp in inps]
     if len(todo) == 1:

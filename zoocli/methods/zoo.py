@@ -158,11 +158,10 @@ def check_zoo_options(m, h, estimator, rank, chunk_mb) -> None:
 
 
 def _sensitivity(inp: PruneInputs, m, h, estimator, rank, chunk_mb) -> Tensor:
-    from zoocli.sensitivity import token_sensitivity
+    from zoocli.sensitivity import run_seed, token_sensitivity
 
-    seed = None if estimator == "exact" else inp.seed  # the run's seed drives sampled directions only
     return token_sensitivity(
-        inp.vision, inp.projector, m=m, h=h, seed=seed,
+        inp.vision, inp.projector, m=m, h=h, seed=run_seed(estimator, inp.seed),
         estimator=estimator, rank=rank, chunk_mb=chunk_mb,
     )
 
