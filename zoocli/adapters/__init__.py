@@ -418,9 +418,7 @@ def _hub_reachable(timeout_s: float = 3.0) -> bool:
 def _model_type(model: str, source: str) -> str:
     from transformers import AutoConfig
 
-    if Path(source).is_dir() and not (Path(source) / "config.json").is_file():
-        raise ZooError(f"model directory '{source}' has no config.json")
-    try:
+    try:  # a directory's config.json was checked by check_checkpoint_dir before this
         config = AutoConfig.from_pretrained(source, trust_remote_code=False)
     except OSError:
         if Path(source).is_dir():
