@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 from zoocli import METHODS, PruneInputs, divprune_select, get_method, select, zoo_select
 from zoocli.methods import LLMView
 from zoocli.errors import UnknownNameError, UsageError
-from zoocli.methods.zoo import normalize_scores, sum_select
+from zoocli.greedy import normalize_scores
+from zoocli.methods.zoo import sum_select
 
 # ---------------------------------------------------------------- brute-force references (float64)
 

@@ -261,41 +261,49 @@ def resolve_backend(backend: str, device) -> str:
     return "triton"
 
 
-def greedy(first: Tensor | None, zn: Tensor, lengths=None, k: int | list[int] = 1, *, fuse=None,
-           s_hat: Tensor | None = None, backend: str = "auto") -> Tensor:
-    """Run the greedy on a batch: unit rows ``zn`` [B, N, D], first-pick scores ``first`` [B, N]
-    (None: DivPrune's nearest-other distance), ``s_hat`` [B, N] for the fused scores, ``lengths``
-    (None: all real) -> picks [B, K], K = min(max(k), N); -1 past a row's valid count and, when
-    ``k`` is a list (one budget per row), past its own budget."""
-    if fuse not in FUSES:
-        raise ValueError(f"fuse must be one of {FUSES}, got {fuse!r}")
+def greedy(zn: Tensor, lengths=None, k: int | list[int] = 1, *, s: Tensor | None = None, fuse=None,
+           backend: str = "auto") -> Tensor:
+    """Run the greedy on a batch of unit rows ``zn`` [B, N, D] (``lengths``: row b's real tokens,
+    None: all) -> picks [B, K], K = min(max(k), N); -1 past a row's valid count and, when ``k``
+    is a list (one budget per row), past its own budget.
+
+    With scores ``s`` [B, N] (ZOO-Prune ``fuse="product"``, sum ``"sum"``): min-max normalised per
+    row over its real tokens (S_hat), first pick argmax S_hat. Without (DivPrune, ``fuse=None``):
+    first pick the token farthest from its nearest other token."""
+    if fuse not in FUSES or (s is None) != (fuse is None):
+        raise ValueError(f"fuse {fuse!r} with scores {'given' if s is not None else 'missing'}: "
+                         f"product / sum take scores, DivPrune (None) takes none")
     b, n, _ = zn.shape
     ks = [int(k)] * b if isinstance(k, int) else [int(v) for v in k]
     if len(ks) != b:
         raise ValueError(f"{len(ks)} budgets for {b} rows")
     rows = host_lengths(lengths, b, n)  # before the loop: at most one read
-    valid = valid_mask(None if lengths is None else rows, b, n, zn.device)
     kmax = min(max(ks), n)
     backend = resolve_backend(backend, zn.device)
     if kmax == 0:
         return torch.empty(b, 0, dtype=torch.long, device=zn.device)
-    if not gram_fits(b, n):
-        if backend == "triton":
+    if backend == "triton":
+        if not gram_fits(b, n):
             raise BackendError(f"select backend 'triton' needs the {b} x {n} x {n} Gram matrix, "
                                f"over {GRAM_MAX_MB} MB; use --select-backend torch")
-        if first is None:
-            first = nearest_other_rows(zn, rows)
+        from zoocli import greedy_triton
+
+        g = gram(zn, rows)
+        budgets = [min(v, nr) for v, nr in zip(ks, rows)]
+        if s is not None:  # S_hat and the first pick are computed in the kernel
+            return greedy_triton.greedy(g, rows, budgets, kmax, fuse=fuse, s=s)
+        valid = valid_mask(None if lengths is None else rows, b, n, zn.device)
+        return greedy_triton.greedy(g, rows, budgets, kmax, first=nearest_other(snap(1 - g), blocked(valid), valid))
+    valid = valid_mask(None if lengths is None else rows, b, n, zn.device)
+    s_hat = None if s is None else normalize_scores(s, valid)
+    if not gram_fits(b, n):
+        first = s_hat if s is not None else nearest_other_rows(zn, rows)
         picked = _greedy_rows(first, zn, valid, rows, kmax, fuse, s_hat)
         return _budgets_done(picks_done(picked, valid, False), ks)
     d = snap(1 - gram(zn, rows))
     block = blocked(valid)
-    if first is None:
-        first = nearest_other(d, block, valid)
+    first = s_hat if s is not None else nearest_other(d, block, valid)
     p = score_matrix(d, block, fuse, s_hat)
-    if backend == "triton":
-        from zoocli import greedy_triton
-
-        return greedy_triton.greedy(first, p, rows, [min(v, nr) for v, nr in zip(ks, rows)], kmax)
     return _budgets_done(picks_done(_greedy_gram(first, p, valid, kmax), valid, False), ks)
 
 

@@ -40,7 +40,7 @@ def divprune_select(z: Tensor, k, lengths=None, *, backend: str = "auto") -> Ten
     squeeze = z.dim() == 2
     if squeeze:
         z = z[None]
-    picked = greedy(None, unit_rows(z), lengths, check_budgets(k, z.shape[0]), backend=backend)
+    picked = greedy(unit_rows(z), lengths, check_budgets(k, z.shape[0]), backend=backend)
     return picked[0] if squeeze else picked
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from zoocli.greedy import check_backend, greedy, normalize_scores, pad_rows, valid_mask
+from zoocli.greedy import check_backend, greedy, pad_rows
 from zoocli.lazy import torch
 from zoocli.methods import Method, PruneInputs, Selection, check_budgets, register
 from zoocli.ops import stable_topk, unit_rows
@@ -49,10 +49,8 @@ def _batched(sensitivity: Tensor, z: Tensor, k, lengths, fuse: str, backend: str
     if sensitivity.shape != z.shape[:2]:
         raise ValueError(f"{sensitivity.shape[-1]} sensitivities for {z.shape[-2]} tokens")
     ks = check_budgets(k, z.shape[0])
-    b, n = sensitivity.shape
-    valid = valid_mask(lengths, b, n, z.device)
-    s_hat = normalize_scores(sensitivity.to(z.device), valid)
-    picked = greedy(s_hat, unit_rows(z), lengths, ks, fuse=fuse, s_hat=s_hat, backend=backend)
+    picked = greedy(unit_rows(z), lengths, ks, s=sensitivity.to(z.device).float(), fuse=fuse,
+                    backend=backend)
     return picked[0] if squeeze else picked
 
 
