@@ -42,13 +42,13 @@ MODEL_ID = "zoo"
 # model_args key -> (default, type): "str", "int", "float", "bool", "keep", and "int?" / "float?" /
 # "str?" (also none). Defaults are `zoo ask`'s; None for the method-option group means the
 # default of `zoo ask`'s group (``cli.common.MethodOptions``, through which these keys go).
-METHOD_GROUP = ("m", "h", "seed", "estimator", "rank", "budget_scope")
+METHOD_GROUP = ("m", "h", "seed", "estimator", "rank", "select_backend", "budget_scope")
 MODEL_ARGS: dict[str, tuple[Any, str]] = {
     "pretrained": ("llava-1.5", "str"),  # alias, offline model, HF id or local dir
     "method": ("zoo", "str"),  # a method spec: zoo, zoo:estimator=jvp, fastv:K=3, none
     "keep": ("64", "keep"),  # a count (64) or a share (11%)
     "m": (None, "int?"), "h": (None, "float?"), "seed": (None, "int?"), "estimator": (None, "str?"),
-    "rank": (None, "int?"), "budget_scope": (None, "str?"),
+    "rank": (None, "int?"), "select_backend": (None, "str?"), "budget_scope": (None, "str?"),
     "dtype": ("auto", "str"), "device": ("auto", "str"),
     "random_weights": (False, "bool"),
     "max_new_tokens": (64, "int"),  # used when a task gives none

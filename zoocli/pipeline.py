@@ -147,24 +147,26 @@ def select_tokens(
     else:
         groups = [(s.index.to(dev), s.grid) for s in encoded.scopes]
     quotas = split_budget(keep, [len(index) for index, _ in groups])
-    kept, tokens, scores = [], [], torch.full((n,), float("nan"))
+    kept, tokens = [], []
+    scores = torch.full((n,), float("nan"), device=dev)  # stays on the device: no host read here
     live = [(index, grid, q) for (index, grid), q in zip(groups, quotas) if q > 0]
     inps = [prune_inputs(method, adapter, prepared, encoded, index, grid, seed, signals)
             for index, grid, _ in live]
     sels = select_scopes(method_name, inps, [q for _, _, q in live], **options)
-    has_tokens = False
+    has_tokens = has_scores = False
     for (index, _, _), sel in zip(live, sels):
         kept.append(index[sel.idx])
         tokens.append(sel.tokens if sel.tokens is not None else encoded.features[index[sel.idx]])
         has_tokens |= sel.tokens is not None
         if sel.scores is not None:
-            scores[index.cpu()] = sel.scores.float().cpu()
+            scores[index] = sel.scores.float().to(dev)
+            has_scores = True
     all_kept = torch.cat(kept)
     order = torch.argsort(all_kept)
     merged = torch.cat(tokens)[order] if has_tokens else None
     return SelectionResult(
         kept=all_kept[order], tokens=merged,
-        scores=None if torch.isnan(scores).all() else scores,
+        scores=scores if has_scores else None,
         per_scope=quotas,
     )
 

@@ -260,6 +260,9 @@ SeedOpt = Annotated[int, typer.Option(help="seed of the random directions / rand
 EstOpt = Annotated[str, typer.Option(help=(
     "ZOO sensitivity: exact (closed form, no sampling) | fd (the paper's sampled Eq. 2-3) | jvp | naive"))]
 RankOpt = Annotated[int | None, typer.Option(help="ZOO: low-rank (truncated SVD) second Linear")]
+BackendOpt = Annotated[str, typer.Option("--select-backend", help=(
+    "greedy selection (zoo, sum, divprune): auto (the fused Triton kernel on CUDA, else torch) | "
+    "torch | triton; the same picks"))]
 ScopeOpt = Annotated[str, typer.Option("--budget-scope", help=(
     "crop: budget split over LLaVA-NeXT crops; global: one selection"))]
 
@@ -275,6 +278,7 @@ class MethodOptions:
     seed: int = 0
     estimator: str = "exact"
     rank: int | None = None
+    select_backend: str = "auto"
     budget_scope: str = "crop"
 
     def zoo(self) -> dict[str, Any]:
@@ -304,26 +308,33 @@ class MethodOptions:
                 raise UsageError(f"{'/'.join(given)} {what} of the sampled estimators (fd, jvp, naive); "
                                  "the default --estimator exact computes the sensitivity in closed "
                                  "form: add --estimator fd for the paper's sampled form")
+        from zoocli.greedy import BACKENDS
+
+        if self.select_backend not in BACKENDS:
+            raise UsageError(f"--select-backend {self.select_backend!r}: choose {', '.join(BACKENDS)}")
         if self.budget_scope not in BUDGET_SCOPES:
             raise UsageError(f"--budget-scope {self.budget_scope!r}: choose one of "
                              f"{', '.join(BUDGET_SCOPES)}")
+        # the backend only when chosen: rows of an earlier --out keep their keys
+        backend = {} if self.select_backend == "auto" else {"backend": self.select_backend}
         if self.estimator == "exact":
-            return {"estimator": "exact"}
+            return {"estimator": "exact", **backend}
         return {"m": 64 if self.m is None else self.m, "h": 0.01 if self.h is None else self.h,
-                "estimator": self.estimator, "rank": self.rank}
+                "estimator": self.estimator, "rank": self.rank, **backend}
 
 
 ESTIMATORS = ("exact", "fd", "jvp", "naive")
 
 
 _GROUP = {"m": MOpt, "h": HOpt, "seed": SeedOpt, "estimator": EstOpt, "rank": RankOpt,
-          "budget_scope": ScopeOpt}
+          "select_backend": BackendOpt, "budget_scope": ScopeOpt}
 
 
 def method_options(*, budget_scope: bool = True):
     """Decorator: the command's ``opts: MethodOptions`` parameter becomes the option group on the
-    command line (``--budget-scope`` left out where nothing is selected, e.g. `score`)."""
-    names = [f.name for f in fields(MethodOptions) if budget_scope or f.name != "budget_scope"]
+    command line (``--budget-scope`` and ``--select-backend`` left out where nothing is selected, e.g. `score`)."""
+    names = [f.name for f in fields(MethodOptions)
+             if budget_scope or f.name not in ("budget_scope", "select_backend")]
     defaults = {f.name: f.default for f in fields(MethodOptions)}
 
     def decorate(fn):
