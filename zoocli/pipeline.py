@@ -98,9 +98,10 @@ def prompt_embeddings(adapter: Adapter, prepared: Prepared, scope: str = "questi
 
 def prune_inputs(
     method: Method, adapter: Adapter, prepared: Prepared, encoded: Encoded, index: Tensor,
-    grid, seed: int, signals: dict[str, Tensor],
+    grid, seed: int, signals: dict[str, Tensor], cells: Tensor | None = None,
 ) -> PruneInputs:
-    """The ``PruneInputs`` of one scope, holding exactly the signals ``method`` needs."""
+    """The ``PruneInputs`` of one scope, holding exactly the signals ``method`` needs (and, like
+    ``grid``, the scope's ``cells`` when it has a grid)."""
     _check_provides(method, adapter)
     kw: dict[str, Any] = {}
     if "vision" in method.needs:
@@ -112,7 +113,7 @@ def prune_inputs(
             kw[name] = signals[name][index]
     if "prompt" in method.needs:
         kw["prompt"] = signals["prompt"]
-    return PruneInputs(features=encoded.features[index], grid=grid, seed=seed, **kw)
+    return PruneInputs(features=encoded.features[index], grid=grid, cells=cells, seed=seed, **kw)
 
 
 def _check_provides(method: Method, adapter: Adapter) -> None:
@@ -143,17 +144,17 @@ def select_tokens(
         signals["prompt"] = prompt_embeddings(adapter, prepared, scope_opt)
     n, dev = encoded.features.shape[0], encoded.features.device
     if scope == "global" and len(encoded.scopes) > 1:  # one selection over all crops, no grid
-        groups = [(torch.arange(n, device=dev), None)]
+        groups = [(torch.arange(n, device=dev), None, None)]
     else:
-        groups = [(s.index.to(dev), s.grid) for s in encoded.scopes]
-    quotas = split_budget(keep, [len(index) for index, _ in groups])
+        groups = [(s.index.to(dev), s.grid, s.cells) for s in encoded.scopes]
+    quotas = split_budget(keep, [len(index) for index, _, _ in groups])
     kept, tokens, scores = [], [], torch.full((n,), float("nan"))
-    live = [(index, grid, q) for (index, grid), q in zip(groups, quotas) if q > 0]
-    inps = [prune_inputs(method, adapter, prepared, encoded, index, grid, seed, signals)
-            for index, grid, _ in live]
-    sels = select_scopes(method_name, inps, [q for _, _, q in live], **options)
+    live = [(index, grid, cells, q) for (index, grid, cells), q in zip(groups, quotas) if q > 0]
+    inps = [prune_inputs(method, adapter, prepared, encoded, index, grid, seed, signals, cells)
+            for index, grid, cells, _ in live]
+    sels = select_scopes(method_name, inps, [q for *_, q in live], **options)
     has_tokens = False
-    for (index, _, _), sel in zip(live, sels):
+    for (index, *_), sel in zip(live, sels):
         kept.append(index[sel.idx])
         tokens.append(sel.tokens if sel.tokens is not None else encoded.features[index[sel.idx]])
         has_tokens |= sel.tokens is not None
