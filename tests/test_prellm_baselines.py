@@ -295,3 +295,70 @@ def test_downsample_ragged_budget_and_a_cut_crop():
         select("downsample", PruneInputs(features=x, vision=x, projector=proj), 5)
     with pytest.raises(UsageError, match="rectangle"):
         select("downsample", PruneInputs(features=x[:23], vision=x[:23], projector=proj, cells=cells[:23]), 5)
+
+
+# ------------------------------------------------------------------------------------ MMTok
+
+
+def _mmtok_reference(z, x, t, k, alpha=0.5, tau_tv=0.02, tau_vv=0.2):
+    """Maximum coverage by its definition, float64: each step adds the candidate that maximises the
+    total coverage sum_rows max_{j in S} C[row, j] of C = [P; alpha Q]."""
+    cz, cx = _cos64(torch.cat([t, z]))[: len(t), len(t):], _cos64(x)
+    p = torch.softmax(cz / tau_tv, dim=1) / len(t)
+    q = torch.softmax(cx / tau_vv, dim=1) / len(x)
+    c = torch.cat([p, alpha * q])
+    picked: list[int] = []
+    for _ in range(k):
+        def total(j):
+            return float(c[:, picked + [j]].amax(dim=1).sum())
+        picked.append(max((j for j in range(c.shape[1]) if j not in picked), key=lambda j: (total(j), -j)))
+    return picked
+
+
+def _mmtok_official(z, x, t, k, alpha=0.5, tv=0.02, vv=0.2):
+    """The official ``mm_coverage_selection`` arithmetic (Ironieser/MMTok@d1522cd), re-expressed."""
+    def l2(v):
+        return v / v.norm(dim=-1, keepdim=True).clamp(min=1e-8)
+    xn, xc, zn = l2(z).float(), l2(x).float(), l2(t).float()
+    P = zn @ xn.T
+    Q = xc @ xc.T
+    m, n = P.shape
+    P = torch.softmax(P * (1.0 / tv), dim=1) / m
+    Q = torch.softmax(Q * (1.0 / vv), dim=1) / n
+    C = torch.cat([P, Q * alpha], dim=0)
+    best = torch.zeros(m + n)
+    mask = torch.zeros(n)
+    out = torch.empty(k, dtype=torch.long)
+    for i in range(k):
+        delta = (C - best.unsqueeze(1)).clamp_min_(0).sum(0)
+        delta.add_(mask)
+        j = torch.argmax(delta)
+        out[i] = j
+        torch.maximum(best, C[:, j], out=best)
+        mask[j] = float("-inf")
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("k", [1, 6, 15])
+def test_mmtok_equals_coverage_reference_and_official_loop(seed, k):
+    n = 30
+    z, x, t = _rand(n, 16, seed), _rand(n, 8, 10 + seed), _rand(4, 16, 20 + seed)
+    sel = select("mmtok", PruneInputs(features=z, vision=x, prompt=t), k)
+    assert sel.idx.tolist() == _mmtok_reference(z, x, t, k)
+    assert sel.idx.tolist() == _mmtok_official(z, x, t, k).tolist()
+    sel2 = select("mmtok", PruneInputs(features=z, vision=x, prompt=t), k, alpha=2.0, tau_tv=0.1, tau_vv=0.05)
+    assert sel2.idx.tolist() == _mmtok_reference(z, x, t, k, 2.0, 0.1, 0.05)
+
+
+def test_mmtok_keywords_and_options():
+    from zoocli.methods.mmtok import question_keywords
+
+    assert question_keywords("What color is the circle?") == "color circle"
+    assert question_keywords("Is there a red square? Answer the question using a single word or phrase.") \
+        == "there red square"
+    assert question_keywords("What is it?") == "What is it?"  # nothing descriptive left: the whole text
+    with pytest.raises(UsageError):
+        parse_method_spec("mmtok:tau_tv=0")
+    with pytest.raises(UsageError):
+        parse_method_spec("mmtok:prompt_scope=words")

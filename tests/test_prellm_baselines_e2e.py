@@ -14,6 +14,7 @@ import torch
 
 from zoocli.methods.cdpruner import cdpruner_select
 from zoocli.methods.downsample import pool_plan
+from zoocli.methods.mmtok import coverage_matrix, max_coverage_greedy, question_keywords
 from zoocli.methods.vispruner import vispruner_select
 from zoocli.methods.zoo import zoo_select
 from zoocli.pipeline import encode_image, prompt_embeddings, run_method, run_one, select_tokens, split_budget
@@ -22,8 +23,8 @@ from cli_helpers import one_line_error, run as _run
 REPO = Path(__file__).resolve().parent.parent
 CUP = str(REPO / "sample_images" / "coffee_cup.jpg")
 Q = "What is in the cup?"
-NEW = ["norm", "vispruner", "cdpruner", "downsample"]
-SUPPORT = {"tiny_llava": NEW, "tiny_llava_next": NEW, "tiny_qwen": ["norm", "cdpruner", "downsample"]}
+NEW = ["norm", "vispruner", "cdpruner", "downsample", "mmtok"]
+SUPPORT = {"tiny_llava": NEW, "tiny_llava_next": NEW, "tiny_qwen": ["norm", "cdpruner", "downsample", "mmtok"]}
 CASES = [(m, meth) for m, meths in SUPPORT.items() for meth in meths]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -102,6 +103,20 @@ def test_downsample_feeds_pooled_projected_tokens_at_bin_centres(request, image,
         torch.testing.assert_close(sel.tokens[row], want.to(sel.tokens.dtype), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("fixture", ["tiny_llava", "tiny_qwen"])
+def test_mmtok_kept_set_covers_the_question_keywords(request, image, fixture):
+    adapter = request.getfixturevalue(fixture)
+    enc = encode_image(adapter, image, Q)
+    keep = 6
+    res = run_method(adapter, enc, "mmtok", keep, max_new_tokens=1)
+    kw = prompt_embeddings(adapter, enc.prepared, "keywords")
+    ids = adapter.processor.tokenizer(question_keywords(Q), add_special_tokens=False)["input_ids"]
+    torch.testing.assert_close(kw, adapter.embed_ids(torch.tensor(ids)))
+    assert kw.shape[0] < prompt_embeddings(adapter, enc.prepared, "question").shape[0]  # stop words gone
+    cover = coverage_matrix(enc.encoded.features, enc.encoded.vision, kw)
+    assert res.kept_indices == sorted(max_coverage_greedy(cover, keep).tolist())
+
+
 def test_norm_kept_set_is_zoo_greedy_on_feature_norms(tiny_qwen, image):
     enc = encode_image(tiny_qwen, image, Q)
     res = run_method(tiny_qwen, enc, "norm", 5, max_new_tokens=1)
@@ -132,9 +147,10 @@ def test_methods_compare_bench_and_score_take_the_new_methods():
     assert [r["method"] for r in d["rows"]] == ["none", "zoo"] + NEW
     assert all(r["kept"] == 10 for r in d["rows"][1:])
     bench = json.loads(_run("bench", "--model", "tiny-qwen2.5-vl", "--budgets", "6", "--methods",
-                            "norm,cdpruner,downsample", "--images", CUP, "--repeats", "1", "--warmup", "0",
+                            "norm,cdpruner,downsample,mmtok", "--images", CUP, "--repeats", "1", "--warmup", "0",
                             "--max-new-tokens", "2", "--json").stdout)
-    assert [r["method"] for r in bench] == ["none", "norm", "cdpruner", "downsample"]
+    assert [r["method"] for r in bench] == ["none", "norm", "cdpruner", "downsample", "mmtok"]
+    assert all(r["kept_tokens"] == 6 for r in bench[1:])
     s = json.loads(_run("score", CUP, Q, "--model", "tiny-llava", "--json").stdout)
     sens = torch.tensor([t["sensitivity"] for t in s["tokens"]])
     from zoocli.ops import spearman

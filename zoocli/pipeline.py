@@ -77,16 +77,23 @@ class SelectionResult:
     per_scope: list[int]  # kept tokens per scope
 
 
-PROMPT_SCOPES = ("question", "all_text")
+PROMPT_SCOPES = ("question", "all_text", "keywords")
 
 
 @torch.no_grad()
 def prompt_embeddings(adapter: Adapter, prepared: Prepared, scope: str = "question") -> Tensor:
     """LLM input embeddings of the prompt tokens [T, D] (for prompt-aware methods): ``question``:
     the question's tokens alone; ``all_text``: every non-image token of the prompt (system prompt,
-    chat template, question)."""
+    chat template, question); ``keywords``: the question's descriptive words (MMTok's stop-word
+    filter, ``zoocli.methods.mmtok.question_keywords``) as plain text."""
     if scope == "question":
         ids = prepared.question_ids
+    elif scope == "keywords":
+        from zoocli.adapters.prompt import question_ids
+        from zoocli.methods.mmtok import question_keywords
+
+        ids = torch.tensor(question_ids(adapter.processor.tokenizer, question_keywords(prepared.question)),
+                           dtype=torch.long, device=prepared.question_ids.device)
     elif scope == "all_text":
         ids = prepared.inputs["input_ids"][0]
         mask = prepared.inputs["attention_mask"][0].bool()

@@ -306,3 +306,4 @@ from zoocli.methods import zoo_norm as _zoo_norm  # noqa: E402,F401
 from zoocli.methods import vispruner as _vispruner  # noqa: E402,F401
 from zoocli.methods import cdpruner as _cdpruner  # noqa: E402,F401
 from zoocli.methods import downsample as _downsample  # noqa: E402,F401
+from zoocli.methods import mmtok as _mmtok  # noqa: E402,F401
