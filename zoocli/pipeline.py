@@ -77,16 +77,23 @@ class SelectionResult:
     per_scope: list[int]  # kept tokens per scope
 
 
-PROMPT_SCOPES = ("question", "all_text")
+PROMPT_SCOPES = ("question", "all_text", "keywords")
 
 
 @torch.no_grad()
 def prompt_embeddings(adapter: Adapter, prepared: Prepared, scope: str = "question") -> Tensor:
     """LLM input embeddings of the prompt tokens [T, D] (for prompt-aware methods): ``question``:
     the question's tokens alone; ``all_text``: every non-image token of the prompt (system prompt,
-    chat template, question)."""
+    chat template, question); ``keywords``: the question's descriptive words (MMTok's stop-word
+    filter, ``zoocli.methods.mmtok.question_keywords``) as plain text."""
     if scope == "question":
         ids = prepared.question_ids
+    elif scope == "keywords":
+        from zoocli.adapters.prompt import question_ids
+        from zoocli.methods.mmtok import question_keywords
+
+        ids = torch.tensor(question_ids(adapter.processor.tokenizer, question_keywords(prepared.question)),
+                           dtype=torch.long, device=prepared.question_ids.device)
     elif scope == "all_text":
         ids = prepared.inputs["input_ids"][0]
         mask = prepared.inputs["attention_mask"][0].bool()
@@ -98,9 +105,10 @@ def prompt_embeddings(adapter: Adapter, prepared: Prepared, scope: str = "questi
 
 def prune_inputs(
     method: Method, adapter: Adapter, prepared: Prepared, encoded: Encoded, index: Tensor,
-    grid, seed: int, signals: dict[str, Tensor],
+    grid, seed: int, signals: dict[str, Tensor], cells: Tensor | None = None,
 ) -> PruneInputs:
-    """The ``PruneInputs`` of one scope, holding exactly the signals ``method`` needs."""
+    """The ``PruneInputs`` of one scope, holding exactly the signals ``method`` needs (and, like
+    ``grid``, the scope's ``cells`` when it has a grid)."""
     _check_provides(method, adapter)
     kw: dict[str, Any] = {}
     if "vision" in method.needs:
@@ -112,7 +120,7 @@ def prune_inputs(
             kw[name] = signals[name][index]
     if "prompt" in method.needs:
         kw["prompt"] = signals["prompt"]
-    return PruneInputs(features=encoded.features[index], grid=grid, seed=seed, **kw)
+    return PruneInputs(features=encoded.features[index], grid=grid, cells=cells, seed=seed, **kw)
 
 
 def _check_provides(method: Method, adapter: Adapter) -> None:
@@ -143,18 +151,18 @@ def select_tokens(
         signals["prompt"] = prompt_embeddings(adapter, prepared, scope_opt)
     n, dev = encoded.features.shape[0], encoded.features.device
     if scope == "global" and len(encoded.scopes) > 1:  # one selection over all crops, no grid
-        groups = [(torch.arange(n, device=dev), None)]
+        groups = [(torch.arange(n, device=dev), None, None)]
     else:
-        groups = [(s.index.to(dev), s.grid) for s in encoded.scopes]
-    quotas = split_budget(keep, [len(index) for index, _ in groups])
+        groups = [(s.index.to(dev), s.grid, s.cells) for s in encoded.scopes]
+    quotas = split_budget(keep, [len(index) for index, _, _ in groups])
     kept, tokens = [], []
     scores = torch.full((n,), float("nan"), device=dev)  # stays on the device: no host read here
-    live = [(index, grid, q) for (index, grid), q in zip(groups, quotas) if q > 0]
-    inps = [prune_inputs(method, adapter, prepared, encoded, index, grid, seed, signals)
-            for index, grid, _ in live]
-    sels = select_scopes(method_name, inps, [q for _, _, q in live], **options)
+    live = [(index, grid, cells, q) for (index, grid, cells), q in zip(groups, quotas) if q > 0]
+    inps = [prune_inputs(method, adapter, prepared, encoded, index, grid, seed, signals, cells)
+            for index, grid, cells, _ in live]
+    sels = select_scopes(method_name, inps, [q for *_, q in live], **options)
     has_tokens = has_scores = False
-    for (index, _, _), sel in zip(live, sels):
+    for (index, *_), sel in zip(live, sels):
         kept.append(index[sel.idx])
         tokens.append(sel.tokens if sel.tokens is not None else encoded.features[index[sel.idx]])
         has_tokens |= sel.tokens is not None

@@ -367,7 +367,7 @@ def top_tokens_table(top: Sequence[Mapping[str, Any]]) -> Table:
 
 
 def score_view(out: Mapping[str, Any], scopes, values: Sequence[float]) -> list[RenderableType]:
-    """`zoo score`: the heatmap, the statistics line, the top tokens, the encoder Spearman."""
+    """`zoo score`: the heatmap, the statistics line, the top tokens, the norm and encoder Spearmans."""
     st = out["stats"]
     views: list[RenderableType] = [
         heat_panel(scopes, values, st["min"], st["max"]),
@@ -376,6 +376,9 @@ def score_view(out: Mapping[str, Any], scopes, values: Sequence[float]) -> list[
              f"max {st['max']:.4g}"),
         top_tokens_table(out["top"]),
     ]
+    if "spearman_sensitivity_vs_norm" in out:
+        views.append(Text(f"Spearman(sensitivity, post-projector L2 norm) = "
+                          f"{out['spearman_sensitivity_vs_norm']:.3f}"))
     if "spearman_encoder_vs_projector" in out:
         views.append(Text(f"Spearman(encoder-input sensitivity, projector sensitivity) = "
                           f"{out['spearman_encoder_vs_projector']:.3f}"))

@@ -5,7 +5,9 @@ statistics and the most sensitive tokens (by grid position) that the command sho
 (``zoocli.sensitivity.token_sensitivity``); ``summary`` turns the values into min / median / max
 and the top tokens with their (scope, row, col); ``encoder_agreement`` adds the paper's Fig. 2
 check (sensitivity at the vision encoder's input) and its Spearman correlation with the
-projector's (``zoocli.ops.spearman``: average ranks for ties, the one Spearman of the package).
+projector's (``zoocli.ops.spearman``: average ranks for ties, the one Spearman of the package);
+``norm_agreement`` the Spearman between the sensitivity and the post-projector L2 norm ||Z_i||
+(a published audit's claim that the two rank tokens alike; the ``norm`` method is the greedy on it).
 No printing here.
 """
 
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -25,6 +27,7 @@ class Scored:
     values: list[float]
     layout: list[dict[str, Any]]  # pipeline.scope_layout, nothing kept
     units: str = ""  # what the values measure, for legends
+    norms: list[float] = field(default_factory=list)  # ||Z_i||_2 of each projected token
 
 
 def units(zoo: Mapping[str, Any]) -> str:
@@ -48,7 +51,18 @@ def score_image(adapter, image, question: str, *, seed: int, zoo: Mapping[str, A
     s = token_sensitivity(enc.encoded.vision, adapter.projector, seed=run_seed(zoo.get("estimator", "exact"), seed),
                           **zoo).cpu()
     layout = scope_layout(enc.encoded, torch.zeros(0, dtype=torch.long))
-    return Scored(enc, [float(v) for v in s], layout, units(zoo))
+    norms = enc.encoded.features.float().norm(dim=-1).cpu()
+    return Scored(enc, [float(v) for v in s], layout, units(zoo), [float(v) for v in norms])
+
+
+def norm_agreement(scored: Scored) -> dict[str, Any]:
+    """The post-projector L2 norms and their Spearman correlation with the sensitivity."""
+    import torch
+
+    from zoocli.ops import spearman
+
+    return {"norms": scored.norms,
+            "spearman_sensitivity_vs_norm": spearman(torch.tensor(scored.values), torch.tensor(scored.norms))}
 
 
 def positions(scopes: Sequence[Mapping[str, Any]]) -> dict[int, tuple[str, int, int]]:

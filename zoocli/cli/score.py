@@ -33,7 +33,7 @@ def score(
 ) -> None:
     """Show where the zeroth-order sensitivity is: a heatmap laid out like the image."""
     from zoocli import render
-    from zoocli.score import encoder_agreement, score_image, summary
+    from zoocli.score import encoder_agreement, norm_agreement, score_image, summary
 
     if image is None:
         from zoocli.cli.compare import with_sample
@@ -49,7 +49,7 @@ def score(
     scored = score_image(adapter, img, q, seed=opts.seed, zoo=zoo)
     out = {"model": adapter.model_id, "n_visual_tokens": len(scored.values), "m": opts.m,
            "h": opts.h, "seed": opts.seed, "estimator": opts.estimator, "rank": opts.rank,
-           **summary(scored.values, scored.layout, top)}
+           **summary(scored.values, scored.layout, top), **norm_agreement(scored)}
     if vs_encoder:
         from zoocli.cli.progress import Steps
 

@@ -49,7 +49,9 @@ class PruneInputs:
     (VisionZip), ``vision_keys`` [N, Dk] that layer's keys (VisionZip's merge metric),
     ``text_attn`` [N] attention received inside the LLM (kept for external methods; no adapter
     provides it), ``prompt`` [T, D] LLM input embeddings of the prompt tokens (ZSPAPrune).
-    ``grid`` is (rows, cols) for one scope.
+    ``grid`` is (rows, cols) for one scope and ``cells`` [N, 2] each token's (row, col) in it
+    (LLaVA-NeXT crops cut by unpadding hold fewer cells than the grid); both None for a global
+    selection over several crops.
     """
 
     features: Tensor  # [N, D]
@@ -60,6 +62,7 @@ class PruneInputs:
     text_attn: Tensor | None = None  # [N]
     prompt: Tensor | None = None  # [T, D]
     grid: tuple[int, int] | None = None
+    cells: Tensor | None = None  # [N, 2] (row, col) in ``grid``
     seed: int = 0
 
     @property
@@ -218,6 +221,8 @@ def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
 def _parse_value(raw: str) -> Any:
     if raw.lower() in ("none", "null"):
         return None
+    if raw.lower() in ("true", "false"):
+        return raw.lower() == "true"
     for cast in (int, float):
         try:
             return cast(raw)
@@ -306,3 +311,8 @@ from zoocli.methods import fastv as _fastv  # noqa: E402,F401
 from zoocli.methods import sparsevlm as _sparsevlm  # noqa: E402,F401
 from zoocli.methods import visionzip as _visionzip  # noqa: E402,F401
 from zoocli.methods import zspaprune as _zspaprune  # noqa: E402,F401
+from zoocli.methods import zoo_norm as _zoo_norm  # noqa: E402,F401
+from zoocli.methods import vispruner as _vispruner  # noqa: E402,F401
+from zoocli.methods import cdpruner as _cdpruner  # noqa: E402,F401
+from zoocli.methods import downsample as _downsample  # noqa: E402,F401
+from zoocli.methods import mmtok as _mmtok  # noqa: E402,F401
