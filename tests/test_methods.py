@@ -240,7 +240,7 @@ def _view(n_layers: int, n: int = 12, length: int = 30, seed: int = 0) -> LLMVie
 
 
 def test_every_method_has_exactly_one_compute():
-    assert IN_LLM == ["fastv", "sparsevlm"]
+    assert IN_LLM == ["dart", "fastv", "pyramiddrop", "sparsevlm"]
     for m in METHODS.values():
         assert (m.fn is None) == (m.stage == "in_llm") == (m.plan is not None)
 

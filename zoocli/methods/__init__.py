@@ -297,3 +297,5 @@ from zoocli.methods import fastv as _fastv  # noqa: E402,F401
 from zoocli.methods import sparsevlm as _sparsevlm  # noqa: E402,F401
 from zoocli.methods import visionzip as _visionzip  # noqa: E402,F401
 from zoocli.methods import zspaprune as _zspaprune  # noqa: E402,F401
+from zoocli.methods import dart as _dart  # noqa: E402,F401
+from zoocli.methods import pyramiddrop as _pyramiddrop  # noqa: E402,F401
