@@ -289,7 +289,7 @@ def test_import_of_registry_and_adapters_skips_torch_and_transformers():
         "from zoocli.methods import METHODS, parse_method_spec\n"
         "from zoocli.errors import UsageError\n"
         "rows = [(m.name, m.stage, sorted(m.needs), dict(m.options), m.paper) for m in METHODS.values()]\n"
-        "assert len(rows) == 10, rows\n"
+        "assert len(rows) == 12, rows\n"
         "assert parse_method_spec('fastv:K=3') == ('fastv', {'K': 3})\n"
         "try:\n    parse_method_spec('fastv:K=abc')\nexcept UsageError:\n    pass\n"
         "else:\n    raise SystemExit('fastv:K=abc accepted')\n"
