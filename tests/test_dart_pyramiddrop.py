@@ -162,7 +162,8 @@ def _reference_schedule(keep, n, n_layers):
 
     layouts = [pdrop_layers(lay, n_layers) for lay in ((8, 16, 24), (2, 8, 16))]
     layers = next((ls for ls in layouts if avg(ls, [1, 1, 1]) <= keep), layouts[-1])
-    cands = sorted({0.0, 1.0} | {min(1.0, (c / n) ** (1 / s) * (1 + 1e-12)) for c in range(1, n + 1) for s in (1, 2, 3)})
+    cands = {min(1.0, (c / n) ** (1 / s) * (1 + 1e-12)) for c in range(1, n + 1) for s in (1, 2, 3)}
+    cands = sorted(cands | {0.0, 1.0})
     best = max(lam for lam in cands if lam == 0.0 or avg(layers, counts(lam)) <= keep)
     return list(zip(layers, counts(best)))
 
@@ -336,6 +337,16 @@ def test_dart_end_to_end_keeps_the_official_set(request, image, fixture):
     states = lm.norm(out.hidden_states[1])[0]
     want = official_dart(keys, states, visual.tolist(), text.tolist(), keep - p_img, p_img, p_txt)
     assert visual[torch.tensor(res.kept_indices)].tolist() == want
+    seen = {}  # what the loop hands the scorer: the stock cache's keys, the stock normed states
+
+    def capture(ctx):
+        seen["keys"], seen["states"] = ctx.keys(), ctx.final_norm(ctx.state)
+        return last_token_scorer(ctx)
+
+    generate_pruned(adapter.model, inputs.inputs_embeds, visual, [PruneStage(1, keep, capture)],
+                    attention_mask=inputs.attention_mask, position_ids=inputs.position_ids, max_new_tokens=1)
+    torch.testing.assert_close(seen["keys"], keys, rtol=0, atol=1e-5)
+    torch.testing.assert_close(seen["states"], states, rtol=0, atol=1e-5)
     assert res.stage == "in_llm" and res.llm_stages == [{"layer": 1, "scored_layer": 0, "before": enc.n,
                                                          "kept": keep}]
     assert res.n_llm_visual_kept == res.n_llm_visual_full - enc.n + keep

@@ -47,7 +47,7 @@ from zoocli.timing import TokenClock, device_sync
 class StageContext:
     """What a scorer sees at a stage. Row indices are into the CURRENT (possibly already pruned) sequence."""
 
-    layer: int  # the layer whose attention ``attention`` recomputes (stage layer - 1, or the stage layer: own_layer)
+    layer: int  # the layer ``attention`` recomputes: stage layer - 1 (own_layer: the stage layer)
     visual: Tensor  # [n] current row indices of the visual tokens still present
     orig: Tensor  # [S] original sequence index of every current row
     hidden: Tensor  # [S, D] input hidden states of ``layer`` (before its input norm)
