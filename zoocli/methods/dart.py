@@ -3,7 +3,9 @@
 Wen et al., 2025, arXiv:2502.11494 (official code: ZichenWen1/DART, Apache-2.0, read at its last
 upstream commit 5a19452fc173017191c247848673e0bde755695a, 2025-08-31: ``llava/model/language_model/
 modeling_llama_self.py`` ``DART.forward`` / ``get_retained_image_token``, the Qwen2.5-VL port
-``Qwen2_5-VL/Qwen2_5VL_DART/modeling_qwen2_5_vl_self.py``, defaults in ``llava/eval/model_vqa_loader.py``).
+``Qwen2_5-VL/Qwen2_5VL_DART/modeling_qwen2_5_vl_self.py``, defaults in ``llava/eval/model_vqa_loader.py``
+and ``scripts/v1_5/eval/*.sh``; read in the history of the fork xqy1111111/DART, whose commits up to
+that one are the upstream's: no snapshot of the upstream itself was available here).
 
 Duplication-aware pruning inside the LLM, once, before layer K (default 2):
 
@@ -26,8 +28,9 @@ image_pivots`` keeps the top-``keep`` image pivots.
 Deviations from the official code: per-pivot counts as above (exact budget); ties go to the lowest
 index (``torch.topk`` leaves them unspecified); the similarities are computed in float32 (official:
 the model dtype); the keys' L1 norm is over the KV heads (official LLaVA: after ``repeat_kv``, each
-KV head repeated, the same ranking); with a KV cache the pruning happens once at prefill (as the
-official code); on an LLM with at most K layers K is clamped to ``n_layers - 1`` (the offline tiny
+KV head repeated, the same ranking); the keys are recomputed from layer K-1's input (official:
+returned by that layer's patched forward); with a KV cache the pruning happens once at prefill (as
+in the official code); on an LLM with at most K layers K is clamped to ``n_layers - 1`` (the offline tiny
 models); LLaVA-NeXT newline tokens are not candidates and are never pruned (official: part of the
 image span).
 """
