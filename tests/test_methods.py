@@ -241,7 +241,7 @@ def _view(n_layers: int, n: int = 12, length: int = 30, seed: int = 0) -> LLMVie
 
 
 def test_every_method_has_exactly_one_compute():
-    assert IN_LLM == ["fastv", "sparsevlm"]
+    assert IN_LLM == ["dart", "fastv", "pyramiddrop", "sparsevlm"]
     for m in METHODS.values():
         assert (m.fn is None) == (m.stage == "in_llm") == (m.plan is not None)
 
@@ -290,7 +290,7 @@ def test_import_of_registry_and_adapters_skips_torch_and_transformers():
         "from zoocli.methods import METHODS, parse_method_spec\n"
         "from zoocli.errors import UsageError\n"
         "rows = [(m.name, m.stage, sorted(m.needs), dict(m.options), m.paper) for m in METHODS.values()]\n"
-        "assert {'zoo', 'divprune', 'fastv', 'norm', 'vispruner', 'cdpruner', 'downsample'} <= {r[0] for r in rows}, rows\n"
+        "assert {'zoo', 'divprune', 'fastv', 'norm', 'vispruner', 'cdpruner', 'downsample', 'dart', 'pyramiddrop'} <= {r[0] for r in rows}, rows\n"
         "assert parse_method_spec('fastv:K=3') == ('fastv', {'K': 3})\n"
         "try:\n    parse_method_spec('fastv:K=abc')\nexcept UsageError:\n    pass\n"
         "else:\n    raise SystemExit('fastv:K=abc accepted')\n"

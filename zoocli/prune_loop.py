@@ -10,7 +10,9 @@ Semantics:
 - A ``PruneStage(layer=l, n_keep, scorer)`` prunes BEFORE decoder layer ``l`` (FastV's K). The
   scorer sees the attention of layer ``l - 1``, recomputed for the query rows it asks for only
   (``Decoder.attention_rows``). The model keeps its own attention implementation (SDPA/flash) for
-  the actual forward.
+  the actual forward. ``own_layer=True`` (PyramidDrop) scores on layer ``l``'s own attention over its
+  input instead. The scorer may also read the stage layer's input states, the post-RoPE keys of the
+  scored layer and the LLM's final norm (DART).
 - Kept tokens keep their ORIGINAL position ids (FastV's inplace mode); for Qwen2.5-VL the three
   M-RoPE rows are sliced the same way.
 - The cache of layers < l holds the full sequence, layers >= l the pruned one. Masks are built here
@@ -45,11 +47,14 @@ from zoocli.timing import TokenClock, device_sync
 class StageContext:
     """What a scorer sees at a stage. Row indices are into the CURRENT (possibly already pruned) sequence."""
 
-    layer: int  # the layer whose attention ``attention`` recomputes (= stage layer - 1)
+    layer: int  # the layer ``attention`` recomputes: stage layer - 1 (own_layer: the stage layer)
     visual: Tensor  # [n] current row indices of the visual tokens still present
     orig: Tensor  # [S] original sequence index of every current row
     hidden: Tensor  # [S, D] input hidden states of ``layer`` (before its input norm)
     attention: Callable[[Tensor], Tensor]  # rows [R] -> softmax weights [H, R, S], float32
+    state: Tensor | None = None  # [S, D] input hidden states of the stage layer (= output of layer - 1)
+    keys: Callable[[], Tensor] | None = None  # () -> [S, Hkv * hd] post-RoPE keys of ``layer`` on ``hidden``
+    final_norm: Callable[[Tensor], Tensor] | None = None  # the LLM's final norm (before the LM head)
 
     def rows_of(self, orig_rows: Tensor) -> Tensor:
         """Current row indices of the given ORIGINAL sequence indices that are still present."""
@@ -84,6 +89,9 @@ class PruneStage:
     layer: int  # first decoder layer that runs on the pruned sequence; layer-1's attention is scored
     n_keep: int  # visual tokens kept (of those still present); >= present is a no-op
     scorer: Scorer = last_token_scorer
+    # True: the scorer sees the stage layer's OWN attention on its input (PyramidDrop ranks with the
+    # q/k of the first layer that runs on the pruned sequence), not layer - 1's
+    own_layer: bool = False
 
 
 @dataclass
@@ -92,6 +100,7 @@ class StageRecord:
     present: Tensor  # [n] visual-span indices (0..N-1) present before the stage
     scores: Tensor  # [n] the scorer's output, aligned with ``present``
     kept: Tensor  # [k] visual-span indices kept, ascending
+    scored_layer: int | None = None  # the layer whose attention / keys the scorer saw
 
 
 @dataclass
@@ -172,15 +181,17 @@ def _apply_stage(dec: Decoder, i: int, stage: PruneStage, seq: _Seq, saved: Tens
     """Score the present visual tokens on layer ``i - 1``'s attention and keep the top ``n_keep``;
     prunes ``seq`` in place. Returns the stage record and the kept rows (None if nothing was dropped)."""
     dev = seq.h.device
+    j, h, pe, valid = (i, seq.h, seq.pe, seq.valid) if stage.own_layer else (i - 1, saved, saved_pe, saved_valid)
     ctx = StageContext(
-        layer=i - 1, visual=seq.vis, orig=seq.orig, hidden=saved[0],
-        attention=lambda rows: dec.attention_rows(i - 1, saved, rows.to(dev), saved_pe, saved_valid),
+        layer=j, visual=seq.vis, orig=seq.orig, hidden=h[0],
+        attention=lambda rows: dec.attention_rows(j, h, rows.to(dev), pe, valid),
+        state=seq.h[0], keys=lambda: dec.keys(j, h, pe), final_norm=dec.final_norm,
     )
     scores = stage.scorer(ctx).float()
     present = torch.searchsorted(visual, seq.orig[seq.vis])
     keep_local = torch.sort(stable_topk(scores, min(stage.n_keep, seq.vis.numel()))).values
     kept_rows = seq.vis[keep_local]
-    record = StageRecord(layer=i, present=present, scores=scores, kept=present[keep_local])
+    record = StageRecord(layer=i, present=present, scores=scores, kept=present[keep_local], scored_layer=j)
     if kept_rows.numel() == seq.vis.numel():
         return record, None
     drop = torch.ones(seq.orig.numel(), dtype=torch.bool, device=dev)
@@ -313,7 +324,7 @@ def _timed(scorer: Scorer, dev, spent: list[float]) -> Scorer:
 
 def _last_stage(res: LoopResult, n: int) -> tuple[Tensor, Tensor | None, list[dict[str, int]]]:
     """(kept candidates, last-stage scores per candidate, per-stage summary) of a loop result."""
-    info = [{"layer": r.layer, "scored_layer": r.layer - 1, "before": int(r.present.numel()),
+    info = [{"layer": r.layer, "scored_layer": r.scored_layer, "before": int(r.present.numel()),
              "kept": int(r.kept.numel())} for r in res.stages]
     if not res.stages:
         return torch.arange(n), None, info

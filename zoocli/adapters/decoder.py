@@ -112,6 +112,25 @@ class Decoder:
     def eos(self, eos_token_id: Any = None) -> frozenset[int]:
         return eos_ids(self.model, eos_token_id)
 
+    def final_norm(self, h: Tensor) -> Tensor:
+        """The LLM's final norm (the one before the LM head) applied to hidden states ``h``."""
+        return self.lm.norm(h)
+
+    def keys(self, i: int, hidden: Tensor, pe: tuple[Tensor, Tensor]) -> Tensor:
+        """Post-RoPE keys [S, Hkv * hd] of decoder layer ``i`` (what its KV cache holds) for its
+        input ``hidden`` [1, S, D] and (cos, sin) ``pe``; heads concatenated per token, not repeated."""
+        layer = self.lm.layers[i]
+        attn = layer.self_attn
+        x = layer.input_layernorm(hidden)  # [1, S, D]
+        hd, s = attn.head_dim, x.shape[1]
+        k = attn.k_proj(x).view(1, s, -1, hd)  # [1, S, Hkv, hd]
+        if getattr(attn, "k_norm", None) is not None:
+            k = attn.k_norm(k)
+        k = k.transpose(1, 2)
+        cos, sin = pe
+        k, _ = _rope_fn(attn, cos)(k, k, cos, sin)  # [1, Hkv, S, hd]
+        return k[0].transpose(0, 1).reshape(s, -1)
+
     def attention_rows(self, i: int, hidden: Tensor, rows: Tensor, pe: tuple[Tensor, Tensor],
                        valid: Tensor) -> Tensor:
         """Softmax attention weights [H, R, S] (float32) of decoder layer ``i`` for query ``rows``.

@@ -316,3 +316,5 @@ from zoocli.methods import vispruner as _vispruner  # noqa: E402,F401
 from zoocli.methods import cdpruner as _cdpruner  # noqa: E402,F401
 from zoocli.methods import downsample as _downsample  # noqa: E402,F401
 from zoocli.methods import mmtok as _mmtok  # noqa: E402,F401
+from zoocli.methods import dart as _dart  # noqa: E402,F401
+from zoocli.methods import pyramiddrop as _pyramiddrop  # noqa: E402,F401
