@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import zoocli.sensitivity as S
+import zoocli.sensitivity.sampled as SP
 from zoocli.errors import UsageError
 from zoocli.sensitivity import chunk_plan, directions, token_sensitivity, tokens_per_chunk
 
@@ -136,16 +137,16 @@ def test_merger_reference_matches_module():
 
 
 def test_structures_detected():
-    assert S._structure(llava_projector()) is not None
-    assert S._structure(mlp_seq()) is not None
-    s = S._structure(qwen_merger())
+    assert S.structure(llava_projector()) is not None
+    assert S.structure(mlp_seq()) is not None
+    s = S.structure(qwen_merger())
     assert s is not None and s.norm is not None and s.norm.groups == P and s.norm.d_v == D_V
-    assert S._structure(generic()) is None
+    assert S.structure(generic()) is None
     # LayerNorm in the middle is not elementwise; a LayerNorm ln_q is not an RMSNorm
-    assert S._structure(nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 4))) is None
+    assert S.structure(nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 4))) is None
     q = qwen_merger()
     q.ln_q = nn.LayerNorm(D_V)
-    assert S._structure(q) is None
+    assert S.structure(q) is None
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -180,7 +181,7 @@ def test_full_rank_equals_no_rank(case, estimator):
     build, data, _ = CASES[case]
     p, x = build(), data()
     full = token_sensitivity(x, p, m=32, estimator=estimator)
-    k = S._structure(p).lin2.weight.shape
+    k = S.structure(p).lin2.weight.shape
     r = token_sensitivity(x, p, m=32, estimator=estimator, rank=min(k))
     assert torch.allclose(r, full, rtol=1e-4)
     assert torch.allclose(token_sensitivity(x, p, m=32, estimator=estimator, rank=10**6), full, rtol=1e-4)
@@ -212,7 +213,7 @@ def _bf16_naive(pb, xb, m, h=0.01, seed=0):
 @pytest.mark.parametrize("lowp_w2", [False, True])
 def test_bf16_ranks_like_fp32(case, lowp_w2, monkeypatch):
     if lowp_w2:  # exercise the CUDA path (W2 product in bf16) on CPU
-        monkeypatch.setattr(S, "_LOWP_W2_DEVICES", {"cpu", "cuda"})
+        monkeypatch.setattr(SP, "LOWP_W2_DEVICES", {"cpu", "cuda"})
     build, data, kind = CASES[case]
     p, x = build(), (data(outliers=4) if kind == "mlp" else data())
     pb, xb = copy.deepcopy(p).to(torch.bfloat16), x.to(torch.bfloat16)
@@ -313,7 +314,7 @@ def test_wrapped_merger_is_recognised():
 
     q, x = qwen_merger(), merger_tokens(n=20)
     w = MergerProjector(q)
-    s = S._structure(w)
+    s = S.structure(w)
     assert s is not None and s.norm is not None and s.module is q
     for est in ("fd", "jvp", "naive"):
         assert torch.allclose(token_sensitivity(x, w, m=16, estimator=est),
@@ -328,5 +329,5 @@ def test_wrapped_merger_is_recognised():
         def forward(self, x):
             return 2 * self.inner(x)
 
-    assert S._structure(Scaled(mlp_seq())) is None
-    assert S._structure(Scaled(q)) is None
+    assert S.structure(Scaled(mlp_seq())) is None
+    assert S.structure(Scaled(q)) is None

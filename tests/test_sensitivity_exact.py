@@ -1,4 +1,4 @@
-"""zoocli.sensitivity_exact: S(i) = ||J(x_i)||_F / sqrt(d_in), against float64 references.
+"""zoocli.sensitivity.exact: S(i) = ||J(x_i)||_F / sqrt(d_in), against float64 references.
 
 References: the float64 autograd Jacobian (closed form ||J||_F), the float64 a^T M a formula on
 random small projectors, and a float64 Monte Carlo E_u ||J u|| over 4096 unit directions (what the
@@ -16,7 +16,7 @@ from test_sensitivity import (
     CASES, D_IN, D_V, _merger64, generic, mlp_seq, qwen_merger, reference, tokens,
 )
 
-import zoocli.sensitivity_exact as E
+import zoocli.sensitivity.exact as E
 from zoocli.errors import UsageError
 from zoocli.ops import spearman
 from zoocli.sensitivity import SampledOptionError, check_options, token_sensitivity
@@ -109,12 +109,12 @@ def test_exact_chunking_does_not_change_results(case):
 def test_exact_matrix_is_cached_and_follows_the_weights():
     p, x = mlp_seq(), tokens(n=6)
     s = token_sensitivity(x, p)
-    m1 = E.exact_matrices(E._MLP(p, p[0], p[1], p[2]), "cpu")
-    assert E.exact_matrices(E._MLP(p, p[0], p[1], p[2]), "cpu") is m1  # cached: no recompute
+    m1 = E.exact_matrices(E.MLP(p, p[0], p[1], p[2]), "cpu")
+    assert E.exact_matrices(E.MLP(p, p[0], p[1], p[2]), "cpu") is m1  # cached: no recompute
     with torch.no_grad():
         p[2].weight.mul_(2)  # in place: _version changes
     assert torch.allclose(token_sensitivity(x, p), 2 * s, rtol=1e-5)
-    assert E.exact_matrices(E._MLP(p, p[0], p[1], p[2]), "cpu") is not m1
+    assert E.exact_matrices(E.MLP(p, p[0], p[1], p[2]), "cpu") is not m1
 
 
 @pytest.mark.parametrize("kw", [{"m": 64}, {"h": 0.01}, {"seed": 0}, {"m": 8, "h": 0.1}])

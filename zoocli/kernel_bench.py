@@ -22,9 +22,8 @@ import torch
 from torch import Tensor, nn
 
 from zoocli.ops import spearman
-from zoocli.projector import _structure, lowrank_factor
-from zoocli.sensitivity import token_sensitivity
-from zoocli.sensitivity_exact import _EXACT_M, exact_matrices
+from zoocli.sensitivity import lowrank_factor, structure, token_sensitivity
+from zoocli.sensitivity.exact import exact_matrices, forget_matrices
 from zoocli.timing import Timer, device_sync, summarize
 
 
@@ -121,9 +120,9 @@ def structured_reference(x: Tensor, proj: nn.Module, n_dirs: int, seed: int,
     ``chunk_mb``. Returns the means over the two direction halves (independent estimates: their
     Spearman is the reference's own split-half reliability; the reference is their average).
     Everything in float64; for the rows of ``zoocli.sensitivity``'s LLaVA structure only."""
-    from zoocli.sensitivity import _act_prime
+    from zoocli.sensitivity.structure import act_prime
 
-    s = _structure(proj)
+    s = structure(proj)
     if s is None or s.norm is not None:
         raise ValueError("structured_reference needs a plain Linear-act-Linear projector")
     dev = x.device
@@ -133,7 +132,7 @@ def structured_reference(x: Tensor, proj: nn.Module, n_dirs: int, seed: int,
     w1, w2 = s.lin1.weight.detach().double(), s.lin2.weight.detach().double()
     b1 = None if s.lin1.bias is None else s.lin1.bias.detach().double()
     act = copy.deepcopy(s.act).double()
-    a = _act_prime(act, nn.functional.linear(x.double(), w1, b1))  # [N, d_h]
+    a = act_prime(act, nn.functional.linear(x.double(), w1, b1))  # [N, d_h]
     v = u @ w1.T  # [D, d_h]: W1 u, once per direction
     norms = torch.empty(x.shape[0], n_dirs, dtype=torch.float64, device=dev)
     per_token = n_dirs * (w1.shape[0] + w2.shape[0]) * 8 / 2**20  # MB of one token's products
@@ -166,8 +165,8 @@ def _timed(timer, x, proj, warmup, repeats, **kw):
 
 def _exact_rows(timer, dev, x, proj, base, label, warmup, repeats):
     """The one-time M row and the warm ``exact`` row (scores returned for the Spearman columns)."""
-    s = _structure(proj)
-    _EXACT_M.pop(s.lin2, None)
+    s = structure(proj)
+    forget_matrices(s)
     t0 = timer.now()
     exact_matrices(s, dev)
     once = (timer.now() - t0) * 1e3
@@ -185,7 +184,7 @@ def _reference_columns(rows: list[dict], scores: list[Tensor], x, proj, ref_toke
     if not ref_tokens:
         return
     xr = x[:ref_tokens]
-    if _structure(proj) is not None and _structure(proj).norm is None:
+    if structure(proj) is not None and structure(proj).norm is None:
         ha, hb = structured_reference(xr, proj, ref_dirs, seed)
         ref, how = (ha + hb) / 2, "float64 E_u||J u|| (structured: W2 (a_i * W1 u))"
     else:

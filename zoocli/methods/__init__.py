@@ -234,6 +234,15 @@ def check_keep(keep: int) -> int:
     return keep
 
 
+def check_budgets(k, rows: int) -> list[int]:
+    """One budget per row: ``k`` an integer (every row) or a list of ``rows`` integers, each >= 1."""
+    if isinstance(k, (list, tuple)):
+        if len(k) != rows:
+            raise UsageError(f"{len(k)} budgets for {rows} rows")
+        return [check_keep(v) for v in k]
+    return [check_keep(k)] * rows
+
+
 def _checked(name: str, method: Method, inps: list[PruneInputs], keeps: list[int], options) -> dict:
     """The shared contract's checks, in order (every keep, the options, the signals each scope
     needs); returns the options with their defaults."""

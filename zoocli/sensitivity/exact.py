@@ -50,20 +50,25 @@ import torch
 from torch import Tensor, nn
 
 from zoocli.errors import UsageError
-from zoocli.projector import _MLP, _f32, _module32, _rows_fn, _tensor_key
-from zoocli.sensitivity import _act_prime, _probe_width, chunk_plan
+from zoocli.sensitivity.options import chunk_plan
+from zoocli.sensitivity.structure import MLP, act_prime, f32, module32, probe_width, rows_fn, tensor_key
 
 _EXACT_M: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def exact_matrices(s: _MLP, device) -> Tensor:
+def forget_matrices(s: MLP) -> None:
+    """Drop the cached M of ``s`` (the kernel benchmark times a cold build)."""
+    _EXACT_M.pop(s.lin2, None)
+
+
+def exact_matrices(s: MLP, device) -> Tensor:
     """M_p [P, d_h, d_h] float32 (P = 1 without the merger norm), cached per second Linear and
     recomputed when W1, W2 or the norm weight (data_ptr / _version / dtype / device) change."""
     device = torch.device(device)
     ts = [s.lin1.weight.detach(), s.lin2.weight.detach()]
     if s.norm is not None:
         ts.append(s.norm.weight.detach())
-    key = tuple(_tensor_key(t, device) for t in ts)
+    key = tuple(tensor_key(t, device) for t in ts)
     hit = _EXACT_M.get(s.lin2)
     if hit is not None and hit[0] == key:
         return hit[1]
@@ -84,14 +89,14 @@ def exact_matrices(s: _MLP, device) -> Tensor:
     return mats
 
 
-def exact_sensitivity(x: Tensor, projector: nn.Module, s: _MLP | None, out: Tensor, mb: float) -> Tensor:
+def exact_sensitivity(x: Tensor, projector: nn.Module, s: MLP | None, out: Tensor, mb: float) -> Tensor:
     """||J(x_i)||_F / sqrt(d_in) into ``out`` [N] (float32); see the module docstring."""
     if s is None:
         return _generic_exact(x, projector, out, mb)
     dev = x.device
     mats = exact_matrices(s, dev)
-    w1, b1 = _f32(s.lin1.weight, dev), _f32(s.lin1.bias, dev)
-    act = _module32(s.act, dev)
+    w1, b1 = f32(s.lin1.weight, dev), f32(s.lin1.bias, dev)
+    act = module32(s.act, dev)
     d_h, d_in = w1.shape
     norm = s.norm
     groups = 1 if norm is None else norm.groups
@@ -102,7 +107,7 @@ def exact_sensitivity(x: Tensor, projector: nn.Module, s: _MLP | None, out: Tens
         xf = x[a:a + tc].float()
         if norm is None:
             a0 = torch.addmm(b1, xf, w1.T) if b1 is not None else xf @ w1.T
-            gp = _act_prime(act, a0)
+            gp = act_prime(act, a0)
             q = ((gp @ mats[0]) * gp).sum(-1)
         else:
             q = _merger_sq(xf, s, mats, w1, b1, act, dev)
@@ -110,22 +115,22 @@ def exact_sensitivity(x: Tensor, projector: nn.Module, s: _MLP | None, out: Tens
     return out
 
 
-def _merger_sq(xf: Tensor, s: _MLP, mats: Tensor, w1: Tensor, b1: Tensor | None, act: nn.Module,
+def _merger_sq(xf: Tensor, s: MLP, mats: Tensor, w1: Tensor, b1: Tensor | None, act: nn.Module,
                dev: torch.device) -> Tensor:
     """||J||_F^2 [t] of the merger for the rows ``xf`` [t, P*d_v] (fp32)."""
     norm = s.norm
     groups, d_v, d_h = norm.groups, norm.d_v, w1.shape[0]
-    g = _f32(norm.weight, dev)
+    g = f32(norm.weight, dev)
     xp = xf.view(-1, groups, d_v)
     sq = xp.pow(2).sum(-1)  # ||x_p||^2 [t, P]
     r2 = sq / d_v + norm.eps  # r_p^2
     y = (xp * g / r2.sqrt()[..., None]).reshape(xf.shape[0], -1)
     a0 = torch.addmm(b1, y, w1.T) if b1 is not None else y @ w1.T
-    gp = _act_prime(act, a0)  # [t, d_h]
+    gp = act_prime(act, a0)  # [t, d_h]
     c = sq / (d_v * r2)
     v = xp / sq.sqrt().clamp_min(1e-30)[..., None]  # v_p; c_p = 0 when x_p = 0
     w = torch.einsum("tpd,hpd->tph", v * g, w1.view(d_h, groups, d_v))  # w_p [t, P, d_h]
-    bv = (gp[:, None, :] * w) @ _f32(s.lin2.weight, dev).T  # B_p v_p [t, P, d]
+    bv = (gp[:, None, :] * w) @ f32(s.lin2.weight, dev).T  # B_p v_p [t, P, d]
     frob = torch.stack([((gp @ mats[p]) * gp).sum(-1) for p in range(groups)], 1)  # [t, P]
     per_patch = frob - (2 * c - c * c) * bv.pow(2).sum(-1)
     return (per_patch / r2).sum(-1)
@@ -135,9 +140,9 @@ def _generic_exact(x: Tensor, projector: nn.Module, out: Tensor, mb: float) -> T
     """||J||_F / sqrt(d_in) with the per-token Jacobian from ``torch.func`` (fp32 module copy)."""
     dev = x.device
     d_in = x.shape[1]
-    rows = _rows_fn(None, _module32(projector, dev))
+    rows = rows_fn(None, module32(projector, dev))
     try:
-        d = _probe_width(rows, x)
+        d = probe_width(rows, x)
         jac = torch.func.jacrev if d <= d_in else torch.func.jacfwd
         per_token = torch.func.vmap(jac(lambda xi: rows(xi[None])[0]))
         # the Jacobians [t, d, d_in] and the transform's intermediates (assume 3x)

@@ -1,6 +1,6 @@
 """What a projector is made of: Linear-act-Linear, Qwen2.5-VL's merger, or anything else.
 
-The sensitivity estimators (``zoocli.sensitivity``, ``zoocli.sensitivity_exact``) take fast paths
+The sensitivity estimators (``zoocli.sensitivity.exact``, ``zoocli.sensitivity.sampled``) take fast paths
 for the projector structures recognised here and the generic ``torch.func`` / two-pass path for the
 rest. Recognised, from attributes and module types only (no model names):
 
@@ -11,10 +11,11 @@ rest. Recognised, from attributes and module types only (no model names):
 
 The activation is checked to act elementwise. A thin wrapper (no parameters of its own, one child
 with a recognised structure, equal outputs on a probe) is looked through: the adapters' row-wise
-``MergerProjector`` around the Qwen merger is one. ``_structure`` caches the result per projector.
+``MergerProjector`` around the Qwen merger is one. ``structure`` caches the result per projector.
 
-Also here: the weak caches the estimators share, fp32 copies of tensors and modules (``_f32``,
-``_module32``) and the rank-k SVD factor of the second Linear (``lowrank_factor``).
+Also here, shared by the estimators: fp32 copies of tensors and modules (``f32``, ``module32``,
+weakly cached), the rank-k SVD factor of the second Linear (``lowrank_factor``), the projector on
+rows (``rows_fn``, ``probe_width``) and an elementwise activation's derivative (``act_prime``).
 """
 
 from __future__ import annotations
@@ -35,18 +36,18 @@ _MOD32: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _SVD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _tensor_key(t: Tensor, device: torch.device) -> tuple:
+def tensor_key(t: Tensor, device: torch.device) -> tuple:
     return (t.data_ptr(), t._version, t.dtype, str(t.device), str(device))
 
 
-def _f32(t: Tensor | None, device: torch.device) -> Tensor | None:
+def f32(t: Tensor | None, device: torch.device) -> Tensor | None:
     """``t`` as float32 on ``device``; no copy when it already is, else a cached copy."""
     if t is None:
         return None
     t = t.detach()
     if t.dtype == torch.float32 and t.device == device:
         return t
-    key = _tensor_key(t, device)
+    key = tensor_key(t, device)
     hit = _F32.get(t)
     if hit is not None and hit[0] == key:
         return hit[1]
@@ -55,12 +56,12 @@ def _f32(t: Tensor | None, device: torch.device) -> Tensor | None:
     return c
 
 
-def _module32(mod: nn.Module, device: torch.device) -> nn.Module:
+def module32(mod: nn.Module, device: torch.device) -> nn.Module:
     """An fp32 copy of ``mod`` on ``device`` (the module itself when it already is), cached."""
     tensors = list(mod.parameters()) + list(mod.buffers())
     if all(t.dtype == torch.float32 and t.device == device for t in tensors if t.is_floating_point()):
         return mod
-    key = (tuple(_tensor_key(t, device) for t in tensors), str(device))
+    key = (tuple(tensor_key(t, device) for t in tensors), str(device))
     hit = _MOD32.get(mod)
     if hit is not None and hit[0] == key:
         return hit[1]
@@ -77,7 +78,7 @@ def lowrank_factor(linear: nn.Linear, k: int, device) -> Tensor:
     device = torch.device(device)
     w = linear.weight.detach()
     k = min(int(k), min(w.shape))
-    key = (_tensor_key(w, device), k)
+    key = (tensor_key(w, device), k)
     hit = _SVD.get(linear)
     if hit is not None and hit[0] == key:
         return hit[1]
@@ -92,7 +93,7 @@ def lowrank_factor(linear: nn.Linear, k: int, device) -> Tensor:
 
 
 @dataclass
-class _Norm:
+class Norm:
     weight: Tensor  # g [d_v]
     eps: float
     groups: int  # patches per row (spatial_merge_size ** 2)
@@ -100,21 +101,21 @@ class _Norm:
 
 
 @dataclass
-class _MLP:
+class MLP:
     module: nn.Module  # the projector itself
     lin1: nn.Linear
     act: nn.Module
     lin2: nn.Linear
-    norm: _Norm | None = None  # the Qwen2.5-VL merger's RMSNorm, linearised
+    norm: Norm | None = None  # the Qwen2.5-VL merger's RMSNorm, linearised
 
 
-def _is_elementwise(act: nn.Module, width: int) -> bool:
+def is_elementwise(act: nn.Module, width: int) -> bool:
     """True when ``act`` maps each entry on its own (changing some entries leaves the others)."""
     if isinstance(act, nn.Linear):
         return False
     try:
         dev = next((t.device for t in list(act.parameters()) + list(act.buffers())), torch.device("cpu"))
-        f = _module32(act, dev)
+        f = module32(act, dev)
         g = torch.Generator(device="cpu").manual_seed(1234)
         z = (2 * torch.randn(2, width, generator=g)).to(dev)
         z2 = z.clone()
@@ -129,10 +130,10 @@ def _is_elementwise(act: nn.Module, width: int) -> bool:
 def _mlp_parts(lin1, act, lin2) -> bool:
     return (isinstance(lin1, nn.Linear) and isinstance(lin2, nn.Linear)
             and isinstance(act, nn.Module) and lin1.out_features == lin2.in_features
-            and _is_elementwise(act, lin1.out_features))
+            and is_elementwise(act, lin1.out_features))
 
 
-def _rmsnorm(ln: nn.Module, d_in: int) -> _Norm | None:
+def _rmsnorm(ln: nn.Module, d_in: int) -> Norm | None:
     """The merger's ``ln_q`` as an RMSNorm (checked against the formula), else None."""
     w = getattr(ln, "weight", None)
     if isinstance(ln, nn.LayerNorm) or not isinstance(w, Tensor) or w.dim() != 1:
@@ -147,7 +148,7 @@ def _rmsnorm(ln: nn.Module, d_in: int) -> _Norm | None:
         return None
     eps = float(eps)
     with torch.no_grad():
-        f = _module32(ln, w.device)
+        f = module32(ln, w.device)
         gen = torch.Generator(device="cpu").manual_seed(4321)
         z = (1.5 * torch.randn(3, d_v, generator=gen)).to(w.device)
         want = w.detach().float() * z * torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + eps)
@@ -158,13 +159,13 @@ def _rmsnorm(ln: nn.Module, d_in: int) -> _Norm | None:
         if not (isinstance(got, Tensor) and got.shape == z.shape
                 and torch.allclose(got.float(), want, rtol=1e-4, atol=1e-5)):
             return None
-    return _Norm(weight=w, eps=eps, groups=d_in // d_v, d_v=d_v)
+    return Norm(weight=w, eps=eps, groups=d_in // d_v, d_v=d_v)
 
 
 _STRUCTURE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _structure(p: nn.Module) -> _MLP | None:
+def structure(p: nn.Module) -> MLP | None:
     """``_detect_structure`` once per projector (and parameter dtype / device): its numerical
     probes stay off the per-image path."""
     param = next(p.parameters(), None)
@@ -177,7 +178,7 @@ def _structure(p: nn.Module) -> _MLP | None:
     return s
 
 
-def _detect_structure(p: nn.Module) -> _MLP | None:
+def _detect_structure(p: nn.Module) -> MLP | None:
     """The recognised structure of a projector, or None (generic).
 
     A thin wrapper is looked through: a module with no parameters of its own and a single child
@@ -196,7 +197,7 @@ def _detect_structure(p: nn.Module) -> _MLP | None:
     z = torch.randn(3, s.lin1.in_features, generator=torch.Generator().manual_seed(77)).to(w.device, w.dtype)
     try:
         with torch.no_grad():
-            got, want = p(z), _rows_fn(s, kids[0])(z)
+            got, want = p(z), rows_fn(s, kids[0])(z)
     except Exception:  # noqa: BLE001 - a wrapper that cannot take [R, d_in] rows is not row-wise
         return None
     tol = 10 * torch.finfo(w.dtype).eps
@@ -206,25 +207,35 @@ def _detect_structure(p: nn.Module) -> _MLP | None:
     return s
 
 
-def _structure_of(p: nn.Module) -> _MLP | None:
+def _structure_of(p: nn.Module) -> MLP | None:
     """The Linear-act-Linear structure of ``p`` itself (three recognised layouts), or None."""
     parts = [getattr(p, n, None) for n in ("linear_1", "act", "linear_2")]
     if all(isinstance(q, nn.Module) for q in parts) and _mlp_parts(*parts):
-        return _MLP(p, *parts)
+        return MLP(p, *parts)
     if isinstance(p, nn.Sequential) and len(p) == 3 and _mlp_parts(p[0], p[1], p[2]):
-        return _MLP(p, p[0], p[1], p[2])
+        return MLP(p, p[0], p[1], p[2])
     ln, mlp = getattr(p, "ln_q", None), getattr(p, "mlp", None)
     if (isinstance(ln, nn.Module) and isinstance(mlp, nn.Sequential) and len(mlp) == 3
             and _mlp_parts(mlp[0], mlp[1], mlp[2])):
         norm = _rmsnorm(ln, mlp[0].in_features)
         if norm is not None:
-            return _MLP(p, mlp[0], mlp[1], mlp[2], norm)
+            return MLP(p, mlp[0], mlp[1], mlp[2], norm)
     return None
 
 
-def _rows_fn(s: _MLP | None, mod32: nn.Module) -> Callable[[Tensor], Tensor]:
+def rows_fn(s: MLP | None, mod32: nn.Module) -> Callable[[Tensor], Tensor]:
     """M on rows [R, d_in] -> [R, d] through the (fp32) module itself."""
     if s is not None and s.norm is not None:
         d_v = s.norm.d_v
         return lambda r: mod32(r.reshape(-1, d_v)).reshape(r.shape[0], -1)
     return mod32
+
+
+def probe_width(rows: Callable[[Tensor], Tensor], x: Tensor) -> int:
+    """The output width of ``rows`` (one row of ``x`` through it)."""
+    return int(rows(x[:1].float()).shape[-1])
+
+
+def act_prime(act: nn.Module, a0: Tensor) -> Tensor:
+    """act'(a0) for an elementwise activation: jvp with a ones tangent."""
+    return torch.func.jvp(act, (a0,), (torch.ones_like(a0),))[1]
