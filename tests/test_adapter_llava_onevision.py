@@ -52,13 +52,14 @@ def _case(a, size, seed=0):
 
 
 def _packed(a, p):
-    inp = p.inputs
+    import inspect
+
+    inp, cfg = p.inputs, a.model.config
+    kw = {k: getattr(cfg, k) for k in ("vision_feature_layer", "vision_feature_select_strategy", "vision_aspect_ratio")
+          if k in inspect.signature(a.model.model.get_image_features).parameters}
     with torch.no_grad():
-        return a.model.model.get_image_features(
-            pixel_values=inp["pixel_values"], image_sizes=inp["image_sizes"],
-            vision_feature_layer=a.model.config.vision_feature_layer,
-            vision_feature_select_strategy=a.model.config.vision_feature_select_strategy,
-            vision_aspect_ratio=a.model.config.vision_aspect_ratio).pooler_output[0]
+        out = a.model.model.get_image_features(pixel_values=inp["pixel_values"], image_sizes=inp["image_sizes"], **kw)
+    return (out.pooler_output if hasattr(out, "pooler_output") else out[0])[0]
 
 
 def _strip(a, ids):
