@@ -40,6 +40,10 @@ def test_declared_token_counts_of_tiny_qwen3_vl_and_tiny_llava_onevision():
     side = ip["patch_size"] * ip["merge_size"]
     assert OFFLINE_MAX_TOKENS["tiny-qwen3-vl"] == ip["max_pixels"] // (side * side)
     assert OFFLINE_MAX_TOKENS["tiny-llava-onevision"] == _llava_max_tokens(tiny_config(build_tokenizer()))
+    assert OFFLINE_MAX_TOKENS["small-llava-onevision"] == _llava_max_tokens(tiny_config(build_tokenizer(), small=True))
+    from zoocli.adapters.qwen3_vl import REAL_IMAGE_PROCESSOR as real
+
+    assert OFFLINE_MAX_TOKENS["small-qwen3-vl"] == real["max_pixels"] // (side * side) == 16384
 
 
 def test_every_offline_model_has_a_token_count():

@@ -57,6 +57,8 @@ OFFLINE_MODELS: dict[str, tuple[str, str]] = {
     "small-llava-next": ("llava_next", "zoocli.adapters.offline_llava:build_small_llava_next"),
     "tiny-qwen3-vl": ("qwen3_vl", "zoocli.adapters.qwen3_vl:build_tiny"),
     "tiny-llava-onevision": ("llava_onevision", "zoocli.adapters.llava_onevision:build_tiny"),
+    "small-qwen3-vl": ("qwen3_vl", "zoocli.adapters.qwen3_vl:build_small"),
+    "small-llava-onevision": ("llava_onevision", "zoocli.adapters.llava_onevision:build_small"),
 }
 # offline name -> the most visual tokens one image can give it (checked against the builders'
 # configs by tests/test_figures_offline.py): for picking the offline model that fits a request
@@ -68,6 +70,8 @@ OFFLINE_MAX_TOKENS: dict[str, int] = {
     "small-llava-next": 2880,  # 24x24 per tile, base + up to 2x2 tiles (llava-v1.6)
     "tiny-qwen3-vl": 24,  # max_pixels = 24 merged 32x32 tokens
     "tiny-llava-onevision": 80,  # 4x4 per tile, base + up to 2x2 tiles (newlines not counted)
+    "small-qwen3-vl": 16384,  # the real image processor: max_pixels = 16,384 merged 32x32 tokens
+    "small-llava-onevision": 3645,  # 27x27 per tile, base + up to 2x2 tiles (newlines not counted)
 }
 # offline name -> about how long its one-time build takes in seconds (measured on 2 busy CPU
 # cores: `time python3 -c "...ensure_offline_model(name, tmpdir)"` less the ~8 s of imports; the
@@ -75,6 +79,7 @@ OFFLINE_MAX_TOKENS: dict[str, int] = {
 OFFLINE_BUILD_SECONDS: dict[str, int] = {
     "tiny-llava": 5, "tiny-llava-next": 5, "tiny-qwen2.5-vl": 6, "small-llava": 15,
     "small-llava-next": 15, "tiny-qwen3-vl": 6, "tiny-llava-onevision": 5,
+    "small-qwen3-vl": 15, "small-llava-onevision": 15,
 }
 SLOW_STEP_S = 10  # a loading step expected to take longer is reported even off a terminal
 # shipped trained checkpoint -> (family, its directory under zoocli/data): loaded like a real

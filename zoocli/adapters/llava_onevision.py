@@ -228,7 +228,7 @@ def _set_generation_ids(gc, tok) -> None:
     gc.bos_token_id, gc.eos_token_id, gc.pad_token_id = None, tok.eos_token_id, tok.pad_token_id
 
 
-def tiny_config(tokenizer, second: bool = False):
+def tiny_config(tokenizer, second: bool = False, small: bool = False):
     """tiny: SigLIP 56 px / patch 14 (4x4 tokens per tile), 2+2 layers, pinpoints up to 2x2 tiles
     (anyres_max_9 never downsamples there). ``second``: other sizes and anyres_max_1, so the stitched
     grid of any multi-tile image is bilinearly downsampled."""
@@ -237,7 +237,12 @@ def tiny_config(tokenizer, second: bool = False):
     from zoocli.adapters.offline_llava import _round_up
 
     vocab = _round_up(len(tokenizer), 64)
-    if second:
+    if small:  # OneVision's tile geometry (384 px / patch 14: 27x27 per tile) with small-llava's towers
+        vision = SiglipVisionConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                                    num_attention_heads=4, image_size=384, patch_size=14)
+        text = Qwen2Config(hidden_size=512, intermediate_size=4096, num_hidden_layers=14, num_attention_heads=8,
+                           num_key_value_heads=8, vocab_size=vocab, max_position_embeddings=8192)
+    elif second:
         vision = SiglipVisionConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=3,
                                     num_attention_heads=3, image_size=70, patch_size=14)
         text = Qwen2Config(hidden_size=96, intermediate_size=160, num_hidden_layers=3, num_attention_heads=6,
@@ -257,10 +262,10 @@ def tiny_config(tokenizer, second: bool = False):
     return config
 
 
-def build_tiny(out_dir: Path, second: bool = False) -> None:
-    """Write a tiny random LLaVA-OneVision checkpoint (seed 0) and its processor to ``out_dir``."""
+def build_tiny(out_dir: Path, second: bool = False, small: bool = False) -> None:
+    """Write a tiny (or ``small``) random LLaVA-OneVision checkpoint (seed 0) and its processor to ``out_dir``."""
     tok = build_tokenizer()
-    config = tiny_config(tok, second=second)
+    config = tiny_config(tok, second=second, small=small)
     torch.manual_seed(0)
     model = LlavaOnevisionAdapter.model_class()(config).eval()
     _set_generation_ids(model.generation_config, tok)
@@ -272,3 +277,9 @@ def build_tiny(out_dir: Path, second: bool = False) -> None:
         if (p := out_dir / name).is_file() and (cfg := json.loads(p.read_text())).get("processor_class"):
             cfg["processor_class"] = "LlavaOnevisionProcessor"
             p.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def build_small(out_dir: Path) -> None:
+    """``small-llava-onevision``: 384-px SigLIP tiles (729 tokens each), pinpoints up to 2x2 tiles (base +
+    4 tiles = 3,645 tokens + newlines; anyres_max_9 never downsamples there), a ~100M Qwen2 LLM."""
+    build_tiny(out_dir, small=True)

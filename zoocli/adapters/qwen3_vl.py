@@ -305,12 +305,21 @@ class Qwen3VLAdapter(Qwen25VLAdapter):
         return gens
 
 
-def tiny_config(tokenizer, second: bool = False) -> dict:
+def tiny_config(tokenizer, second: bool = False, small: bool = False) -> dict:
     """A tiny Qwen3-VL config dict whose special ids are ``tokenizer``'s. ``second``: other sizes (a wider
-    ViT with 2 deepstack mergers, a 3-layer LLM with 6 heads) for the keep-all check on a second shape."""
+    ViT with 2 deepstack mergers, a 3-layer LLM with 6 heads) for the keep-all check on a second shape.
+    ``small``: for timing, like small-llava: a 4-block ViT of width 256 (3 deepstack mergers) and a
+    ~100M 14-layer Qwen3 LLM (head_dim 64), with the real image processor (one token per 32x32 px)."""
     ids = _special_ids(tokenizer)
     vocab = -(-max(len(tokenizer), 512) // 64) * 64
-    if second:
+    mrope = [4, 2, 2]
+    if small:
+        vision = dict(depth=4, hidden_size=256, intermediate_size=1024, num_heads=4, out_hidden_size=512,
+                      deepstack_visual_indexes=[0, 1, 2])
+        text = dict(hidden_size=512, intermediate_size=4096, num_hidden_layers=14, num_attention_heads=8,
+                    num_key_value_heads=8, head_dim=64)
+        mrope = [12, 10, 10]  # 32 rotary frequencies, the real [24, 20, 20] of 64 halved
+    elif second:
         vision = dict(depth=3, hidden_size=48, intermediate_size=96, num_heads=3, out_hidden_size=96,
                       deepstack_visual_indexes=[0, 2])
         text = dict(hidden_size=96, intermediate_size=160, num_hidden_layers=3, num_attention_heads=6,
@@ -323,19 +332,20 @@ def tiny_config(tokenizer, second: bool = False) -> dict:
     return dict(
         model_type="qwen3_vl",
         vision_config=dict(vision, patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
-                           num_position_embeddings=64, hidden_act="gelu_pytorch_tanh", initializer_range=0.3),
+                           num_position_embeddings=2304 if small else 64, hidden_act="gelu_pytorch_tanh",
+                           initializer_range=0.02 if small else 0.3),
         text_config=dict(
             text,
             vocab_size=vocab,
             max_position_embeddings=4096,
             rms_norm_eps=1e-6,
             # head_dim 16: 8 rotary frequencies, interleaved T/H/W as in the real [24, 20, 20] of 64
-            rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [4, 2, 2],
+            rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": mrope,
                              "mrope_interleaved": True},
             bos_token_id=ids["endoftext"],
             eos_token_id=ids["im_end"],
             pad_token_id=ids["endoftext"],
-            initializer_range=0.3,  # large enough that answers depend on positions and kept tokens
+            initializer_range=0.02 if small else 0.3,  # tiny: answers depend on positions and kept tokens
         ),
         image_token_id=ids["image_token_id"],
         video_token_id=ids["video_token_id"],
@@ -345,13 +355,13 @@ def tiny_config(tokenizer, second: bool = False) -> dict:
     )
 
 
-def build_tiny(out_dir: Path, second: bool = False) -> None:
-    """Write a tiny random Qwen3-VL checkpoint dir (model + processor + chat template), seed 0."""
+def build_tiny(out_dir: Path, second: bool = False, small: bool = False) -> None:
+    """Write a tiny (or ``small``) random Qwen3-VL checkpoint dir (model + processor + chat template), seed 0."""
     from transformers import GenerationConfig, Qwen3VLConfig
 
     out_dir = Path(out_dir)
-    processor = offline_processor(TINY_IMAGE_PROCESSOR)
-    config = Qwen3VLConfig.from_dict(tiny_config(processor.tokenizer, second=second))
+    processor = offline_processor(REAL_IMAGE_PROCESSOR if small else TINY_IMAGE_PROCESSOR)
+    config = Qwen3VLConfig.from_dict(tiny_config(processor.tokenizer, second=second, small=small))
     torch.manual_seed(0)
     model = Qwen3VLAdapter.model_class()(config).eval()
     ids = _special_ids(processor.tokenizer)
@@ -365,6 +375,11 @@ def build_tiny(out_dir: Path, second: bool = False) -> None:
         if (p := out_dir / name).is_file() and (cfg := json.loads(p.read_text())).get("processor_class"):
             cfg["processor_class"] = "Qwen3VLProcessor"
             p.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def build_small(out_dir: Path) -> None:
+    """``small-qwen3-vl``: Qwen3-VL's token geometry (the real image processor) with small towers."""
+    build_tiny(out_dir, small=True)
 
 
 __all__ = ["QWEN_SPECIAL_TOKENS", "Qwen3VLAdapter", "MergerProjector", "build_tiny", "tiny_config"]
