@@ -14,7 +14,8 @@ Index spaces:
 - *candidates*: the visual tokens a method may keep, rows of ``Encoded.vision`` / ``.features``.
   LLaVA-1.5: the 576 patch tokens. LLaVA-NeXT: the live patch rows of every crop (rows removed by
   unpadding are not candidates; newline tokens are not candidates, they are always kept).
-  Qwen2.5-VL: the merged (2x2) tokens in raster order.
+  Qwen2.5-VL / Qwen3-VL: the merged (2x2) tokens in raster order. LLaVA-OneVision: as LLaVA-NeXT
+  (the slots after anyres_max downsampling where it applies).
 - *scopes*: the groups a per-crop budget is split over (LLaVA-NeXT: base image, then each crop);
   one scope for the other families.
 """
