@@ -17,7 +17,7 @@ import torch
 from conftest import make_image
 
 from zoocli.adapters.decoder import cache_keyword
-from zoocli.adapters.qwen3_vl import Qwen3VLAdapter, build_tiny, offline_tokenizer, tiny_config
+from zoocli.adapters.qwen3_vl import Qwen3VLAdapter, Qwen3VLMoeAdapter, build_tiny, offline_tokenizer, tiny_config
 from zoocli.errors import UsageError
 
 pytestmark = pytest.mark.slow
@@ -32,14 +32,15 @@ _BUILT: dict = {}
 def _build(kind, tmp_path_factory):
     if kind not in _BUILT:
         d = tmp_path_factory.mktemp(f"qwen3_vl_{kind}")
-        build_tiny(d, second=kind == "second")
-        _BUILT[kind] = Qwen3VLAdapter.load(d, "cpu", torch.float32)
+        build_tiny(d, second=kind == "second", moe=kind == "moe")
+        _BUILT[kind] = (Qwen3VLMoeAdapter if kind == "moe" else Qwen3VLAdapter).load(d, "cpu", torch.float32)
     return _BUILT[kind]
 
 
-@pytest.fixture(scope="module", params=["tiny", "second"])
+@pytest.fixture(scope="module", params=["tiny", "second", "moe"])
 def adapter(request, tmp_path_factory):
-    """Both configs: the tiny one (4 LLM layers, 3 deepstack mergers) and a second with other sizes."""
+    """The tiny config (4 LLM layers, 3 deepstack mergers), a second with other sizes, and the tiny
+    config as Qwen3-VL-MoE (sparse-expert MLPs, same vision path)."""
     return _build(request.param, tmp_path_factory)
 
 
@@ -75,7 +76,7 @@ def _stock_generate(a, p, n=8):
 
 def test_tiny_checkpoint_is_consistent(adapter):
     cfg, tok = adapter.model.config, adapter.processor.tokenizer
-    assert cfg.model_type == "qwen3_vl" and adapter.family == "qwen3_vl"
+    assert cfg.model_type == adapter.family and adapter.family in ("qwen3_vl", "qwen3_vl_moe")
     assert cfg.image_token_id == tok.convert_tokens_to_ids("<|image_pad|>")
     assert cfg.vision_start_token_id == tok.convert_tokens_to_ids("<|vision_start|>")
     assert len(adapter.model.model.visual.deepstack_merger_list) == len(cfg.vision_config.deepstack_visual_indexes) >= 2

@@ -15,17 +15,17 @@ from zoocli.methods import FAMILIES, METHODS
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("offline_models", "one_thread")]
 IMAGES = Path(__file__).resolve().parent.parent / "sample_images"
 CUP = IMAGES / "coffee_cup.jpg"
-MODELS = ["tiny-qwen3-vl", "tiny-llava-onevision"]
+MODELS = ["tiny-qwen3-vl", "tiny-llava-onevision", "tiny-qwen3-vl-moe"]
 
 
 def test_families_are_known_and_listed():
-    assert {"qwen3_vl", "llava_onevision"} <= FAMILIES
+    assert {"qwen3_vl", "qwen3_vl_moe", "llava_onevision"} <= FAMILIES
     out = run("models").stdout
     for name in MODELS + ["qwen3-vl", "qwen3-vl-2b", "llava-onevision"]:
         assert name in out
 
 
-FAMILY = {"tiny-qwen3-vl": "qwen3_vl", "tiny-llava-onevision": "llava_onevision"}
+FAMILY = {"tiny-qwen3-vl": "qwen3_vl", "tiny-llava-onevision": "llava_onevision", "tiny-qwen3-vl-moe": "qwen3_vl_moe"}
 
 
 def _fails(args):

@@ -38,7 +38,7 @@ def test_declared_token_counts_of_tiny_qwen3_vl_and_tiny_llava_onevision():
     from zoocli.adapters.qwen3_vl import TINY_IMAGE_PROCESSOR as ip
 
     side = ip["patch_size"] * ip["merge_size"]
-    assert OFFLINE_MAX_TOKENS["tiny-qwen3-vl"] == ip["max_pixels"] // (side * side)
+    assert OFFLINE_MAX_TOKENS["tiny-qwen3-vl"] == OFFLINE_MAX_TOKENS["tiny-qwen3-vl-moe"] == ip["max_pixels"] // (side * side)
     assert OFFLINE_MAX_TOKENS["tiny-llava-onevision"] == _llava_max_tokens(tiny_config(build_tokenizer()))
     assert OFFLINE_MAX_TOKENS["small-llava-onevision"] == _llava_max_tokens(tiny_config(build_tokenizer(), small=True))
     from zoocli.adapters.qwen3_vl import REAL_IMAGE_PROCESSOR as real

@@ -58,6 +58,7 @@ OFFLINE_MODELS: dict[str, tuple[str, str]] = {
     "tiny-qwen3-vl": ("qwen3_vl", "zoocli.adapters.qwen3_vl:build_tiny"),
     "tiny-llava-onevision": ("llava_onevision", "zoocli.adapters.llava_onevision:build_tiny"),
     "small-qwen3-vl": ("qwen3_vl", "zoocli.adapters.qwen3_vl:build_small"),
+    "tiny-qwen3-vl-moe": ("qwen3_vl_moe", "zoocli.adapters.qwen3_vl:build_tiny_moe"),
     "small-llava-onevision": ("llava_onevision", "zoocli.adapters.llava_onevision:build_small"),
 }
 # offline name -> the most visual tokens one image can give it (checked against the builders'
@@ -70,7 +71,8 @@ OFFLINE_MAX_TOKENS: dict[str, int] = {
     "small-llava-next": 2880,  # 24x24 per tile, base + up to 2x2 tiles (llava-v1.6)
     "tiny-qwen3-vl": 24,  # max_pixels = 24 merged 32x32 tokens
     "tiny-llava-onevision": 80,  # 4x4 per tile, base + up to 2x2 tiles (newlines not counted)
-    "small-qwen3-vl": 16384,  # the real image processor: max_pixels = 16,384 merged 32x32 tokens
+    "small-qwen3-vl": 16384,
+    "tiny-qwen3-vl-moe": 24,  # tiny-qwen3-vl's processor  # the real image processor: max_pixels = 16,384 merged 32x32 tokens
     "small-llava-onevision": 3645,  # 27x27 per tile, base + up to 2x2 tiles (newlines not counted)
 }
 # offline name -> about how long its one-time build takes in seconds (measured on 2 busy CPU
@@ -79,7 +81,7 @@ OFFLINE_MAX_TOKENS: dict[str, int] = {
 OFFLINE_BUILD_SECONDS: dict[str, int] = {
     "tiny-llava": 5, "tiny-llava-next": 5, "tiny-qwen2.5-vl": 6, "small-llava": 15,
     "small-llava-next": 15, "tiny-qwen3-vl": 6, "tiny-llava-onevision": 5,
-    "small-qwen3-vl": 15, "small-llava-onevision": 15,
+    "small-qwen3-vl": 15, "small-llava-onevision": 15, "tiny-qwen3-vl-moe": 6,
 }
 SLOW_STEP_S = 10  # a loading step expected to take longer is reported even off a terminal
 # shipped trained checkpoint -> (family, its directory under zoocli/data): loaded like a real
@@ -95,6 +97,7 @@ ADAPTERS: dict[str, str] = {
     "llava_next": "zoocli.adapters.llava:LlavaNextAdapter",
     "qwen2_5_vl": "zoocli.adapters.qwen2_5_vl:Qwen25VLAdapter",
     "qwen3_vl": "zoocli.adapters.qwen3_vl:Qwen3VLAdapter",
+    "qwen3_vl_moe": "zoocli.adapters.qwen3_vl:Qwen3VLMoeAdapter",
     "llava_onevision": "zoocli.adapters.llava_onevision:LlavaOnevisionAdapter",
 }
 

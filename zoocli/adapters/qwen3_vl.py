@@ -170,6 +170,12 @@ class Qwen3VLAdapter(Qwen25VLAdapter):
         return Qwen3VLForConditionalGeneration
 
     @classmethod
+    def config_class(cls):
+        from transformers import Qwen3VLConfig
+
+        return Qwen3VLConfig
+
+    @classmethod
     def load(cls, path: str | Path, device, dtype, meaningless: bool = False, model_id: str | None = None):
         """A checkpoint dir (real or :func:`build_tiny`) -> adapter."""
         device = torch.device(device)
@@ -184,10 +190,10 @@ class Qwen3VLAdapter(Qwen25VLAdapter):
                     model_id: str | None = None):
         """Random weights at the size of ``config_dict``; the offline tokenizer + the real image-processor
         settings unless ``processor_path`` holds the real processor files."""
-        from transformers import GenerationConfig, Qwen3VLConfig
+        from transformers import GenerationConfig
 
         cfg = {k: v for k, v in copy.deepcopy(config_dict).items() if k != "_name_or_path"}
-        config = Qwen3VLConfig.from_dict(cfg)
+        config = cls.config_class().from_dict(cfg)
         processor = load_processor(processor_path) if processor_path else offline_processor()
         generation_config = GenerationConfig.from_model_config(config)
         if not processor_path:
@@ -305,7 +311,31 @@ class Qwen3VLAdapter(Qwen25VLAdapter):
         return gens
 
 
-def tiny_config(tokenizer, second: bool = False, small: bool = False) -> dict:
+class Qwen3VLMoeAdapter(Qwen3VLAdapter):
+    """Qwen3-VL-MoE (e.g. Qwen3-VL-30B-A3B): the same ViT, merger and deepstack path, the same
+    ``visual_pos_masks`` / ``deepstack_visual_embeds`` arguments of its text model; only the LLM's MLPs
+    are sparse experts, which neither the pruning nor the prune loop looks into."""
+
+    family = "qwen3_vl_moe"
+
+    @classmethod
+    def family_name(cls) -> str:
+        return "Qwen3-VL-MoE"
+
+    @classmethod
+    def model_class(cls):
+        from transformers import Qwen3VLMoeForConditionalGeneration
+
+        return Qwen3VLMoeForConditionalGeneration
+
+    @classmethod
+    def config_class(cls):
+        from transformers import Qwen3VLMoeConfig
+
+        return Qwen3VLMoeConfig
+
+
+def tiny_config(tokenizer, second: bool = False, small: bool = False, moe: bool = False) -> dict:
     """A tiny Qwen3-VL config dict whose special ids are ``tokenizer``'s. ``second``: other sizes (a wider
     ViT with 2 deepstack mergers, a 3-layer LLM with 6 heads) for the keep-all check on a second shape.
     ``small``: for timing, like small-llava: a 4-block ViT of width 256 (3 deepstack mergers) and a
@@ -329,8 +359,10 @@ def tiny_config(tokenizer, second: bool = False, small: bool = False) -> dict:
                       deepstack_visual_indexes=[0, 1, 2])
         text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                     num_key_value_heads=2, head_dim=16)
+    if moe:  # 4 experts, 2 per token, every layer sparse
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, decoder_sparse_step=1)
     return dict(
-        model_type="qwen3_vl",
+        model_type="qwen3_vl_moe" if moe else "qwen3_vl",
         vision_config=dict(vision, patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
                            num_position_embeddings=2304 if small else 64, hidden_act="gelu_pytorch_tanh",
                            initializer_range=0.02 if small else 0.3),
@@ -355,15 +387,17 @@ def tiny_config(tokenizer, second: bool = False, small: bool = False) -> dict:
     )
 
 
-def build_tiny(out_dir: Path, second: bool = False, small: bool = False) -> None:
-    """Write a tiny (or ``small``) random Qwen3-VL checkpoint dir (model + processor + chat template), seed 0."""
-    from transformers import GenerationConfig, Qwen3VLConfig
+def build_tiny(out_dir: Path, second: bool = False, small: bool = False, moe: bool = False) -> None:
+    """Write a tiny (or ``small``; ``moe``: Qwen3-VL-MoE) random checkpoint dir (model + processor +
+    chat template), seed 0."""
+    from transformers import GenerationConfig
 
     out_dir = Path(out_dir)
+    cls = Qwen3VLMoeAdapter if moe else Qwen3VLAdapter
     processor = offline_processor(REAL_IMAGE_PROCESSOR if small else TINY_IMAGE_PROCESSOR)
-    config = Qwen3VLConfig.from_dict(tiny_config(processor.tokenizer, second=second, small=small))
+    config = cls.config_class().from_dict(tiny_config(processor.tokenizer, second=second, small=small, moe=moe))
     torch.manual_seed(0)
-    model = Qwen3VLAdapter.model_class()(config).eval()
+    model = cls.model_class()(config).eval()
     ids = _special_ids(processor.tokenizer)
     model.generation_config = GenerationConfig(
         bos_token_id=ids["endoftext"], pad_token_id=ids["endoftext"], eos_token_id=[ids["im_end"], ids["endoftext"]]
@@ -373,8 +407,13 @@ def build_tiny(out_dir: Path, second: bool = False, small: bool = False) -> None
     processor.save_pretrained(out_dir)
     for name in ("processor_config.json", "tokenizer_config.json"):  # name the stock class, like real checkpoints
         if (p := out_dir / name).is_file() and (cfg := json.loads(p.read_text())).get("processor_class"):
-            cfg["processor_class"] = "Qwen3VLProcessor"
+            cfg["processor_class"] = "Qwen3VLProcessor"  # the MoE checkpoints use it too
             p.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def build_tiny_moe(out_dir: Path) -> None:
+    """``tiny-qwen3-vl-moe``: tiny-qwen3-vl with sparse-expert MLPs (Qwen3-VL-MoE)."""
+    build_tiny(out_dir, moe=True)
 
 
 def build_small(out_dir: Path) -> None:
@@ -382,4 +421,4 @@ def build_small(out_dir: Path) -> None:
     build_tiny(out_dir, small=True)
 
 
-__all__ = ["QWEN_SPECIAL_TOKENS", "Qwen3VLAdapter", "MergerProjector", "build_tiny", "tiny_config"]
+__all__ = ["QWEN_SPECIAL_TOKENS", "Qwen3VLAdapter", "Qwen3VLMoeAdapter", "MergerProjector", "build_tiny", "tiny_config"]
