@@ -237,14 +237,17 @@ def test_aliases_and_registries():
     assert MODEL_ALIASES["llava-1.5"] == "llava-hf/llava-1.5-7b-hf"
     assert MODEL_ALIASES["llava-next"] == "llava-hf/llava-v1.6-vicuna-7b-hf"
     assert set(OFFLINE_MODELS) == {"tiny-llava", "tiny-llava-next", "tiny-qwen2.5-vl", "small-llava",
-                                   "small-llava-next"}
-    assert set(ADAPTERS) == {"llava", "llava_next", "qwen2_5_vl"}
+                                   "small-llava-next", "tiny-qwen3-vl", "tiny-llava-onevision", "small-qwen3-vl",
+                                   "small-llava-onevision", "tiny-qwen3-vl-moe"}
+    assert set(ADAPTERS) == {"llava", "llava_next", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "llava_onevision"}
+    assert MODEL_ALIASES["qwen3-vl"] == "Qwen/Qwen3-VL-8B-Instruct"
+    assert MODEL_ALIASES["llava-onevision"] == "llava-hf/llava-onevision-qwen2-7b-ov-hf"
     assert adapter_class("llava") is LlavaAdapter and adapter_class("llava_next") is LlavaNextAdapter
     assert issubclass(LlavaNextAdapter, Adapter)
 
 
 def test_unknown_family(tmp_path):
-    with pytest.raises(UnknownNameError, match="unknown model family 'bert'; known: llava, llava_next, qwen2_5_vl"):
+    with pytest.raises(UnknownNameError, match="unknown model family 'bert'; known: llava, llava_next, llava_onevision, qwen2_5_vl, qwen3_vl"):
         adapter_class("bert")
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(UnknownNameError, match="known: llava, llava_next"):
@@ -303,7 +306,8 @@ def test_not_cached_hf_id_is_one_line_error(monkeypatch, tmp_path):
     msg = str(info.value)
     assert "\n" not in msg
     assert msg.startswith("model 'zoo-test-nonexistent/no-such-model' is not in the local cache")
-    assert "tiny-llava, tiny-llava-next, tiny-qwen2.5-vl, small-llava, small-llava-next, or --random-weights" in msg
+    assert ", ".join(OFFLINE_MODELS) + ", or --random-weights" in msg
+    assert "tiny-llava, tiny-llava-next, tiny-qwen2.5-vl, small-llava, small-llava-next" in msg
 
 
 def test_random_weights_needs_an_alias():

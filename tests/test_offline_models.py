@@ -33,6 +33,19 @@ def test_declared_token_count_matches_the_tiny_qwen_processor():
     assert OFFLINE_MAX_TOKENS["tiny-qwen2.5-vl"] == ip["max_pixels"] // (side * side)
 
 
+def test_declared_token_counts_of_tiny_qwen3_vl_and_tiny_llava_onevision():
+    from zoocli.adapters.llava_onevision import build_tokenizer, tiny_config
+    from zoocli.adapters.qwen3_vl import TINY_IMAGE_PROCESSOR as ip
+
+    side = ip["patch_size"] * ip["merge_size"]
+    assert OFFLINE_MAX_TOKENS["tiny-qwen3-vl"] == OFFLINE_MAX_TOKENS["tiny-qwen3-vl-moe"] == ip["max_pixels"] // (side * side)
+    assert OFFLINE_MAX_TOKENS["tiny-llava-onevision"] == _llava_max_tokens(tiny_config(build_tokenizer()))
+    assert OFFLINE_MAX_TOKENS["small-llava-onevision"] == _llava_max_tokens(tiny_config(build_tokenizer(), small=True))
+    from zoocli.adapters.qwen3_vl import REAL_IMAGE_PROCESSOR as real
+
+    assert OFFLINE_MAX_TOKENS["small-qwen3-vl"] == real["max_pixels"] // (side * side) == 16384
+
+
 def test_every_offline_model_has_a_token_count():
     assert set(OFFLINE_MAX_TOKENS) == set(OFFLINE_MODELS)
 

@@ -26,6 +26,13 @@ Semantics:
 pipeline: the stages come from the method's ``plan`` (built inside the timed prefill), the answer is
 cut at EOS and decoded by the adapter, the first / last token times come from ``TokenClock``.
 
+- Qwen3-VL's DeepStack (``deepstack``: one [N, D] tensor per injection layer, aligned with ``visual``):
+  after decoder layer j, ``deepstack[j]`` is added at the visual tokens still present, each token its own
+  row (``deepstack[j][present]``), as ``Qwen3VLTextModel`` adds it at its visual-position mask. A stage
+  at layer l drops tokens before layer l: injections after layers < l went into the full sequence (a
+  dropped token leaves with its injected row), injections after layers >= l reach the survivors only.
+  Decoded tokens are text: no injection.
+
 Batch size 1 only (as the official FastV / SparseVLM code). Sliding-window layers are refused.
 """
 
@@ -204,9 +211,19 @@ def _apply_stage(dec: Decoder, i: int, stage: PruneStage, seq: _Seq, saved: Tens
     return record, kept_rows
 
 
-def _prefill(dec: Decoder, seq: _Seq, visual: Tensor, stages: list[PruneStage], cache):
-    """Run every layer on the prefill, pruning before the stage layers. Returns (logits [V],
-    records, group_of_layer: layer -> mask group, group_valid: key validity per group)."""
+def _inject(h: Tensor, seq: _Seq, visual: Tensor, rows: Tensor) -> Tensor:
+    """DeepStack: ``h`` [1, S, D] + ``rows`` [N, D] (candidate order) at the visual tokens still present."""
+    present = torch.searchsorted(visual, seq.orig[seq.vis])  # candidate index of each present visual row
+    h = h.clone()
+    h[0, seq.vis] = h[0, seq.vis] + rows[present].to(h.device, h.dtype)
+    return h
+
+
+def _prefill(dec: Decoder, seq: _Seq, visual: Tensor, stages: list[PruneStage], cache,
+             deepstack: Sequence[Tensor] = ()):
+    """Run every layer on the prefill, pruning before the stage layers (and adding ``deepstack[i]``
+    after layer i). Returns (logits [V], records, group_of_layer: layer -> mask group, group_valid:
+    key validity per group)."""
     by_layer = {s.layer: s for s in stages}
     mask = _mask(dec.attn_impl, seq.valid, seq.orig.numel(), seq.h.dtype)
     group_of_layer: list[int] = []
@@ -224,6 +241,8 @@ def _prefill(dec: Decoder, seq: _Seq, visual: Tensor, stages: list[PruneStage], 
         if i + 1 in by_layer:
             saved, saved_valid, saved_pe = seq.h, seq.valid, seq.pe
         seq.h = dec.run_layer(i, seq.h, mask, seq.text_pos, cache, seq.pe)
+        if i < len(deepstack):
+            seq.h = _inject(seq.h, seq, visual, deepstack[i])
     return dec.logits(seq.h[:, -1:]), records, group_of_layer, group_valid
 
 
@@ -254,6 +273,7 @@ def generate_pruned(
     on_prefill_end: Callable[[], None] | None = None,
     on_token: Callable[[int, int], None] | None = None,
     return_step_logits: bool = False,
+    deepstack: Sequence[Tensor] | None = None,
 ) -> LoopResult:
     """Prefill ``inputs_embeds`` [1, L, D] with in-LLM pruning ``stages``, then greedy-decode.
 
@@ -262,7 +282,8 @@ def generate_pruned(
     [1, L], or for M-RoPE models [3, 1, L] / [4, 1, L] (row 0 = text positions, rows 1-3 M-RoPE).
     ``eos_token_id`` defaults to the model's generation config. ``on_prefill_end()`` runs once the
     prefill logits exist; ``on_token(step, id)`` after each generated token (step 0 = first token).
-    The caller synchronises the device in its callbacks.
+    The caller synchronises the device in its callbacks. ``deepstack`` (Qwen3-VL): one [N, D] tensor
+    per injection layer, rows aligned with ``visual``, added after decoder layers 0, 1, ...
     """
     dec = model if isinstance(model, Decoder) else decoder_of(model)
     dev = inputs_embeds.device
@@ -273,8 +294,12 @@ def generate_pruned(
     valid = (attention_mask[0].bool() if attention_mask is not None else torch.ones(length, dtype=torch.bool)).to(dev)
     seq = _Seq(h=inputs_embeds, orig=torch.arange(length, device=dev), valid=valid, vis=visual.clone(),
                text_pos=text_pos, rope_pos=rope_pos, pe=dec.rotary(inputs_embeds, rope_pos))
+    deepstack = list(deepstack or ())
+    if any(d.shape[0] != visual.numel() for d in deepstack) or len(deepstack) > len(dec.layers):
+        raise UsageError(f"deepstack needs at most {len(dec.layers)} tensors of {visual.numel()} rows (one per "
+                         f"visual token), got {[tuple(d.shape) for d in deepstack]}")
     cache = dec.new_cache()
-    logits, records, group_of_layer, group_valid = _prefill(dec, seq, visual, stages, cache)
+    logits, records, group_of_layer, group_valid = _prefill(dec, seq, visual, stages, cache, deepstack)
     result = LoopResult(tokens=torch.empty(0, dtype=torch.long, device=dev), stages=records,
                         prefill_logits=logits)
     if on_prefill_end is not None:
@@ -355,7 +380,7 @@ def generate_in_llm(adapter, inputs, visual: Tensor, make_stages: Callable[[], l
     res = generate_pruned(dec, inputs.inputs_embeds, visual, stages,
                           attention_mask=inputs.attention_mask, position_ids=inputs.position_ids,
                           max_new_tokens=max_new_tokens, on_prefill_end=clock.tick,
-                          on_token=lambda step, tok: clock.tick())
+                          on_token=lambda step, tok: clock.tick(), deepstack=inputs.deepstack)
     ids = adapter.answer_ids(res.tokens.tolist())
     kept, scores, info = _last_stage(res, int(visual.numel()))
     return InLLMResult(ids=ids, text=adapter.decode(ids).strip(), prefill_ms=clock.prefill_ms,

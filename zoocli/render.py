@@ -248,8 +248,10 @@ def methods_table(methods: Iterable[Any]) -> Table:
     t.add_column("stage", no_wrap=True)
     t.add_column("families")
     t.add_column("what it does · paper · deviation from the official code", overflow="fold")
+    from zoocli.methods import FAMILIES
+
     for m in methods:
-        fam = "all" if m.families >= {"llava", "llava_next", "qwen2_5_vl"} else ", ".join(sorted(m.families))
+        fam = "all" if m.families >= FAMILIES else ", ".join(sorted(m.families))
         text = Text(m.summary)
         if m.paper and m.paper != "-":
             text.append("\n" + m.paper, style="dim")

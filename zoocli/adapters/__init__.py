@@ -31,6 +31,9 @@ MODEL_ALIASES: dict[str, str] = {
     "llava-1.5-13b": "llava-hf/llava-1.5-13b-hf",
     "llava-next": "llava-hf/llava-v1.6-vicuna-7b-hf",
     "qwen2.5-vl": "Qwen/Qwen2.5-VL-7B-Instruct",
+    "qwen3-vl": "Qwen/Qwen3-VL-8B-Instruct",
+    "qwen3-vl-2b": "Qwen/Qwen3-VL-2B-Instruct",
+    "llava-onevision": "llava-hf/llava-onevision-qwen2-7b-ov-hf",
 }
 DEFAULT_MODEL = "llava-1.5"
 
@@ -40,6 +43,9 @@ RANDOM_CONFIGS: dict[str, str] = {
     "llava-1.5-13b": "llava-1.5-13b.json",
     "llava-next": "llava-next-7b.json",
     "qwen2.5-vl": "qwen2.5-vl-7b.json",
+    "qwen3-vl": "qwen3-vl-8b.json",
+    "qwen3-vl-2b": "qwen3-vl-2b.json",
+    "llava-onevision": "llava-onevision-7b.json",
 }
 
 # offline name -> (family, "module:builder"); a builder writes a checkpoint dir: builder(out_dir)
@@ -49,6 +55,11 @@ OFFLINE_MODELS: dict[str, tuple[str, str]] = {
     "tiny-qwen2.5-vl": ("qwen2_5_vl", "zoocli.adapters.qwen2_5_vl:build_tiny"),
     "small-llava": ("llava", "zoocli.adapters.offline_llava:build_small_llava"),
     "small-llava-next": ("llava_next", "zoocli.adapters.offline_llava:build_small_llava_next"),
+    "tiny-qwen3-vl": ("qwen3_vl", "zoocli.adapters.qwen3_vl:build_tiny"),
+    "tiny-llava-onevision": ("llava_onevision", "zoocli.adapters.llava_onevision:build_tiny"),
+    "small-qwen3-vl": ("qwen3_vl", "zoocli.adapters.qwen3_vl:build_small"),
+    "tiny-qwen3-vl-moe": ("qwen3_vl_moe", "zoocli.adapters.qwen3_vl:build_tiny_moe"),
+    "small-llava-onevision": ("llava_onevision", "zoocli.adapters.llava_onevision:build_small"),
 }
 # offline name -> the most visual tokens one image can give it (checked against the builders'
 # configs by tests/test_figures_offline.py): for picking the offline model that fits a request
@@ -58,13 +69,19 @@ OFFLINE_MAX_TOKENS: dict[str, int] = {
     "tiny-qwen2.5-vl": 24,  # max_pixels = 24 merged 28x28 tokens
     "small-llava": 576,  # 336 px / patch 14: 24x24
     "small-llava-next": 2880,  # 24x24 per tile, base + up to 2x2 tiles (llava-v1.6)
+    "tiny-qwen3-vl": 24,  # max_pixels = 24 merged 32x32 tokens
+    "tiny-llava-onevision": 80,  # 4x4 per tile, base + up to 2x2 tiles (newlines not counted)
+    "small-qwen3-vl": 16384,
+    "tiny-qwen3-vl-moe": 24,  # tiny-qwen3-vl's processor  # the real image processor: max_pixels = 16,384 merged 32x32 tokens
+    "small-llava-onevision": 3645,  # 27x27 per tile, base + up to 2x2 tiles (newlines not counted)
 }
 # offline name -> about how long its one-time build takes in seconds (measured on 2 busy CPU
 # cores: `time python3 -c "...ensure_offline_model(name, tmpdir)"` less the ~8 s of imports; the
 # first build of a process also builds the shared tokenizer, ~5 s): what the build's status says
 OFFLINE_BUILD_SECONDS: dict[str, int] = {
     "tiny-llava": 5, "tiny-llava-next": 5, "tiny-qwen2.5-vl": 6, "small-llava": 15,
-    "small-llava-next": 15,
+    "small-llava-next": 15, "tiny-qwen3-vl": 6, "tiny-llava-onevision": 5,
+    "small-qwen3-vl": 15, "small-llava-onevision": 15, "tiny-qwen3-vl-moe": 6,
 }
 SLOW_STEP_S = 10  # a loading step expected to take longer is reported even off a terminal
 # shipped trained checkpoint -> (family, its directory under zoocli/data): loaded like a real
@@ -79,6 +96,9 @@ ADAPTERS: dict[str, str] = {
     "llava": "zoocli.adapters.llava:LlavaAdapter",
     "llava_next": "zoocli.adapters.llava:LlavaNextAdapter",
     "qwen2_5_vl": "zoocli.adapters.qwen2_5_vl:Qwen25VLAdapter",
+    "qwen3_vl": "zoocli.adapters.qwen3_vl:Qwen3VLAdapter",
+    "qwen3_vl_moe": "zoocli.adapters.qwen3_vl:Qwen3VLMoeAdapter",
+    "llava_onevision": "zoocli.adapters.llava_onevision:LlavaOnevisionAdapter",
 }
 
 _DTYPES = {  # name -> torch dtype attribute (resolved when used: importing this module skips torch)

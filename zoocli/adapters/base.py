@@ -14,7 +14,8 @@ Index spaces:
 - *candidates*: the visual tokens a method may keep, rows of ``Encoded.vision`` / ``.features``.
   LLaVA-1.5: the 576 patch tokens. LLaVA-NeXT: the live patch rows of every crop (rows removed by
   unpadding are not candidates; newline tokens are not candidates, they are always kept).
-  Qwen2.5-VL: the merged (2x2) tokens in raster order.
+  Qwen2.5-VL / Qwen3-VL: the merged (2x2) tokens in raster order. LLaVA-OneVision: as LLaVA-NeXT
+  (the slots after anyres_max downsampling where it applies).
 - *scopes*: the groups a per-crop budget is split over (LLaVA-NeXT: base image, then each crop);
   one scope for the other families.
 """
@@ -70,6 +71,10 @@ class LLMInputs:
     attention_mask: Tensor  # [B, L]
     position_ids: Tensor | None  # None: contiguous; Qwen2.5-VL: [4, B, L] (text row + 3 M-RoPE rows)
     n_visual: int  # visual tokens in the sequence (incl. newlines)
+    # Qwen3-VL's deepstack: the visual slots [B, L] (bool) and, per injection layer, the [n, D] features
+    # added to the hidden states at those slots (row-major over the batch); None for other families
+    visual_mask: Tensor | None = None
+    deepstack: list[Tensor] | None = None
 
 
 @dataclass
@@ -265,13 +270,22 @@ def left_pad(rows: list[LLMInputs]) -> LLMInputs:
     if rows[0].position_ids is not None:
         p0 = rows[0].position_ids
         pos = p0.new_zeros(*p0.shape[:-2], len(rows), length)  # [..., B, L]
+    if len({r.deepstack is None for r in rows}) != 1:
+        raise ValueError("rows mix inputs with and without deepstack features")
+    vmask = None if rows[0].visual_mask is None else rows[0].visual_mask.new_zeros(len(rows), length)
     for b, r in enumerate(rows):
         n = r.inputs_embeds.shape[1]
         embeds[b, length - n:] = r.inputs_embeds[0]
         mask[b, length - n:] = r.attention_mask[0]
         if pos is not None:
             pos[..., b, length - n:] = r.position_ids[..., 0, :]
-    return LLMInputs(embeds, mask, pos, n_visual=max(r.n_visual for r in rows))
+        if vmask is not None:
+            vmask[b, length - n:] = r.visual_mask[0]
+    deepstack = None
+    if rows[0].deepstack is not None:  # row-major over the batch, as ``hidden[visual_mask]`` reads them
+        deepstack = [torch.cat([r.deepstack[j] for r in rows]) for j in range(len(rows[0].deepstack))]
+    return LLMInputs(embeds, mask, pos, n_visual=max(r.n_visual for r in rows), visual_mask=vmask,
+                     deepstack=deepstack)
 
 
 def unpad_row(inputs: LLMInputs, b: int) -> LLMInputs:
@@ -279,5 +293,12 @@ def unpad_row(inputs: LLMInputs, b: int) -> LLMInputs:
     keep = inputs.attention_mask[b].bool()
     start = int(keep.float().argmax()) if bool(keep.any()) else keep.numel()
     pos = None if inputs.position_ids is None else inputs.position_ids[..., b:b + 1, start:]
+    vmask = deepstack = None
+    if inputs.visual_mask is not None:
+        vmask = inputs.visual_mask[b:b + 1, start:]
+        if inputs.deepstack is not None:  # this row's block of the row-major deepstack rows
+            counts = inputs.visual_mask.sum(1).tolist()
+            lo = int(sum(counts[:b]))
+            deepstack = [d[lo:lo + int(counts[b])] for d in inputs.deepstack]
     return LLMInputs(inputs.inputs_embeds[b:b + 1, start:], inputs.attention_mask[b:b + 1, start:], pos,
-                     n_visual=inputs.n_visual)
+                     n_visual=inputs.n_visual, visual_mask=vmask, deepstack=deepstack)

@@ -35,7 +35,7 @@ from zoocli.errors import UnknownNameError, UsageError
 if TYPE_CHECKING:
     from torch import Tensor, nn
 
-FAMILIES = frozenset({"llava", "llava_next", "qwen2_5_vl"})
+FAMILIES = frozenset({"llava", "llava_next", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "llava_onevision"})
 
 
 @dataclass(frozen=True)

@@ -124,8 +124,8 @@ VISIONZIP = register(Method(
     families=frozenset({"llava", "llava_next"}),
     deviation=(
         "CLS is not fed (llava-hf drops it), so 'dominant' counts patches only (official keeps CLS as "
-        "a dominant token); merged tokens stand at their target's index; Qwen2.5-VL unsupported "
-        "(no CLS token in its vision encoder)"
+        "a dominant token); merged tokens stand at their target's index; Qwen2.5-VL, Qwen3-VL and "
+        "LLaVA-OneVision (SigLIP) unsupported (no CLS token in their vision encoders)"
     ),
     options={"dominant": None, "contextual": None},
     check=check_visionzip_options,

@@ -52,7 +52,11 @@ The first term is shared by all tokens. Structures are detected (``zoocli.sensit
 attributes and module types (no model names). The activation is checked to act elementwise and
 the RMSNorm is checked numerically against its formula. A thin wrapper (no parameters of its own, one child with a
 recognised structure, equal outputs on a probe) is looked through: the adapters' row-wise
-``MergerProjector`` around the Qwen merger is one. Anything else takes the generic fp32 path.
+``MergerProjector`` around the Qwen merger is one. Qwen3-VL's merger (``Qwen3VLVisionPatchMerger``: an
+affine LayerNorm per patch, then fc1 / GELU / fc2) is recognised the same way, with the LayerNorm
+linearised at x (the RMSNorm's formulas on the centred x~_p = x_p - mean(x_p), the directions centred
+too, beta in the forward; ``zoocli.sensitivity.exact`` derives its closed form). Anything else takes
+the generic fp32 path.
 
 Other choices and deviations (official code: AIM-SKKU/ZOO-Prune ``llava_arch.py``):
 

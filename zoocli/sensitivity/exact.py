@@ -33,6 +33,27 @@ with B_p = W2 diag(a) W1_p diag(g). N_p is symmetric and N_p^2 = I - (2 c_p - c_
 Per image: P quadratic forms with the cached M_p plus N*P rows through W2. No cancellation: v_p
 is one direction of d_v, so ||B_p v_p||^2 is about ||B_p||_F^2 / d_v.
 
+**Qwen3-VL merger** (``Qwen3VLVisionPatchMerger``: an affine LayerNorm per patch, or over the whole
+row for the deepstack mergers' "postshuffle" norm, then fc1 / GELU / fc2). The same derivation with the
+LayerNorm linearised at x. Per patch p, with C = I - 1 1^T / d_v (centering), x~_p = C x_p,
+r_p = sqrt(mean(x~_p^2) + eps) (the LayerNorm's sigma) and y_p = g o x~_p / r_p + beta, the Jacobian is
+
+    dy_p/dx_p = diag(g) (C / r_p - x~_p x~_p^T / (d_v r_p^3)) = diag(g) N_p / r_p,
+    N_p = C - c_p v_p v_p^T,   v_p = x~_p / ||x~_p||,   c_p = ||x~_p||^2 / (d_v r_p^2) = var_p / (var_p + eps)
+
+(differentiate x~ / sqrt(mean(x~^2) + eps) with dx~ = C dx and d mean(x~^2) = 2 x~^T C dx / d_v = 2 x~^T dx / d_v,
+as C x~ = x~; beta drops out). With e = 1 / sqrt(d_v), C = I - e e^T and e is orthogonal to v_p (x~_p sums to
+0), so N_p is symmetric and N_p^2 = C - (2 c_p - c_p^2) v_p v_p^T. With B_p = W2 diag(a) W1_p diag(g) as above,
+
+    ||B_p N_p||_F^2 = tr(B_p N_p^2 B_p^T) = tr(B_p C B_p^T) - (2 c_p - c_p^2) ||B_p v_p||^2,
+    tr(B_p C B_p^T) = a^T M_p a,   M_p = (K_p C K_p^T) o (W2^T W2),   K_p = W1_p diag(g),
+    K_p C K_p^T     = K_p K_p^T - (K_p 1)(K_p 1)^T / d_v,
+    B_p v_p         = W2 (a o w_p),   w_p = W1_p (g o v_p),
+
+so ||J||_F^2 = sum_p (a^T M_p a - (2 c_p - c_p^2) ||W2 (a o w_p)||^2) / r_p^2: the RMSNorm formula with the
+centering folded into the cached M_p (still fixed per loaded projector), x_p replaced by x~_p and beta in
+the forward a0 = W1 y + b1. The float64 autograd Jacobian checks it (tests/test_sensitivity_layernorm.py).
+
 **Anything else**: the per-token Jacobian with ``torch.func`` (``vmap`` of ``jacrev`` or
 ``jacfwd``, whichever is narrower), in chunks under ``chunk_mb``; a projector ``torch.func``
 cannot differentiate is refused with a message naming the estimators that work (never a silent
@@ -83,7 +104,11 @@ def exact_matrices(s: MLP, device) -> Tensor:
         k = w1.view(d_h, groups, d_v) * ts[2].to(device=device, dtype=torch.float32)
         mats = torch.empty(groups, d_h, d_h, device=device)
         for p in range(groups):  # P = spatial_merge_size^2 (4), not per token
-            torch.mm(k[:, p], k[:, p].T, out=mats[p]).mul_(g2)
+            torch.mm(k[:, p], k[:, p].T, out=mats[p])
+            if s.norm.center:  # LayerNorm: K_p C K_p^T = K_p K_p^T - (K_p 1)(K_p 1)^T / d_v
+                k1 = k[:, p].sum(1)
+                mats[p].sub_(torch.outer(k1, k1).div_(d_v))
+            mats[p].mul_(g2)
     del g2
     _EXACT_M[s.lin2] = (key, mats)
     return mats
@@ -122,9 +147,14 @@ def _merger_sq(xf: Tensor, s: MLP, mats: Tensor, w1: Tensor, b1: Tensor | None, 
     groups, d_v, d_h = norm.groups, norm.d_v, w1.shape[0]
     g = f32(norm.weight, dev)
     xp = xf.view(-1, groups, d_v)
+    if norm.center:  # LayerNorm: x~_p = x_p - mean(x_p)
+        xp = xp - xp.mean(-1, keepdim=True)
     sq = xp.pow(2).sum(-1)  # ||x_p||^2 [t, P]
     r2 = sq / d_v + norm.eps  # r_p^2
-    y = (xp * g / r2.sqrt()[..., None]).reshape(xf.shape[0], -1)
+    y = xp * g / r2.sqrt()[..., None]
+    if norm.bias is not None:
+        y = y + f32(norm.bias, dev)
+    y = y.reshape(xf.shape[0], -1)
     a0 = torch.addmm(b1, y, w1.T) if b1 is not None else y @ w1.T
     gp = act_prime(act, a0)  # [t, d_h]
     c = sq / (d_v * r2)

@@ -150,7 +150,8 @@ class _Fast:
         m, groups, d_v = self.u.shape[0], self.norm.groups, self.norm.d_v
         self.up = self.u.view(m, groups, d_v)
         self.w1p = self.w1.view(self.d_h, groups, d_v)
-        ug = (self.up * self.g)  # [m, P, d_v]
+        uc = self.up - self.up.mean(-1, keepdim=True) if self.norm.center else self.up  # LayerNorm: C u_p
+        ug = (uc * self.g)  # [m, P, d_v]
         return torch.stack([ug[:, p] @ self.w1p[:, p].T for p in range(groups)]).contiguous()
 
     def first_layer(self, xf: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -161,18 +162,27 @@ class _Fast:
         w1, b1 = self.w1, self.b1
         if self.norm is None:
             return (torch.addmm(b1, xf, w1.T) if b1 is not None else xf @ w1.T), None
-        xpa = xf.view(-1, self.norm.groups, self.norm.d_v)
+        xpa = self._centered(xf.view(-1, self.norm.groups, self.norm.d_v))
         r_all = torch.sqrt(xpa.pow(2).mean(-1) + self.norm.eps)  # [N, P]
-        y = (xpa * self.g / r_all[..., None]).reshape(-1, xf.shape[1])
+        y = xpa * self.g / r_all[..., None]
+        if self.norm.bias is not None:
+            y = y + f32(self.norm.bias, self.dev)
+        y = y.reshape(-1, xf.shape[1])
         return (torch.addmm(b1, y, w1.T) if b1 is not None else y @ w1.T), r_all
 
     def token_terms(self, xf: Tensor, r: Tensor) -> tuple[Tensor, ...]:
         """The merger's per-token terms for a chunk: x_p [t, P, d_v], C_p = W1_p (g . x_p)
         [t, P, d_h], 1/r_p and 1/(d_v r_p^3) [t, P]."""
         t, groups, d_v = xf.shape[0], self.norm.groups, self.norm.d_v
-        xp = xf.view(t, groups, d_v)
+        xp = self._centered(xf.view(t, groups, d_v))
         cgx = torch.stack([(xp[:, p] * self.g) @ self.w1p[:, p].T for p in range(groups)], 1)
         return xp, cgx, 1.0 / r, 1.0 / (d_v * r.pow(3))
+
+    def _centered(self, xp: Tensor) -> Tensor:
+        """x~_p = x_p - mean(x_p) for a LayerNorm (Qwen3-VL merger), x_p itself for an RMSNorm. The
+        LayerNorm's linearisation is the RMSNorm's on x~ with the directions centred (C u_p):
+        J_p u_p = g o (C u_p / r_p - x~_p (x~_p . u_p) / (d_v r_p^3)), since x~_p . C u_p = x~_p . u_p."""
+        return xp - xp.mean(-1, keepdim=True) if self.norm.center else xp
 
     def w1_ju(self, b: int, k: int, t: int, tok) -> Tensor:
         """W1 J u for directions b..b+k: [1, k, d_h] shared by the tokens, or for the merger

@@ -7,7 +7,10 @@ rest. Recognised, from attributes and module types only (no model names):
 - LLaVA / LLaVA-NeXT ``linear_1, act, linear_2``;
 - the original LLaVA ``nn.Sequential(Linear, act, Linear)`` mm_projector;
 - Qwen2.5-VL's ``Qwen2_5_VLPatchMerger``: ``ln_q`` (an RMSNorm over d_v per patch, checked
-  numerically against the formula) then ``mlp`` = Linear, act, Linear on the s^2 * d_v rows.
+  numerically against the formula) then ``mlp`` = Linear, act, Linear on the s^2 * d_v rows;
+- Qwen3-VL's ``Qwen3VLVisionPatchMerger``: ``norm`` (a LayerNorm with weight and bias, over d_v per
+  patch, or over the whole s^2 * d_v row for the deepstack mergers' "postshuffle" norm) then
+  ``linear_fc1``, ``act_fn``, ``linear_fc2``; the whole chain is checked numerically on a probe.
 
 The activation is checked to act elementwise. A thin wrapper (no parameters of its own, one child
 with a recognised structure, equal outputs on a probe) is looked through: the adapters' row-wise
@@ -98,6 +101,8 @@ class Norm:
     eps: float
     groups: int  # patches per row (spatial_merge_size ** 2)
     d_v: int
+    center: bool = False  # LayerNorm (x - mean, then the variance); False: RMSNorm
+    bias: Tensor | None = None  # the LayerNorm's beta [d_v]
 
 
 @dataclass
@@ -106,7 +111,7 @@ class MLP:
     lin1: nn.Linear
     act: nn.Module
     lin2: nn.Linear
-    norm: Norm | None = None  # the Qwen2.5-VL merger's RMSNorm, linearised
+    norm: Norm | None = None  # the Qwen merger's RMSNorm (2.5-VL) / LayerNorm (3-VL), linearised
 
 
 def is_elementwise(act: nn.Module, width: int) -> bool:
@@ -160,6 +165,27 @@ def _rmsnorm(ln: nn.Module, d_in: int) -> Norm | None:
                 and torch.allclose(got.float(), want, rtol=1e-4, atol=1e-5)):
             return None
     return Norm(weight=w, eps=eps, groups=d_in // d_v, d_v=d_v)
+
+
+def _layernorm(ln: nn.Module, d_in: int) -> Norm | None:
+    """A Qwen3-VL merger's ``norm`` as an affine LayerNorm over one dim, else None."""
+    if not isinstance(ln, nn.LayerNorm) or ln.weight is None or len(ln.normalized_shape) != 1:
+        return None
+    d_v = int(ln.normalized_shape[0])
+    if d_v == 0 or d_in % d_v:
+        return None
+    return Norm(weight=ln.weight, eps=float(ln.eps), groups=d_in // d_v, d_v=d_v, center=True, bias=ln.bias)
+
+
+def norm_rows(norm: Norm, xf: Tensor) -> Tensor:
+    """The norm on rows [R, P*d_v] in float32 by its formula (RMSNorm, or LayerNorm with ``center``)."""
+    xp = xf.view(xf.shape[0], norm.groups, norm.d_v)
+    if norm.center:
+        xp = xp - xp.mean(-1, keepdim=True)
+    y = xp * torch.rsqrt(xp.pow(2).mean(-1, keepdim=True) + norm.eps) * norm.weight.float()
+    if norm.bias is not None:
+        y = y + norm.bias.float()
+    return y.reshape(xf.shape)
 
 
 _STRUCTURE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -220,7 +246,30 @@ def _structure_of(p: nn.Module) -> MLP | None:
         norm = _rmsnorm(ln, mlp[0].in_features)
         if norm is not None:
             return MLP(p, mlp[0], mlp[1], mlp[2], norm)
+    parts = [getattr(p, n, None) for n in ("norm", "linear_fc1", "act_fn", "linear_fc2")]
+    if all(isinstance(q, nn.Module) for q in parts) and _mlp_parts(*parts[1:]):
+        norm = _layernorm(parts[0], parts[1].in_features)
+        if norm is not None and _chain_holds(s := MLP(p, *parts[1:], norm)):
+            return s
     return None
+
+
+def _chain_holds(s: MLP) -> bool:
+    """True when the module computes norm -> lin1 -> act -> lin2 on the rows (checked on a probe
+    against the formula, in fp32): the Qwen3-VL merger's attributes say what it holds, not the order."""
+    w = s.lin1.weight
+    mod = module32(s.module, w.device)
+    z = 1.5 * torch.randn(3, s.lin1.in_features, generator=torch.Generator().manual_seed(4321))
+    z = z.to(w.device)
+    with torch.no_grad():
+        lin1, act, lin2 = (module32(m, w.device) for m in (s.lin1, s.act, s.lin2))
+        want = lin2(act(lin1(norm_rows(s.norm, z))))
+        try:
+            got = rows_fn(s, mod)(z)
+        except Exception:  # noqa: BLE001
+            return False
+    return (isinstance(got, Tensor) and got.shape == want.shape
+            and torch.allclose(got.float(), want, rtol=1e-4, atol=1e-5))
 
 
 def rows_fn(s: MLP | None, mod32: nn.Module) -> Callable[[Tensor], Tensor]:
