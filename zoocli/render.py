@@ -422,6 +422,26 @@ def kernel_table(rows: Sequence[Mapping[str, Any]], *, n: int, m: int, repeats: 
     return keep_numbers(t)
 
 
+def selection_table(rows: Sequence[Mapping[str, Any]], *, repeats: int, warmup: int) -> Table:
+    """`zoo bench-kernel`: one row per selection shape x backend (``zoocli.selection_bench``);
+    min / max ms are in --json."""
+    t = NumTable(title=(f"greedy selection (zoo_select) · {rows[0]['device']} · median of {repeats}, "
+                        f"warm-up {warmup} excluded, backends interleaved"), title_justify="left")
+    for col in ("shape", "backend", "ATen ops", "host syncs", "launches", "median ms", "same picks"):
+        t.add_column(col, justify="left" if col in ("shape", "backend") else "right")
+    for r in rows:
+        interp = r["interpreted"]
+        t.add_row(r["shape"], r["backend"] + ("*" if interp else ""), str(r["ops"]), str(r["syncs"]),
+                  str(r["launches"]), f"({r['median_ms']:.0f})" if interp else f"{r['median_ms']:.2f}",
+                  "yes" if r["same_picks"] else "NO")
+    t.caption = ("ATen ops: dispatched per call, each a kernel launch or host work on a GPU; "
+                 "launches: zoo's fused kernels")
+    if any(r["interpreted"] for r in rows):
+        t.caption += ("\n*: Triton's CPU interpreter running the GPU kernel: its counts are a GPU's, "
+                      "its times (in brackets) mean nothing")
+    return keep_numbers(t)
+
+
 def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.1f}"
 

@@ -1,0 +1,86 @@
+"""Micro-benchmark of ZOO-Prune's greedy selection (``zoocli.greedy``) per backend. Not a test.
+
+For each shape (LLaVA-1.5 576 -> 64; LLaVA-NeXT per crop, 5 x 576 -> 5 x 32, and global,
+2,880 -> 160; Qwen2.5-VL, 999 merged tokens of a 1024 x 768 image -> 111) and each backend
+(``torch``: the Gram-form Python loop; ``triton``: the fused kernel), it counts what one
+``zoo_select`` call dispatches (``zoocli.opcount``: ATen ops, host syncs, kernel launches),
+times it (device-synchronised, warm-up excluded, backends interleaved within each repeat), and
+checks that the picks equal the torch backend's. Inputs are random unit-scale features and
+sensitivities (the selection's cost does not depend on their values).
+
+Triton on a CPU runs through its interpreter (``TRITON_INTERPRET=1``): its counts are the GPU's
+(the interpreter's own memory emulation is not counted), its times are not (``interpreted``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from zoocli.opcount import OpCounter
+from zoocli.timing import Timer, device_sync, summarize
+
+# name, scopes, tokens per scope, feature width, picks per scope
+SHAPES = (
+    ("LLaVA-1.5 576>64", 1, 576, 4096, 64),
+    ("NeXT 5x576>5x32", 5, 576, 4096, 32),
+    ("NeXT 2880>160", 1, 2880, 4096, 160),
+    ("Qwen2.5 999>111", 1, 999, 3584, 111),
+)
+
+
+def available_backends(device) -> list[str]:
+    from zoocli.greedy import resolve_backend
+
+    out = ["torch"]
+    try:
+        resolve_backend("triton", device)
+        out.append("triton")
+    except ValueError:
+        pass
+    return out
+
+
+def selection_bench(device="cpu", repeats: int = 5, warmup: int = 1, shapes=None, backends=None,
+                    seed: int = 0, progress=None) -> list[dict]:
+    """Rows (JSON-able dicts) of shape x backend: ops / syncs / launches per call, median / min /
+    max ms, and whether the picks equal the torch backend's."""
+    from zoocli.greedy_triton import interpreted
+    from zoocli.methods.zoo import zoo_select
+
+    shapes = SHAPES if shapes is None else shapes
+    dev = torch.device(device)
+    backends = list(backends or available_backends(dev))
+    timer = Timer(sync=lambda: device_sync(dev))
+    done = progress or (lambda stage: None)
+    rows = []
+    for name, b, n, dim, k in shapes:
+        g = torch.Generator().manual_seed(seed)
+        z = torch.randn(b, n, dim, generator=g).to(dev)
+        s = torch.rand(b, n, generator=g).to(dev)
+        picks, counts = {}, {}
+        for be in backends:
+            picks[be] = zoo_select(s, z, k, backend=be)  # also the first (untimed) call
+            with OpCounter() as c:
+                zoo_select(s, z, k, backend=be)
+            counts[be] = c
+        times = {be: [] for be in backends}
+        for rep in range(warmup + repeats):
+            order = backends if rep % 2 == 0 else backends[::-1]  # interleaved
+            for be in order:
+                timer.ms.clear()
+                with timer("select"):
+                    zoo_select(s, z, k, backend=be)
+                if rep >= warmup:
+                    times[be].append(timer.ms["select"])
+        for be in backends:
+            c = counts[be]
+            rows.append({
+                "shape": name, "scopes": b, "tokens": n, "dim": dim, "k": k, "backend": be,
+                "device": str(dev), "ops": c.ops, "syncs": c.syncs, "launches": c.launches,
+                "ops_per_step": round(c.ops / k, 2),
+                "same_picks": bool(torch.equal(picks[be].cpu(), picks["torch"].cpu())),
+                "interpreted": be == "triton" and dev.type == "cpu" and interpreted(),
+                **{f"{key}_ms": v for key, v in summarize(times[be]).items()},
+            })
+        done(name)
+    return rows
