@@ -29,13 +29,11 @@ def _fake_adapter(adapter, fc):
     projector, cached: it needs values) is primed from the real module, part for part by name."""
     import dataclasses
 
-    import importlib
-
-    St = importlib.import_module("zoocli.sensitivity.structure")
+    import zoocli.sensitivity.structure as St
 
     ad2 = type(adapter)(fc.module(adapter.model), adapter.processor, adapter.model_id)
     real, fake = adapter.projector, ad2.projector
-    s = St.structure(real)
+    s = St.projector_structure(real)
     if s is not None:
         names = {id(m): n for n, m in real.named_modules()}
         fake_mods = dict(fake.named_modules())

@@ -137,16 +137,16 @@ def test_merger_reference_matches_module():
 
 
 def test_structures_detected():
-    assert S.structure(llava_projector()) is not None
-    assert S.structure(mlp_seq()) is not None
-    s = S.structure(qwen_merger())
+    assert S.projector_structure(llava_projector()) is not None
+    assert S.projector_structure(mlp_seq()) is not None
+    s = S.projector_structure(qwen_merger())
     assert s is not None and s.norm is not None and s.norm.groups == P and s.norm.d_v == D_V
-    assert S.structure(generic()) is None
+    assert S.projector_structure(generic()) is None
     # LayerNorm in the middle is not elementwise; a LayerNorm ln_q is not an RMSNorm
-    assert S.structure(nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 4))) is None
+    assert S.projector_structure(nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 4))) is None
     q = qwen_merger()
     q.ln_q = nn.LayerNorm(D_V)
-    assert S.structure(q) is None
+    assert S.projector_structure(q) is None
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -181,7 +181,7 @@ def test_full_rank_equals_no_rank(case, estimator):
     build, data, _ = CASES[case]
     p, x = build(), data()
     full = token_sensitivity(x, p, m=32, estimator=estimator)
-    k = S.structure(p).lin2.weight.shape
+    k = S.projector_structure(p).lin2.weight.shape
     r = token_sensitivity(x, p, m=32, estimator=estimator, rank=min(k))
     assert torch.allclose(r, full, rtol=1e-4)
     assert torch.allclose(token_sensitivity(x, p, m=32, estimator=estimator, rank=10**6), full, rtol=1e-4)
@@ -314,7 +314,7 @@ def test_wrapped_merger_is_recognised():
 
     q, x = qwen_merger(), merger_tokens(n=20)
     w = MergerProjector(q)
-    s = S.structure(w)
+    s = S.projector_structure(w)
     assert s is not None and s.norm is not None and s.module is q
     for est in ("fd", "jvp", "naive"):
         assert torch.allclose(token_sensitivity(x, w, m=16, estimator=est),
@@ -329,5 +329,5 @@ def test_wrapped_merger_is_recognised():
         def forward(self, x):
             return 2 * self.inner(x)
 
-    assert S.structure(Scaled(mlp_seq())) is None
-    assert S.structure(Scaled(q)) is None
+    assert S.projector_structure(Scaled(mlp_seq())) is None
+    assert S.projector_structure(Scaled(q)) is None

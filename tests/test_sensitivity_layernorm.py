@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from zoocli.ops import spearman
-from zoocli.sensitivity import structure, token_sensitivity
+from zoocli.sensitivity import projector_structure, token_sensitivity
 
 D_V, D_OUT, P, N = 16, 24, 4, 40
 
@@ -106,11 +106,11 @@ def test_reference_matches_the_module():
 
 def test_structure_recognises_the_layernorm_mergers():
     for post, groups in ((False, P), (True, 1)):
-        s = structure(qwen3_merger(postshuffle=post))
+        s = projector_structure(qwen3_merger(postshuffle=post))
         assert s is not None and s.norm is not None and s.norm.center and s.norm.groups == groups
     from zoocli.adapters.qwen3_vl import MergerProjector
 
-    s = structure(MergerProjector(qwen3_merger()))  # the adapter's row-wise wrapper is looked through
+    s = projector_structure(MergerProjector(qwen3_merger()))  # the adapter's row-wise wrapper is looked through
     assert s is not None and s.norm.center
 
 
@@ -125,7 +125,7 @@ def test_a_norm_after_the_mlp_is_not_taken_for_the_merger():
         def forward(self, x):
             return self.norm(self.linear_fc2(self.act_fn(self.linear_fc1(x.view(-1, P * D_V)))))
 
-    assert structure(Swapped(qwen3_merger())) is None
+    assert projector_structure(Swapped(qwen3_merger())) is None
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -184,7 +184,7 @@ def test_exact_on_the_tiny_models_projectors(name, dtype, zoo_model_cache):
     from zoocli.adapters import load_adapter
 
     a = load_adapter(name, device="cpu", dtype=dtype, cache_dir=zoo_model_cache)
-    assert structure(a.projector) is not None  # the closed form, not the torch.func fallback
+    assert projector_structure(a.projector) is not None  # the closed form, not the torch.func fallback
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (200, 300, 3), dtype=np.uint8))
     enc = a.encode(a.prepare(img, "What is it?"))
     x = enc.vision

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from zoocli.ops import spearman
-from zoocli.sensitivity import lowrank_factor, structure, token_sensitivity
+from zoocli.sensitivity import lowrank_factor, projector_structure, token_sensitivity
 from zoocli.sensitivity.exact import exact_matrices, forget_matrices
 from zoocli.timing import Timer, device_sync, summarize
 
@@ -122,7 +122,7 @@ def structured_reference(x: Tensor, proj: nn.Module, n_dirs: int, seed: int,
     Everything in float64; for the rows of ``zoocli.sensitivity``'s LLaVA structure only."""
     from zoocli.sensitivity.structure import act_prime
 
-    s = structure(proj)
+    s = projector_structure(proj)
     if s is None or s.norm is not None:
         raise ValueError("structured_reference needs a plain Linear-act-Linear projector")
     dev = x.device
@@ -165,7 +165,7 @@ def _timed(timer, x, proj, warmup, repeats, **kw):
 
 def _exact_rows(timer, dev, x, proj, base, label, warmup, repeats):
     """The one-time M row and the warm ``exact`` row (scores returned for the Spearman columns)."""
-    s = structure(proj)
+    s = projector_structure(proj)
     forget_matrices(s)
     t0 = timer.now()
     exact_matrices(s, dev)
@@ -184,7 +184,7 @@ def _reference_columns(rows: list[dict], scores: list[Tensor], x, proj, ref_toke
     if not ref_tokens:
         return
     xr = x[:ref_tokens]
-    if structure(proj) is not None and structure(proj).norm is None:
+    if projector_structure(proj) is not None and projector_structure(proj).norm is None:
         ha, hb = structured_reference(xr, proj, ref_dirs, seed)
         ref, how = (ha + hb) / 2, "float64 E_u||J u|| (structured: W2 (a_i * W1 u))"
     else:

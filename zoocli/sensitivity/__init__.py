@@ -100,12 +100,12 @@ from zoocli.sensitivity.options import (
     SampledOptionError, check_options, chunk_plan, effective_mb, run_seed, tokens_per_chunk,
 )
 from zoocli.sensitivity.sampled import directions, sampled_sensitivity
-from zoocli.sensitivity.structure import lowrank_factor, structure
+from zoocli.sensitivity.structure import lowrank_factor, projector_structure
 
 __all__ = [
     "CPU_CHUNK_MB", "ESTIMATORS", "H_MAX", "H_MIN", "H_WHY", "M_MAX", "SAMPLED_DEFAULTS", "SEED_MAX",
     "SEED_MIN", "SampledOptionError", "check_options", "chunk_plan", "directions", "lowrank_factor",
-    "run_seed", "structure", "token_sensitivity", "tokens_per_chunk",
+    "run_seed", "projector_structure", "token_sensitivity", "tokens_per_chunk",
 ]
 
 
@@ -132,7 +132,7 @@ def token_sensitivity(x: Tensor, projector: nn.Module, m: int | None = None, h: 
     estimators, the recognised structures and the precision rules.
     """
     _check(x, m, h, seed, estimator, rank, chunk_mb)
-    s = structure(projector)
+    s = projector_structure(projector)
     if rank is not None and s is None:
         raise UsageError(
             f"rank={rank} needs a Linear-act-Linear projector (or the Qwen2.5-VL merger); "

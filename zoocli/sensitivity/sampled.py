@@ -29,7 +29,7 @@ def directions(m: int, d: int, seed: int, device) -> Tensor:
 def sampled_sensitivity(x: Tensor, projector: nn.Module, s: MLP | None, out: Tensor, mb: float, *,
                         estimator: str, m: int, h: float, seed: int, rank: int | None) -> Tensor:
     """S(i) = 1/m sum_j ||M(x_i + h u_j) - M(x_i - h u_j)|| / 2h (or its jvp limit) into ``out``
-    [N] float32, for ``x`` [N, d_in] with N > 0; ``s`` is ``structure(projector)``."""
+    [N] float32, for ``x`` [N, d_in] with N > 0; ``s`` is ``projector_structure(projector)``."""
     dev = x.device
     u = directions(m, x.shape[1], seed, dev)
     if s is None or estimator == "naive":

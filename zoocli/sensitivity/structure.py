@@ -14,7 +14,7 @@ rest. Recognised, from attributes and module types only (no model names):
 
 The activation is checked to act elementwise. A thin wrapper (no parameters of its own, one child
 with a recognised structure, equal outputs on a probe) is looked through: the adapters' row-wise
-``MergerProjector`` around the Qwen merger is one. ``structure`` caches the result per projector.
+``MergerProjector`` around the Qwen merger is one. ``projector_structure`` caches the result per projector.
 
 Also here, shared by the estimators: fp32 copies of tensors and modules (``f32``, ``module32``,
 weakly cached), the rank-k SVD factor of the second Linear (``lowrank_factor``), the projector on
@@ -191,7 +191,7 @@ def norm_rows(norm: Norm, xf: Tensor) -> Tensor:
 _STRUCTURE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def structure(p: nn.Module) -> MLP | None:
+def projector_structure(p: nn.Module) -> MLP | None:
     """``_detect_structure`` once per projector (and parameter dtype / device): its numerical
     probes stay off the per-image path."""
     param = next(p.parameters(), None)
