@@ -10,7 +10,7 @@
 # pytest-gpu.txt, kernel.jsonl (zoo bench-kernel --json on cuda), bench-llava15.jsonl and
 # bench-llava-next.jsonl (zoo bench --out). Every step has its own `timeout`; a step that fails or
 # runs out of time is logged and the script goes on, so one bad step cannot eat the device budget.
-# Sized to finish within 10 minutes (per-step limits sum to 560 s): one sample image, few repeats,
+# Sized to finish within 10 minutes (per-step limits sum to 710 s; the last step is the first to drop): one sample image, few repeats,
 # short answers. The models use --random-weights (full-size architecture, no weights needed).
 #
 # The plain `zoo` row runs the default estimator (exact); `zoo:estimator=fd` is the paper's sampled
@@ -50,12 +50,18 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' \
     || { log "error: torch sees no CUDA device"; exit 1; }
 
+# 0. first (issue 18): the greedy selection per backend on cuda (torch Gram loop vs the fused Triton
+#    kernel): dispatched ops, host syncs, launches, median ms at LLaVA-1.5 / NeXT crop / NeXT global /
+#    Qwen2.5-VL shapes, picks equal; then the kernel's tests on the real GPU (not the interpreter)
+step bench-selection 60 bash -c "$PY -m zoocli bench-kernel --part selection --device cuda --repeats 20 --warmup 3 --json > '$OUTDIR/selection.jsonl'; $PY -m zoocli bench-kernel --part selection --device cuda --repeats 20 --warmup 3"
+step pytest-triton 90 bash -c "$PY -m pytest -q -p no:cacheprovider tests/test_greedy_triton.py tests/test_greedy.py | tee '$OUTDIR/pytest-triton.txt'"
+
 # 1. the device-parametrised tests (estimators vs float64, batched selection == CPU, ...)
 step pytest-gpu 90 bash -c "$PY -m pytest -q -p no:cacheprovider -m gpu | tee '$OUTDIR/pytest-gpu.txt'"
 
 # 2. the sensitivity kernels on cuda: naive / fd / jvp / exact (+ one-time M) / rank, Spearman
 #    vs a float64 many-direction reference; the Qwen2.5-VL merger shape
-step bench-kernel 90 bash -c "$PY -m zoocli bench-kernel --device cuda --repeats 5 --warmup 2 --json > '$OUTDIR/kernel.jsonl'"
+step bench-kernel 90 bash -c "$PY -m zoocli bench-kernel --part sensitivity --device cuda --repeats 5 --warmup 2 --json > '$OUTDIR/kernel.jsonl'"
 
 # 3. LLaVA-1.5-7B, bf16, random weights: budgets 192/128/64
 step bench-llava15 180 "$PY" -m zoocli bench --model llava-1.5 --random-weights --device cuda \
