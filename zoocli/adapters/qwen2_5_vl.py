@@ -223,10 +223,10 @@ class MergerProjector(nn.Module):
     The stock merger takes the ViT's [4n, d_v] patch rows (ln_q is an RMSNorm over each patch's d_v, then
     ``.view(-1, 4*d_v)`` and the MLP); one row of ``Encoded.vision`` is one merged token's four patches."""
 
-    def __init__(self, merger: nn.Module):
+    def __init__(self, merger: nn.Module, d_v: int | None = None):
         super().__init__()
         self.merger = merger  # shared weights: model.model.visual.merger
-        self.d_v = merger.ln_q.weight.shape[0]
+        self.d_v = merger.ln_q.weight.shape[0] if d_v is None else d_v  # patch width
 
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]

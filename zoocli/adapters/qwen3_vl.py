@@ -62,6 +62,7 @@ from .decoder import cache_keyword
 from .qwen2_5_vl import (
     QWEN_SPECIAL_TOKENS,
     Qwen25VLAdapter,
+    MergerProjector as Qwen25MergerProjector,
     _chat_template_from_dir,
     _rope_index,
     _set_token_ids,
@@ -136,23 +137,14 @@ def offline_processor(image_processor_kwargs: dict | None = None):
     return make_processor(offline_tokenizer(), ip, QWEN3_CHAT_TEMPLATE)
 
 
-class MergerProjector(nn.Module):
-    """Qwen3-VL's main PatchMerger as a row-wise projector: [..., 4*d_v] -> [..., D].
-
-    The stock merger takes the ViT's [4n, d_v] patch rows (LayerNorm over each patch's d_v, then
-    ``.view(-1, 4*d_v)`` and fc1 / GELU / fc2); one row of ``Encoded.vision`` is one merged token's four
-    patches."""
+class MergerProjector(Qwen25MergerProjector):
+    """Qwen3-VL's main PatchMerger as a row-wise projector: [..., 4*d_v] -> [..., D] (LayerNorm
+    per patch, then ``.view(-1, 4*d_v)`` and fc1 / GELU / fc2); the row layout of Qwen2.5-VL's."""
 
     def __init__(self, merger: nn.Module):
-        super().__init__()
         if getattr(merger, "use_postshuffle_norm", False):
             raise ZooError("the Qwen3-VL projector is the main merger (LayerNorm per patch), not a deepstack one")
-        self.merger = merger  # shared weights: model.model.visual.merger
-        self.d_v = merger.norm.normalized_shape[0]
-
-    def forward(self, x: Tensor) -> Tensor:
-        lead = x.shape[:-1]
-        return self.merger(x.reshape(-1, self.d_v)).reshape(*lead, -1)  # [..., D]
+        super().__init__(merger, merger.norm.normalized_shape[0])
 
 
 class Qwen3VLAdapter(Qwen25VLAdapter):
