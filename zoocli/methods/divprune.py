@@ -55,14 +55,10 @@ def divprune_batch(inps: list[PruneInputs], keeps: list[int], backend: str = "au
     return [Selection(idx=picks[b, :k]) for b, k in enumerate(keeps)]
 
 
-def _check(backend: str) -> None:
-    check_backend(backend)
-
-
 DIVPRUNE = register(Method(
     name="divprune", fn=divprune, batch=divprune_batch,
     summary="greedy max-min cosine diversity on the projected tokens",
     paper="DivPrune, Alvar et al., CVPR 2025 (arXiv:2503.02175)",
     deviation="picked tokens masked explicitly (the official greedy can repeat duplicates)",
-    options={"backend": "auto"}, check=_check,
+    options={"backend": "auto"}, check=check_backend,
 ))
