@@ -104,17 +104,16 @@ def prompt_embeddings(adapter: Adapter, prepared: Prepared, scope: str = "questi
 
 
 def prune_inputs(
-    method: Method, adapter: Adapter, prepared: Prepared, encoded: Encoded, index: Tensor,
-    grid, seed: int, signals: dict[str, Tensor], cells: Tensor | None = None,
+    method: Method, encoded: Encoded, projector, index: Tensor, grid, seed: int,
+    signals: dict[str, Tensor], cells: Tensor | None = None,
 ) -> PruneInputs:
     """The ``PruneInputs`` of one scope, holding exactly the signals ``method`` needs (and, like
     ``grid``, the scope's ``cells`` when it has a grid)."""
-    _check_provides(method, adapter)
     kw: dict[str, Any] = {}
     if "vision" in method.needs:
         kw["vision"] = encoded.vision[index]
     if "projector" in method.needs:
-        kw["projector"] = adapter.projector
+        kw["projector"] = projector
     for name in ("cls_attn", "vision_keys"):
         if name in method.needs:
             kw[name] = signals[name][index]
@@ -138,8 +137,6 @@ def select_tokens(
     """Run a pre-LLM method over the scopes (per crop, or once globally) and merge the picks. The
     crops go through ``zoocli.methods.select_scopes``: one padded batch for the methods with a
     batched kernel (zoo, sum, sensitivity, divprune), one crop after another for the rest."""
-    if scope not in BUDGET_SCOPES:
-        raise UsageError(f"--budget-scope {scope!r}: choose one of {', '.join(BUDGET_SCOPES)}")
     method = get_method(method_name)
     options = {k: v for k, v in (options or {}).items() if k in method.options}
     signals = dict(signals or {})
@@ -149,6 +146,22 @@ def select_tokens(
     if "prompt" in method.needs and "prompt" not in signals:
         scope_opt = options.get("prompt_scope", method.options.get("prompt_scope", "question"))
         signals["prompt"] = prompt_embeddings(adapter, prepared, scope_opt)
+    return select_encoded(method_name, encoded, keep, projector=adapter.projector, scope=scope, seed=seed,
+                          options=options, signals=signals)
+
+
+def select_encoded(
+    method_name: str, encoded: Encoded, keep: int, *, projector=None, scope: str = "crop", seed: int = 0,
+    options: dict[str, Any] | None = None, signals: dict[str, Tensor] | None = None,
+) -> SelectionResult:
+    """``select_tokens`` once the signals are gathered: the budget split over the scopes (or one
+    global scope), the method per scope, the picks merged in ascending order. No adapter, no
+    prompt: what a serving engine that holds only the encoded image calls (``zoocli.integrations.vllm``)."""
+    if scope not in BUDGET_SCOPES:
+        raise UsageError(f"--budget-scope {scope!r}: choose one of {', '.join(BUDGET_SCOPES)}")
+    method = get_method(method_name)
+    options = {k: v for k, v in (options or {}).items() if k in method.options}
+    signals = signals or {}
     n, dev = encoded.features.shape[0], encoded.features.device
     if scope == "global" and len(encoded.scopes) > 1:  # one selection over all crops, no grid
         groups = [(torch.arange(n, device=dev), None, None)]
@@ -158,7 +171,7 @@ def select_tokens(
     kept, tokens = [], []
     scores = torch.full((n,), float("nan"), device=dev)  # stays on the device: no host read here
     live = [(index, grid, cells, q) for (index, grid, cells), q in zip(groups, quotas) if q > 0]
-    inps = [prune_inputs(method, adapter, prepared, encoded, index, grid, seed, signals, cells)
+    inps = [prune_inputs(method, encoded, projector, index, grid, seed, signals, cells)
             for index, grid, cells, _ in live]
     sels = select_scopes(method_name, inps, [q for *_, q in live], **options)
     has_tokens = has_scores = False
