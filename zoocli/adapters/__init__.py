@@ -60,6 +60,11 @@ OFFLINE_MODELS: dict[str, tuple[str, str]] = {
     "small-qwen3-vl": ("qwen3_vl", "zoocli.adapters.qwen3_vl:build_small"),
     "tiny-qwen3-vl-moe": ("qwen3_vl_moe", "zoocli.adapters.qwen3_vl:build_tiny_moe"),
     "small-llava-onevision": ("llava_onevision", "zoocli.adapters.llava_onevision:build_small"),
+    # the tiny models with LLM heads vLLM's CPU attention takes (head_dim 32): zoo's vLLM tests
+    "vllm-tiny-llava": ("llava", "zoocli.adapters.offline_llava:build_vllm_tiny_llava"),
+    "vllm-tiny-llava-next": ("llava_next", "zoocli.adapters.offline_llava:build_vllm_tiny_llava_next"),
+    "vllm-tiny-qwen2.5-vl": ("qwen2_5_vl", "zoocli.adapters.qwen2_5_vl:build_vllm_tiny"),
+    "vllm-tiny-qwen3-vl": ("qwen3_vl", "zoocli.adapters.qwen3_vl:build_vllm_tiny"),
 }
 # offline name -> the most visual tokens one image can give it (checked against the builders'
 # configs by tests/test_figures_offline.py): for picking the offline model that fits a request
@@ -74,6 +79,7 @@ OFFLINE_MAX_TOKENS: dict[str, int] = {
     "small-qwen3-vl": 16384,
     "tiny-qwen3-vl-moe": 24,  # tiny-qwen3-vl's processor  # the real image processor: max_pixels = 16,384 merged 32x32 tokens
     "small-llava-onevision": 3645,  # 27x27 per tile, base + up to 2x2 tiles (newlines not counted)
+    "vllm-tiny-llava": 16, "vllm-tiny-llava-next": 80, "vllm-tiny-qwen2.5-vl": 24, "vllm-tiny-qwen3-vl": 24,
 }
 # offline name -> about how long its one-time build takes in seconds (measured on 2 busy CPU
 # cores: `time python3 -c "...ensure_offline_model(name, tmpdir)"` less the ~8 s of imports; the
@@ -82,6 +88,7 @@ OFFLINE_BUILD_SECONDS: dict[str, int] = {
     "tiny-llava": 5, "tiny-llava-next": 5, "tiny-qwen2.5-vl": 6, "small-llava": 15,
     "small-llava-next": 15, "tiny-qwen3-vl": 6, "tiny-llava-onevision": 5,
     "small-qwen3-vl": 15, "small-llava-onevision": 15, "tiny-qwen3-vl-moe": 6,
+    "vllm-tiny-llava": 5, "vllm-tiny-llava-next": 5, "vllm-tiny-qwen2.5-vl": 6, "vllm-tiny-qwen3-vl": 6,
 }
 SLOW_STEP_S = 10  # a loading step expected to take longer is reported even off a terminal
 # shipped trained checkpoint -> (family, its directory under zoocli/data): loaded like a real
@@ -89,7 +96,7 @@ SLOW_STEP_S = 10  # a loading step expected to take longer is reported even off 
 SHIPPED_MODELS: dict[str, tuple[str, str]] = {
     "demo-llava": ("llava", "demo-llava"),
 }
-OFFLINE_BUILD_VERSION = "1"  # bump when a builder changes: cached copies are rebuilt
+OFFLINE_BUILD_VERSION = "2"  # bump when a builder changes: cached copies are rebuilt (2: Qwen video processor config)
 
 # config.model_type -> "module:AdapterClass"
 ADAPTERS: dict[str, str] = {

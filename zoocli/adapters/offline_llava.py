@@ -24,10 +24,11 @@ def build_tokenizer():
     )
 
 
-def tiny_llava_config(tokenizer, next_: bool = False, small: bool = False):
+def tiny_llava_config(tokenizer, next_: bool = False, small: bool = False, vllm: bool = False):
     """Configs of the offline models. tiny: 56 px / patch 14 (4x4 tokens per tile), 2+2 layers;
     tiny NeXT: pinpoints up to 2x2 tiles so anyres gives several crops and unpadding;
-    small: LLaVA-1.5 geometry (336 px -> 576 tokens), projector 256->512->512 and a ~100M Llama."""
+    small: LLaVA-1.5 geometry (336 px -> 576 tokens), projector 256->512->512 and a ~100M Llama.
+    ``vllm``: the tiny LLM with 2 heads of 32 (vLLM's CPU attention takes head_dim >= 32)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaNextConfig
 
     vocab = _round_up(len(tokenizer), 64)
@@ -41,8 +42,10 @@ def tiny_llava_config(tokenizer, next_: bool = False, small: bool = False):
     else:
         vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                   num_attention_heads=2, image_size=56, patch_size=14, projection_dim=32)
-        text = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                           num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=2048, **ids)
+        heads = dict(num_attention_heads=2, num_key_value_heads=1) if vllm else \
+            dict(num_attention_heads=4, num_key_value_heads=2)
+        text = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, **heads,
+                           vocab_size=vocab, max_position_embeddings=2048, **ids)
     common = dict(vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
                   vision_feature_layer=-2, vision_feature_select_strategy="default")
     side = vision.image_size // vision.patch_size
@@ -53,14 +56,14 @@ def tiny_llava_config(tokenizer, next_: bool = False, small: bool = False):
     return LlavaConfig(**common, image_seq_length=side * side)
 
 
-def _build(out_dir: Path, next_: bool, small: bool) -> None:
+def _build(out_dir: Path, next_: bool, small: bool, vllm: bool = False) -> None:
     """Write an offline LLaVA (NeXT with ``next_``) checkpoint with random weights (seed 0) and
     its processor to ``out_dir``."""
     from zoocli.adapters.llava import LlavaAdapter, LlavaNextAdapter
 
     adapter_cls = LlavaNextAdapter if next_ else LlavaAdapter
     tok = build_tokenizer()
-    config = tiny_llava_config(tok, next_=next_, small=small)
+    config = tiny_llava_config(tok, next_=next_, small=small, vllm=vllm)
     torch.manual_seed(0)
     model = adapter_cls.model_class()(config).eval()
     gc = model.generation_config
@@ -87,6 +90,16 @@ def build_small_llava_next(out_dir: Path) -> None:
     (CLIP patch 14) and llava-v1.6's pinpoints (up to 2x2 tiles + the base image = 2,880 visual
     tokens), so budgets like 640/320/160 really prune."""
     _build(Path(out_dir), next_=True, small=True)
+
+
+def build_vllm_tiny_llava(out_dir: Path) -> None:
+    """``vllm-tiny-llava``: tiny-llava with an LLM vLLM's CPU attention takes (head_dim 32)."""
+    _build(Path(out_dir), next_=False, small=False, vllm=True)
+
+
+def build_vllm_tiny_llava_next(out_dir: Path) -> None:
+    """``vllm-tiny-llava-next``: tiny-llava-next with an LLM vLLM's CPU attention takes (head_dim 32)."""
+    _build(Path(out_dir), next_=True, small=False, vllm=True)
 
 
 def _round_up(n: int, k: int) -> int:

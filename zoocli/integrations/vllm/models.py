@@ -1,0 +1,447 @@
+"""zoo's vLLM model classes: vLLM's own LLaVA-1.5 / Qwen2.5-VL / Qwen3-VL (and Qwen3-VL-MoE) classes,
+subclassed so that each image keeps only the tokens zoo's method picks.
+
+How a request flows:
+1. The processor (API-server side) reads the engine's defaults (``hf_overrides`` -> config ``zoo``)
+   and the request's ``zoo_*`` ``mm_processor_kwargs`` (``settings``), calls the HF processor
+   without them, emits each image's *kept* count of placeholders, and attaches the settings to each
+   image as a fixed-size byte field ``zoo_settings`` (so they reach the model, and are part of
+   the image's cache hash through ``mm_processor_kwargs``).
+2. The model (worker side) runs vLLM's vision tower, takes the pre-projector tokens X (LLaVA: the
+   tower's selected layer; Qwen: the merger's input, window order undone) and the projected
+   tokens Z, and runs zoo's own selection (``zoocli.pipeline.select_encoded``: ``token_sensitivity``,
+   the greedy, the fused Triton kernel on CUDA) with the projector rebuilt as transformers' own
+   module from the checkpoint's tensors, as zoo's HF path has it. It returns Z at the kept rows,
+   ascending.
+3. Qwen (M-RoPE): each kept row carries its original 3-D position and the unpruned text offset
+   (``workarounds.media_positions``); the runner strips them and moves the text after the image to
+   where it is unpruned. Qwen3-VL's deepstack rows are the same rows (vLLM concatenates them to the
+   main features), so the same kept set prunes them.
+
+Videos pass unpruned on Qwen2.5-VL (with vLLM's EVS if the engine asks for it); Qwen3-VL videos
+are refused while zoo's plugin serves (their timestamp layout is not handled yet).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+from functools import partial
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from vllm.model_executor.models.llava import (
+    LlavaDummyInputsBuilder,
+    LlavaForConditionalGeneration,
+    LlavaMultiModalProcessor,
+    LlavaProcessingInfo,
+)
+from vllm.model_executor.models.qwen2_5_vl import (
+    Qwen2_5_VLDummyInputsBuilder,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLMultiModalProcessor,
+    Qwen2_5_VLProcessingInfo,
+)
+from vllm.model_executor.models.qwen3_vl import (
+    Qwen3VLDummyInputsBuilder,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLMultiModalProcessor,
+    Qwen3VLProcessingInfo,
+)
+from vllm.model_executor.models.qwen3_vl_moe import Qwen3VLMoeForConditionalGeneration, Qwen3VLMoeProcessingInfo
+from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.inputs import MultiModalFieldConfig
+from vllm.multimodal.processing import PromptReplacement
+
+from zoocli.adapters.base import Encoded, Scope
+from zoocli.integrations.vllm import workarounds
+from zoocli.integrations.vllm.settings import ZooSettings, engine_settings, request_settings, strip_request_keys
+
+SETTINGS_FIELD = "zoo_settings"
+
+
+# ----------------------------------------------------------------------------------------------
+# shared pieces
+
+
+class Selector:
+    """What a zoo model holds for selection: the engine's default settings, the projector's
+    checkpoint tensors, and transformers' projector module rebuilt from them on first use."""
+
+    def __init__(self, vllm_config, marker: str, build_projector):
+        cfg = vllm_config.model_config.hf_config
+        self.default, allow = engine_settings(getattr(cfg, "zoo", None))
+        workarounds.check_version(allow)
+        self.kept = workarounds.KeptWeights(marker)
+        self.build_projector = build_projector  # (hf_config, tensors, dtype) -> nn.Module
+        self.config = cfg
+        self.dtype = vllm_config.model_config.dtype
+        self._projector: nn.Module | None = None
+        self.history: deque[list[int]] = deque(maxlen=256)  # the last images' kept rows (``LLM.apply_model``)
+
+    def projector(self, device) -> nn.Module:
+        if self._projector is None:
+            with torch.inference_mode(False):
+                self._projector = self.build_projector(self.config, self.kept.tensors).to(device, self.dtype).eval()
+        return self._projector
+
+    def kept_rows(self, spec, x: Tensor, z: Tensor, scopes: list[Scope]) -> Tensor:
+        """Ascending kept rows of one image: ``x`` [N, Dv] pre-projector, ``z`` [N, D] projected."""
+        settings = ZooSettings.from_bytes(spec)
+        n = z.shape[0]
+        keep = settings.keep_for(n)
+        if keep >= n:
+            kept = torch.arange(n, device=z.device)
+        else:
+            name, options = settings.method_name_options()
+            kept = _select(name, options, settings, keep, x, z, scopes, self.projector(z.device))
+        self.history.append(kept.tolist())
+        return kept
+
+
+@workarounds.normal_mode
+def _select(name, options, settings, keep, x, z, scopes, projector) -> Tensor:
+    from zoocli.pipeline import select_encoded
+
+    enc = Encoded(vision=x, features=z, scopes=scopes, n_llm_visual=z.shape[0])
+    return select_encoded(name, enc, keep, projector=projector, scope=settings.budget_scope,
+                          seed=settings.seed, options=options).kept
+
+
+def grid_scope(rows: int, cols: int, device) -> list[Scope]:
+    """One scope laid out as a rows x cols grid (LLaVA-1.5's patches, one Qwen image's merged tokens)."""
+    idx = torch.arange(rows * cols, device=device)
+    cells = torch.stack([idx // cols, idx % cols], dim=1)
+    return [Scope("image", idx, (rows, cols), cells, (0.0, 0.0, float(cols), float(rows)))]
+
+
+def settings_rows(specs, n: int) -> list:
+    """The per-image ``zoo_settings`` field as a list of n byte rows (None: not given)."""
+    if specs is None:
+        return [None] * n
+    rows = list(specs.unbind(0)) if isinstance(specs, Tensor) else list(specs)
+    if len(rows) != n:
+        raise ValueError(f"{len(rows)} zoo settings rows for {n} images")
+    return rows
+
+
+class ProcessorMixin:
+    """The processor side, shared by every family: settings in, HF processor called without them,
+    the settings attached per image, the kept count emitted per image."""
+
+    def zoo_settings(self, mm_kwargs: Mapping[str, Any]) -> ZooSettings:
+        default, _ = engine_settings(getattr(self.info.get_hf_config(), "zoo", None))
+        return request_settings(default, mm_kwargs)
+
+    zoo_takes_videos = True
+
+    def _apply_hf_processor_main(self, mm_items, hf_kwargs):
+        settings = self.zoo_settings(hf_kwargs)
+        if not self.zoo_takes_videos and mm_items.get_count("video", strict=False):
+            raise ValueError("zoo's vLLM plugin does not take videos on this model (their timestamp layout "
+                             "is not handled): send images, or serve the stock model")
+        out = super()._apply_hf_processor_main(mm_items, strip_request_keys(hf_kwargs))
+        n = self.zoo_image_count(out)
+        if n:
+            out[SETTINGS_FIELD] = torch.tensor([settings.to_bytes()] * n, dtype=torch.uint8)
+        return out
+
+    def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
+        fields = dict(super()._get_mm_fields_config(hf_inputs, strip_request_keys(hf_processor_mm_kwargs)))
+        fields[SETTINGS_FIELD] = MultiModalFieldConfig.batched("image")
+        return fields
+
+    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
+        """The stock updates, each image's placeholders cut to its kept count (the stock count is
+        the image's candidate count: LLaVA's patches, Qwen's merged tokens)."""
+        settings = self.zoo_settings(hf_processor_mm_kwargs)
+        updates = super()._get_prompt_updates(mm_items, strip_request_keys(hf_processor_mm_kwargs), out_mm_kwargs)
+
+        def image_replacement(item_idx: int, stock):
+            ids = list(stock(item_idx) if callable(stock) else stock)
+            if SETTINGS_FIELD not in out_mm_kwargs["image"][item_idx]:  # embeddings given: nothing to prune
+                return ids
+            return ids[:settings.keep_for(len(ids))]
+
+        return [PromptReplacement(modality="image", target=u.target,
+                                  replacement=partial(image_replacement, stock=u.replacement))
+                if u.modality == "image" else u for u in updates]
+
+
+def _rename_clip(weights: Iterable[tuple[str, Tensor]]):
+    """transformers 5 saves LLaVA's CLIP / SigLIP tower as ``vision_tower.<module>``; vLLM's tower
+    reads ``vision_tower.vision_model.<module>`` (the older layout, which real llava-hf checkpoints have)."""
+    for name, tensor in weights:
+        for head in ("vision_tower.", "model.vision_tower."):
+            if name.startswith(head) and not name[len(head):].startswith("vision_model."):
+                name = head + "vision_model." + name[len(head):]
+                break
+        yield name, tensor
+
+
+# ----------------------------------------------------------------------------------------------
+# LLaVA-1.5
+
+
+def _llava_projector(config, tensors: dict[str, Tensor]) -> nn.Module:
+    from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+    proj = LlavaMultiModalProjector(config)
+    proj.load_state_dict(tensors)
+    return proj
+
+
+class ZooLlavaMultiModalProcessor(ProcessorMixin, LlavaMultiModalProcessor):
+    def zoo_image_count(self, out) -> int:
+        pv = out.get("pixel_values")
+        return 0 if pv is None else len(pv)
+
+
+@MULTIMODAL_REGISTRY.register_processor(ZooLlavaMultiModalProcessor, info=LlavaProcessingInfo,
+                                        dummy_inputs=LlavaDummyInputsBuilder)
+class ZooLlavaForConditionalGeneration(LlavaForConditionalGeneration):
+    """vLLM's LLaVA-1.5 keeping zoo's picks of each image's patch tokens (one scope, the patch grid)."""
+
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.zoo = Selector(vllm_config, "multi_modal_projector.", _llava_projector)
+
+    def load_weights(self, weights: Iterable[tuple[str, Tensor]]) -> set[str]:
+        return super().load_weights(self.zoo.kept.watch(_rename_clip(weights)))
+
+    def embed_multimodal(self, **kwargs: object):
+        specs = kwargs.pop(SETTINGS_FIELD, None)
+        image_input = self._parse_and_validate_image_input(**kwargs)
+        if image_input is None:
+            return []
+        if image_input["type"] != "pixel_values" or specs is None:
+            return self._process_image_input(image_input)
+        x = self._process_image_pixels(image_input)  # [B, P, Dv] (or per-image tuple)
+        xs = list(x.unbind(0)) if isinstance(x, Tensor) else list(x)
+        out = []
+        for xi, spec in zip(xs, settings_rows(specs, len(xs))):
+            z = self.multi_modal_projector(xi)  # [P, D]
+            side = int(round(xi.shape[0] ** 0.5))
+            rows, cols = (side, side) if side * side == xi.shape[0] else (1, xi.shape[0])
+            out.append(z[self.zoo.kept_rows(spec, xi, z, grid_scope(rows, cols, z.device))])
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Qwen2.5-VL and Qwen3-VL
+
+
+def _qwen25_projector(config, tensors: dict[str, Tensor]) -> nn.Module:
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLPatchMerger
+
+    from zoocli.adapters.qwen2_5_vl import MergerProjector
+
+    vc = config.vision_config
+    merger = Qwen2_5_VLPatchMerger(dim=vc.out_hidden_size, context_dim=vc.hidden_size,
+                                   spatial_merge_size=vc.spatial_merge_size)
+    merger.load_state_dict(tensors)
+    return MergerProjector(merger)
+
+
+def _qwen3_projector(config, tensors: dict[str, Tensor]) -> nn.Module:
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionPatchMerger
+
+    from zoocli.adapters.qwen3_vl import MergerProjector
+
+    merger = Qwen3VLVisionPatchMerger(config.vision_config, use_postshuffle_norm=False)
+    merger.load_state_dict(tensors)
+    return MergerProjector(merger)
+
+
+class QwenProcessorMixin(ProcessorMixin):
+    def zoo_image_count(self, out) -> int:
+        grid = out.get("image_grid_thw")
+        return 0 if grid is None else len(grid)
+
+
+class ZooQwenMixin:
+    """The model side of zoo's Qwen classes: the merger's input captured, zoo's rows kept, every
+    media item's positions appended for the runner's M-RoPE recompute."""
+
+    zoo_mrope_recompute = True  # read by workarounds.mrope_recompute_switch
+    zoo_window_order = True  # Qwen2.5-VL's ViT runs in window order; Qwen3-VL's does not
+
+    def _zoo_init(self, vllm_config, build_projector) -> None:
+        self.zoo = Selector(vllm_config, "visual.merger.", build_projector)
+        self._zoo_merger_inputs: list[Tensor] = []
+        workarounds.capture_input(self.visual.merger, self._zoo_merger_inputs)
+
+    def load_weights(self, weights: Iterable[tuple[str, Tensor]]) -> set[str]:
+        return super().load_weights(self.zoo.kept.watch(weights))
+
+    def _zoo_images(self, image_input, specs) -> list[Tensor]:
+        grid = image_input["image_grid_thw"]
+        merge = self.visual.spatial_merge_size
+        self._zoo_merger_inputs.clear()
+        embeds = self._process_image_input(image_input)  # per image [N_i, D(+deepstack)], raster order
+        rows_spec = settings_rows(specs, len(embeds))
+        out = []
+        if image_input["type"] != "pixel_values" or specs is None:
+            x_all = None
+        else:
+            if len(self._zoo_merger_inputs) != 1:
+                raise RuntimeError(f"the merger ran {len(self._zoo_merger_inputs)} times for one image batch")
+            hidden = self._zoo_merger_inputs.pop()
+            d_v = hidden.shape[-1]
+            x_all = hidden.reshape(-1, merge * merge * d_v)  # [sum N, 4*Dv]
+            if self.zoo_window_order:  # undo the ViT's window order, as the merger's output is
+                meta = self.visual.prepare_encoder_metadata(grid.tolist())
+                x_all = x_all[meta["reverse_indices"].to(x_all.device)]
+        start = 0
+        for emb, (t, h, w), spec in zip(embeds, grid.tolist(), rows_spec):
+            pos = workarounds.media_positions((t, h, w), merge).to(emb.device, emb.dtype)
+            if x_all is None or spec is None:
+                kept = torch.arange(emb.shape[0], device=emb.device)
+            else:
+                x = x_all[start:start + emb.shape[0]]
+                z = emb[:, :self.zoo_visual_dim]
+                kept = self.zoo.kept_rows(spec, x, z, grid_scope(h // merge, w // merge, z.device))
+            start += emb.shape[0]
+            out.append(torch.cat([emb[kept], pos[kept.to(pos.device)]], dim=1))
+        return out
+
+    def get_mrope_input_positions(self, input_tokens: list[int], mm_features) -> tuple[Tensor, int]:
+        """The request's M-RoPE positions before encoding, for a prompt whose images hold only their
+        kept placeholders: text continues after each media item where it would unpruned (1 + the
+        media's largest position), so it is right even when the image's tokens come from the
+        prefix cache; an unpruned item's tokens get their grid positions, a pruned item's are
+        placeholders until ``recompute_mrope_positions`` writes the kept tokens' own."""
+        merge = self.config.vision_config.spatial_merge_size
+        tokens_per_second = getattr(self.config.vision_config, "tokens_per_second", 1.0)
+        parts, st, next_pos = [], 0, 0
+        for feature in sorted(mm_features, key=lambda f: f.mm_position.offset):
+            offset, length = feature.mm_position.offset, feature.mm_position.length
+            key = "image_grid_thw" if feature.modality == "image" else "video_grid_thw"
+            t, h, w = (int(v) for v in feature.data[key].data.tolist())
+            factor = 1.0
+            if feature.modality == "video" and (sec := feature.data.get("second_per_grid_ts")) is not None:
+                factor = float(sec.data.item()) * tokens_per_second
+            parts.append(torch.arange(offset - st).expand(3, -1) + next_pos)  # text before
+            base = next_pos + offset - st
+            full = workarounds.media_positions((t, h, w), merge, factor)  # [T*H*W, 4]
+            if length == full.shape[0]:
+                parts.append(full[:, :3].T + base)
+            else:
+                parts.append(torch.full((3, length), base, dtype=torch.long))
+            next_pos, st = base + int(full[0, 3]), offset + length
+        parts.append(torch.arange(len(input_tokens) - st).expand(3, -1) + next_pos)
+        positions = torch.cat(parts, dim=1).long()
+        return positions, int(positions.max()) + 1 - len(input_tokens) if positions.numel() else 0
+
+    def recompute_mrope_positions(self, input_ids, multimodal_embeddings: Sequence[Tensor], mrope_positions,
+                                  num_computed_tokens: int):
+        """The runner's hook (on once zoo's models load): every media item carries 4 position
+        columns (t, h, w, the unpruned text offset); vLLM's EVS recompute places them."""
+        from vllm.multimodal.video_prune.evs import recompute_mrope_positions
+
+        device = multimodal_embeddings[0].device if len(multimodal_embeddings) else mrope_positions.device
+        ids = input_ids.to(device, torch.long) if isinstance(input_ids, Tensor) else \
+            torch.tensor(input_ids, dtype=torch.long, device=device)
+        embeds = [mm[:, :-4] for mm in multimodal_embeddings]
+        positions = [mm[:, -4:].permute(1, 0).long() for mm in multimodal_embeddings]
+        cfg = self.config
+        pos, delta = recompute_mrope_positions(ids, positions, mrope_positions, num_computed_tokens,
+                                               cfg.vision_start_token_id, cfg.image_token_id, cfg.video_token_id)
+        return embeds, pos, delta
+
+
+class ZooQwen2_5_VLMultiModalProcessor(QwenProcessorMixin, Qwen2_5_VLMultiModalProcessor):
+    pass
+
+
+@MULTIMODAL_REGISTRY.register_processor(ZooQwen2_5_VLMultiModalProcessor, info=Qwen2_5_VLProcessingInfo,
+                                        dummy_inputs=Qwen2_5_VLDummyInputsBuilder)
+class ZooQwen2_5_VLForConditionalGeneration(ZooQwenMixin, Qwen2_5_VLForConditionalGeneration):
+    """vLLM's Qwen2.5-VL keeping zoo's picks of each image's merged tokens (original 3-D positions)."""
+
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.zoo_visual_dim = self.config.vision_config.out_hidden_size
+        self._zoo_init(vllm_config, _qwen25_projector)
+
+    def embed_multimodal(self, **kwargs: object):
+        specs = kwargs.pop(SETTINGS_FIELD, None)
+        by_modality = self._parse_and_validate_multimodal_inputs(**kwargs)
+        out: list[Tensor] = []
+        for modality, mm_input in by_modality.items():
+            if modality == "image":
+                out.extend(self._zoo_images(mm_input, specs))
+            elif modality == "video":
+                out.extend(self._zoo_videos(mm_input))
+        return tuple(out)
+
+    def _zoo_videos(self, video_input) -> list[Tensor]:
+        """Videos unpruned (or pruned by vLLM's EVS when the engine asks for it), with positions."""
+        if self.is_multimodal_pruning_enabled:  # EVS asked for: its rows, the unpruned text offset
+            embeds = self._postprocess_video_embeds_evs(self._process_video_input(video_input), video_input)
+            fixed = []
+            for emb, thw, sec in zip(embeds, video_input["video_grid_thw"].tolist(),
+                                     _seconds(video_input, len(embeds))):
+                full = workarounds.media_positions(thw, self.visual.spatial_merge_size,
+                                                   self.config.vision_config.tokens_per_second * sec)
+                emb = emb.clone()
+                emb[:, -1] = full[0, 3]
+                fixed.append(emb)
+            return fixed
+        embeds = self._process_video_input(video_input)
+        out = []
+        for emb, thw, sec in zip(embeds, video_input["video_grid_thw"].tolist(), _seconds(video_input, len(embeds))):
+            pos = workarounds.media_positions(thw, self.visual.spatial_merge_size,
+                                              self.config.vision_config.tokens_per_second * sec)
+            out.append(torch.cat([emb, pos.to(emb.device, emb.dtype)], dim=1))
+        return out
+
+
+def _seconds(video_input, n: int) -> list[float]:
+    sec = video_input.get("second_per_grid_ts")
+    return [1.0] * n if sec is None else [float(s) for s in torch.as_tensor(sec).long().tolist()]
+
+
+class ZooQwen3VLMultiModalProcessor(QwenProcessorMixin, Qwen3VLMultiModalProcessor):
+    zoo_takes_videos = False
+
+
+class _ZooQwen3Model(ZooQwenMixin):
+    zoo_window_order = False
+
+    def _zoo_qwen3_init(self, vllm_config) -> None:
+        self.zoo_visual_dim = self.visual_dim
+        self._zoo_init(vllm_config, _qwen3_projector)
+
+    def embed_multimodal(self, **kwargs: object):
+        specs = kwargs.pop(SETTINGS_FIELD, None)
+        by_modality = self._parse_and_validate_multimodal_inputs(**kwargs)
+        if not by_modality:
+            return None
+        out: list[Tensor] = []
+        for modality, mm_input in by_modality.items():
+            if modality == "image":  # videos are refused by the processor
+                out.extend(self._zoo_images(mm_input, specs))
+        return tuple(out)
+
+
+@MULTIMODAL_REGISTRY.register_processor(ZooQwen3VLMultiModalProcessor, info=Qwen3VLProcessingInfo,
+                                        dummy_inputs=Qwen3VLDummyInputsBuilder)
+class ZooQwen3VLForConditionalGeneration(_ZooQwen3Model, Qwen3VLForConditionalGeneration):
+    """vLLM's Qwen3-VL keeping zoo's picks (deepstack rows pruned with the same kept set)."""
+
+    def __init__(self, *, vllm_config, prefix: str = "model") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._zoo_qwen3_init(vllm_config)
+
+
+@MULTIMODAL_REGISTRY.register_processor(ZooQwen3VLMultiModalProcessor, info=Qwen3VLMoeProcessingInfo,
+                                        dummy_inputs=Qwen3VLDummyInputsBuilder)
+class ZooQwen3VLMoeForConditionalGeneration(_ZooQwen3Model, Qwen3VLMoeForConditionalGeneration):
+    """Qwen3-VL-MoE: the same vision path as Qwen3-VL."""
+
+    def __init__(self, *, vllm_config, prefix: str = "model") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._zoo_qwen3_init(vllm_config)
