@@ -456,6 +456,25 @@ def _model_type(model: str, source: str) -> str:
     return config.model_type
 
 
+def checkpoint_source(model: str, cache_dir: str | Path | None = None,
+                      on_status: StatusFn | None = None) -> tuple[str, str, bool]:
+    """Where ``model`` (alias, offline or shipped name, HF id or local dir) is, for an engine that
+    loads checkpoints itself (``zoo serve``): (local dir or HF id, ``config.model_type``, whether
+    its answers are meaningless). An offline model is built first if needed."""
+    if model in SHIPPED_MODELS:
+        return str(shipped_model_dir(model)), SHIPPED_MODELS[model][0], False
+    if model in OFFLINE_MODELS:
+        return str(ensure_offline_model(model, cache_dir, on_status)), OFFLINE_MODELS[model][0], True
+    repo = MODEL_ALIASES.get(model, model)
+    local = Path(repo).expanduser()
+    source = str(local) if local.is_dir() else _cached_or_reachable(model, repo)
+    if Path(source).is_dir():
+        from zoocli.adapters.checkpoint import check_checkpoint_dir
+
+        check_checkpoint_dir(source)
+    return source, _model_type(model, source), False
+
+
 def _one_line(e: BaseException) -> str:
     s = " ".join(str(e).split())
     return s[:300] or type(e).__name__
@@ -463,6 +482,7 @@ def _one_line(e: BaseException) -> str:
 
 __all__ = [
     "ADAPTERS", "DEFAULT_MODEL", "MODEL_ALIASES", "OFFLINE_MODELS", "RANDOM_CONFIGS", "SHIPPED_MODELS", "adapter_class",
+    "checkpoint_source",
     "default_cache_dir", "ensure_offline_model", "load_adapter", "load_random_config", "resolve_device",
     "resolve_dtype", "shipped_model_dir", "suggest_offline",
 ]

@@ -7,6 +7,7 @@
     eval.py     zoo eval [DATA...]            accuracy retention (batched, resumable, torchrun)
     kernel.py   zoo bench-kernel              the sensitivity estimators alone
     catalog.py  zoo methods / zoo models      what can be run
+    serve.py    zoo serve MODEL               vLLM's OpenAI server with zoo's pruning
     common.py   what they share: option types, the method-option group, --config, errors, JSON
 
 Known errors become one line on stderr and a non-zero exit (2 for usage errors). torch and
@@ -29,6 +30,7 @@ from zoocli.cli.compare import compare
 from zoocli.cli.eval import eval_command
 from zoocli.cli.kernel import bench_kernel
 from zoocli.cli.score import score
+from zoocli.cli.serve import serve
 from zoocli.process import INTERRUPTED, interrupted, reader_gone, std_streams, stdout_gone
 
 app = typer.Typer(
@@ -73,6 +75,7 @@ app.command()(compare)
 app.command()(bench)
 app.command("bench-kernel")(bench_kernel)
 app.command("eval")(eval_command)
+app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(serve)
 
 
 def main() -> None:
