@@ -138,6 +138,21 @@ def test_atomic_write_failure_keeps_the_old_file_and_leaves_no_temp(tmp_path, mo
     assert p.read_bytes() == before and [q.name for q in tmp_path.iterdir()] == ["o.png"]
 
 
+@pytest.mark.parametrize("command", ["eval", "bench"])
+def test_out_that_is_an_input_is_refused(tmp_path, command):
+    """--out naming the question file, the --config file or an image: refused before anything
+    loads, whatever the file holds."""
+    q = _question_file(tmp_path)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("max-new-tokens: 1\n")
+    before = files(tmp_path)
+    inputs = {"eval": [q, "--image-root", IMAGES, "--config", cfg], "bench": ["--images", CUP, "--config", cfg]}[command]
+    for target in ({"eval": q, "bench": CUP}[command], cfg):
+        res = run(command, *inputs, "--model", str(tmp_path / "no-such-model"), "--out", target, code=1)
+        one_line_error(res, "--out", "is the input file")
+    assert files(tmp_path) == before
+
+
 # --------------------------------------------------------------------------- lock files
 
 

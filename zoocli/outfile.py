@@ -88,7 +88,8 @@ def _lock_pid(fd: int) -> str:
     data = os.pread(fd, 64, 0)
     if data.startswith(LOCK_SIGNATURE):
         data = data[len(LOCK_SIGNATURE):]
-    return data.decode("ascii", "replace").strip() or "unknown"
+    pid = data.decode("ascii", "replace").strip()
+    return pid if pid.isdigit() else "unknown"
 
 
 def _acquire(path: Path, what: str) -> int:
