@@ -27,7 +27,7 @@ from zoocli.errors import ZooError
 from zoocli.evaluation import RecordWriter, load_samples, read_records, shard_path
 from zoocli.evaluation.store import SHARD_FIELD, check_shard, is_shard_of, zoo_shards
 from zoocli.outfile import (
-    STATS_HEADS, STATS_KEYS, JsonlOut, is_zoo_png, output_lock, save_png, write_atomic,
+    STATS_HEADS, STATS_KEYS, is_zoo_png, output_lock, save_png, write_atomic,
 )
 
 ROOT = Path(__file__).resolve().parents[1]

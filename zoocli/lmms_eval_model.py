@@ -37,7 +37,7 @@ from typing import Any
 
 from lmms_eval.api.model import lmms
 
-from zoocli.errors import UsageError, ZooError
+from zoocli.errors import UsageError
 
 MODEL_ID = "zoo"
 
