@@ -133,7 +133,7 @@ def test_second_writer_is_refused_with_the_pid(tmp_path):
     p = tmp_path / "run.jsonl"
     with RecordWriter(p) as w:
         w.write(rec(1))
-        assert (tmp_path / "run.jsonl.lock").read_text().strip() == str(os.getpid())
+        assert (tmp_path / "run.jsonl.lock").read_text() == f"zoo output lock\n{os.getpid()}\n"
         code = textwrap.dedent(f"""
             from zoocli.evaluation import RecordWriter
             from zoocli.errors import ZooError

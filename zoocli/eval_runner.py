@@ -126,11 +126,17 @@ def todo_count(datasets: Sequence[Dataset], spec: EvalSpec, done: set, rank: int
                for m, b in configs if (d.name, str(s.id), m, b) not in done)
 
 
-def _image(adapter, load_image: Callable[[str], Any], path: str):
-    """The sample's image, checked against the family's limits with the file named in the error
-    (``adapter.prepare`` would refuse it too, without the name)."""
-    im = load_image(path)
-    adapter.check_image(im.size, path)
+def _image(adapter, load_image: Callable[[str], Any] | None, sample: Sample):
+    """The sample's image (inside its image folder, checked again as it is opened), checked
+    against the family's limits with the file named in the error (``adapter.prepare`` would
+    refuse it too, without the name)."""
+    if load_image is None:
+        from zoocli.images import load_image as load
+
+        im = load(sample.image, root=sample.image_root)
+    else:
+        im = load_image(sample.image)
+    adapter.check_image(im.size, sample.image)
     return im
 
 
@@ -149,8 +155,6 @@ def run_eval(
         raise UsageError(f"--max-new-tokens must be at least 1, got {spec.max_new_tokens}")
     for m in spec.methods:
         check_family(adapter, parse_method_spec(m)[0])
-    if load_image is None:
-        from zoocli.images import load_image
     done = set(done or ())
     configs = spec.configs()
     stats = EvalStats()
@@ -166,7 +170,7 @@ def run_eval(
                 pending.append((s, missing))
         for start in range(0, len(pending), spec.batch_size):
             chunk = pending[start:start + spec.batch_size]
-            encs = [_encode(adapter, _image(adapter, load_image, s.image), s.question)
+            encs = [_encode(adapter, _image(adapter, load_image, s), s.question)
                     for s, _ in chunk]
             for m, b in configs:
                 rows = [(s, e) for (s, missing), e in zip(chunk, encs) if (m, b) in missing]

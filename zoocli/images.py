@@ -7,7 +7,10 @@ photos (turned upright). Missing files, directories, non-images, truncated or co
 decompression bombs raise ``ZooError``.
 
 Only regular files are opened (a FIFO, device or socket named ``f.jpg`` is refused from its
-``os.stat``, never opened, so it cannot hang), and only in the formats of ``FORMATS``: Pillow
+``os.stat``, never opened, so it cannot hang; the opened descriptor is checked again), and with
+``root`` (``zoo eval``'s image folder) only files inside it: the file actually opened must be the
+one its real path names inside ``root``, so a symlink swapped after the data file was checked is
+refused too. Only the formats of ``FORMATS`` are decoded: Pillow
 picks the decoder by content, so without the list a ``.jpg`` holding EPS would run Ghostscript,
 and other rarely used decoders would see hostile files. Anything else is "not an image file zoo
 reads", whatever its name.
@@ -31,14 +34,18 @@ FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 DEFAULT_MAX_PIXELS = 100_000_000  # 100 MP: larger files are refused as likely decompression bombs
 
 
-def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """The image at ``path`` as an upright RGB image; ``ZooError`` (one line) on any failure."""
+def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS,
+               root: str | Path | None = None) -> Image.Image:
+    """The image at ``path`` as an upright RGB image; ``ZooError`` (one line) on any failure.
+    ``root``: the file opened must lie inside this folder (after symlinks), checked on the open
+    descriptor."""
     p = Path(path)
     _check_regular(p)
+    f = _open(p, root)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), f:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit below
-            im = Image.open(p, formats=FORMATS)
+            im = Image.open(f, formats=FORMATS)
             w, h = im.size
             if w * h > max_pixels:
                 raise ZooError(
@@ -89,6 +96,45 @@ def _check_regular(p: Path) -> None:
         raise ZooError(f"image '{p}' is a directory, not an image file")
     if not stat.S_ISREG(mode):
         raise ZooError(f"image '{p}' is not a regular file (a FIFO, device or socket); zoo reads only files")
+
+
+def _open(p: Path, root: str | Path | None):
+    """``p`` opened for reading: a regular file (checked on the descriptor: swapped for a FIFO
+    after ``_check_regular``, it is still refused, never waited on), inside ``root`` if given."""
+    try:
+        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise ZooError(f"image '{_short(p)}' does not exist") from None
+    except PermissionError:
+        raise ZooError(f"image '{_short(p)}' cannot be read (permission denied)") from None
+    except OSError as e:
+        raise ZooError(f"image '{_short(p)}' cannot be opened ({e.strerror or type(e).__name__})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ZooError(f"image '{_short(p)}' is not a regular file; zoo reads only files")
+        if root is not None:
+            _check_inside(p, st, root)
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _check_inside(p: Path, st: os.stat_result, root: str | Path) -> None:
+    """``ZooError`` unless the opened file (``st``) is the file ``p``'s real path names, inside
+    ``root`` after symlinks (a link swapped between the check and the open is caught either way)."""
+    real, top = os.path.realpath(p), os.path.realpath(root)
+    try:
+        inside = os.path.commonpath([real, top]) == top
+        now = os.stat(real)
+    except (ValueError, OSError):
+        inside, now = False, None
+    if not inside or now is None or (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+        raise ZooError(f"image '{_short(p)}' leads outside the image folder {_short(Path(root))} "
+                       f"(after symlinks, when it was opened); images must be inside it "
+                       f"(zoo eval --allow-outside-root reads them anyway)")
 
 
 def _short(p: Path, limit: int = 200) -> str:

@@ -14,8 +14,10 @@ batches. An answer is the stripped generated text cut at the first of the task's
 strings, so it equals what ``zoo ask`` prints for the same image, prompt, model and settings
 whenever that answer holds no ``until`` string. Decoding is greedy only. ``stats=PATH`` writes
 one JSON line per request (task, doc_id, visual tokens kept / total, timings in ms: selection,
-prefill, ...), started afresh by each run; with several processes each rank writes ``PATH``
-with ``.rankN`` before its suffix.
+prefill, ...) and the run's start time (``run``); like ``zoo eval --out`` it is only ever
+appended to, and only when it is new, empty or zoo's own statistics (``zoocli.outfile``: an
+existing file of anything else, a FIFO or a device is refused in one line and left alone); with
+several processes each rank writes ``PATH`` with ``.rankN`` before its suffix.
 
 Several processes (``accelerate launch -m lmms_eval`` or ``torchrun -m lmms_eval``): lmms-eval
 shards the documents by ``RANK`` / ``WORLD_SIZE``; the model builds an ``accelerate.Accelerator``
@@ -28,14 +30,14 @@ This module imports lmms-eval: zoo itself never imports it.
 from __future__ import annotations
 
 import dataclasses
-import json
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from lmms_eval.api.model import lmms
 
-from zoocli.errors import UsageError, ZooError
+from zoocli.errors import UsageError
 
 MODEL_ID = "zoo"
 
@@ -220,6 +222,8 @@ class ZooLMM(lmms):
 
             if torch.cuda.is_available():  # one GPU per process
                 device = f"cuda:{self.accelerator.local_process_index}"
+        if args.stats is not None:
+            _check_stats(args.stats, self._rank, self._world_size)
         self.adapter = load_adapter(args.pretrained, device=device, dtype=args.dtype,
                                     random_weights=args.random_weights, cache_dir=args.cache_dir)
         check_family(self.adapter, parse_method_spec(args.method)[0])
@@ -229,6 +233,7 @@ class ZooLMM(lmms):
                              batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                              seed=group.seed, options=args.zoo_options, scope=group.budget_scope)
         self._stats = None
+        self._run = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())  # tells reruns apart in stats
         self._warned: set[str] = set()
 
     @property
@@ -316,10 +321,9 @@ class ZooLMM(lmms):
             "prefill_ms": round(float(answer.timings_ms["prefill"]), 3),
             "timings_ms": {k: round(float(v), 3) for k, v in answer.timings_ms.items()},
             "batch_rows": answer.batch_rows, "max_new_tokens": max_new,
-            "meaningless": bool(self.adapter.meaningless),
+            "meaningless": bool(self.adapter.meaningless), "run": self._run,
         }
-        self._stats.write(json.dumps(record) + "\n")
-        self._stats.flush()
+        self._stats.append(record)
 
     def clean(self):
         if self._stats is not None:
@@ -328,15 +332,27 @@ class ZooLMM(lmms):
         super().clean()
 
 
-def _open_stats(path: str, rank: int, world_size: int):
-    """The stats file of this process: ``path`` (or its ``.rankN`` shard), started afresh."""
+STATS_WHAT = "zoo model_args stats"
+
+
+def _stats_path(path: str, rank: int, world_size: int) -> Path:
+    """The stats file of this process: ``path``, or its ``.rankN`` shard with several."""
     from zoocli.evaluation import shard_path
 
-    p = Path(path) if world_size == 1 else shard_path(path, rank)
-    if p.is_dir():
-        raise ZooError(f"zoo model_args: stats={path} is a directory; give a file name")
-    try:
-        p.parent.mkdir(parents=True, exist_ok=True)
-        return open(p, "w", encoding="utf-8")
-    except OSError as e:
-        raise ZooError(f"zoo model_args: cannot write {p}: {e.strerror or e}") from None
+    return Path(path) if world_size == 1 else shard_path(path, rank)
+
+
+def _check_stats(path: str, rank: int, world_size: int) -> None:
+    """Refuse, before the model loads, a stats file zoo must not append to (``zoocli.outfile``)."""
+    from zoocli.outfile import STATS_HEADS, STATS_KEYS, check_jsonl
+
+    check_jsonl(_stats_path(path, rank, world_size), STATS_KEYS, STATS_HEADS, STATS_WHAT)
+
+
+def _open_stats(path: str, rank: int, world_size: int):
+    """The stats file of this process opened for appending under ``zoocli.outfile``'s rule
+    (checked again, locked while open)."""
+    from zoocli.outfile import STATS_HEADS, STATS_KEYS, JsonlOut
+
+    p = _stats_path(path, rank, world_size)
+    return JsonlOut(p, STATS_KEYS, STATS_HEADS, what=STATS_WHAT)

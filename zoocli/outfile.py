@@ -1,20 +1,32 @@
-"""Output files zoo appends JSON Lines to (``zoo eval --out``, ``zoo bench --out``).
+"""The one rule for every file zoo writes, and the writers that follow it.
 
-Rule: zoo writes only to a *regular* file that is new, empty, or zoo's own JSON Lines (every
-complete line a JSON object carrying the writer's key fields). Anything else -- ``notes.txt``, a
-JSON array, a FIFO, a device, a directory, a socket -- is refused with one line naming the file.
-The path is never replaced: a symlinked output stays a symlink and its target is appended to in
-place (no temporary file, no ``os.replace``). A torn last line is repaired only when it is zoo's
-own (a partial JSON object following zoo rows, or starting the way zoo's rows start): it is
+The rule (``check_target``, used by every writer: ``--out`` of eval and bench, ``--overlay``, the
+lmms-eval backend's ``stats=PATH``, the lock files, the torchrun shards): zoo writes only a
+*regular* file that is new, empty, or recognisably zoo's own of that kind; never one of the
+command's inputs (``zoo score photo.png --overlay photo.png`` is refused, also through a symlink
+or a hard link); never a FIFO, device, directory or socket (refused from ``os.stat``, never
+opened, so nothing hangs). Whole files (a PNG) are written atomically (``write_atomic``: a
+temporary file in the same folder, fsynced, then ``os.replace``); a symlinked output stays a
+symlink and its target is what is replaced. zoo's auxiliary files carry a zoo signature
+(``LOCK_SIGNATURE``; shards: ``zoocli.evaluation.store.SHARD_FIELD``) and a file without it is
+never truncated, merged or deleted.
+
+JSON Lines outputs (``JsonlOut``) are appended to: zoo's own means every complete line is a JSON
+object carrying the writer's key fields. Anything else -- ``notes.txt``, a JSON array -- is
+refused with one line naming the file. The path is never replaced: a symlinked output stays a
+symlink and its target is appended to in place. A torn last line is repaired only when it is
+zoo's own (a partial JSON object following zoo rows, or starting the way zoo's rows start): it is
 dropped, or ended with a newline when it is a whole record, so nothing is ever appended after an
 unterminated line.
 
 Each output is guarded by an advisory lock (``fcntl.flock``, exclusive, non-blocking) on a sidecar
-file ``<target>.lock`` next to the real file, holding the PID of the writer; a second writer gets
-an error naming the file and that PID. ``output_lock(path)`` holds it for a whole run; the writers
-here take it themselves unless this process already holds it. Appends go through ``os.write`` on
-the raw descriptor and are fsynced; a full disk (ENOSPC, EFBIG, EDQUOT) is one line, the partial
-line is cut off again when possible and otherwise repaired by the next run.
+file ``<target>.lock`` next to the real file, holding ``LOCK_SIGNATURE`` and the PID of the
+writer; a second writer gets an error naming the file and that PID. A ``<target>.lock`` that is
+not zoo's (a user's own file of that name, or not a regular file) is refused in one line and left
+exactly as it was. ``output_lock(path)`` holds it for a whole run; the writers here take it
+themselves unless this process already holds it. Appends go through ``os.write`` on the raw
+descriptor and are fsynced; a full disk (ENOSPC, EFBIG, EDQUOT) is one line, the partial line is
+cut off again when possible and otherwise repaired by the next run.
 """
 
 from __future__ import annotations
@@ -25,6 +37,7 @@ import fcntl
 import json
 import os
 import stat
+import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -33,6 +46,11 @@ from zoocli.errors import ZooError
 # ``zoo bench --out`` rows: their key fields, and how ``json.dumps(row)`` starts (``bench._row`` puts "method" first)
 BENCH_KEYS = ("key", "method", "budget")
 BENCH_HEADS = (b'{"method": ',)
+# lmms-eval backend ``stats=PATH`` rows (``lmms_eval_model``): their key fields and how they start
+STATS_KEYS = ("task", "doc_id", "kept_tokens", "n_visual_tokens")
+STATS_HEADS = (b'{"task": ',)
+# the first line of every lock file zoo writes (its PID follows on the second line)
+LOCK_SIGNATURE = b"zoo output lock\n"
 DISK_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 _HELD: dict[str, int] = {}  # real path of an output -> fd of the lock this process holds on it
 
@@ -65,18 +83,39 @@ def _lock_path(path: Path) -> Path:
     return real.with_name(real.name + ".lock")
 
 
+def _lock_pid(fd: int) -> str:
+    """The PID a (signed) lock file holds, for messages."""
+    data = os.pread(fd, 64, 0)
+    if data.startswith(LOCK_SIGNATURE):
+        data = data[len(LOCK_SIGNATURE):]
+    pid = data.decode("ascii", "replace").strip()
+    return pid if pid.isdigit() else "unknown"
+
+
 def _acquire(path: Path, what: str) -> int:
     lock = _lock_path(path)
     for _ in range(10):  # retry when the holder removed the lock file between our open and flock
-        try:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+        try:  # an existing lock that is not a regular file (a FIFO, a device) is never opened
+            st = os.lstat(lock)
+        except FileNotFoundError:
+            st = None
+        except OSError as e:
+            raise ZooError(f"{what} {path}: cannot check its lock file {lock} ({_err(e)})") from None
+        if st is not None and not stat.S_ISREG(st.st_mode):
+            kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else _kind(st.st_mode)
+            raise _foreign_lock(path, what, lock, f"is {kind}")
+        try:  # no O_TRUNC: an existing file is not changed before it is known to be zoo's
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
         except OSError as e:
             raise ZooError(f"{what} {path}: cannot write (cannot create the lock file {lock}: "
                            f"{_err(e)})") from None
+        if _kind(os.fstat(fd).st_mode):  # swapped for something else since the lstat
+            os.close(fd)
+            raise _foreign_lock(path, what, lock, "is not a regular file")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            pid = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            pid = _lock_pid(fd)
             os.close(fd)
             raise ZooError(f"{what} {path} is in use by another zoo process (PID {pid}; lock file "
                            f"{lock}); wait for it to finish or give another file") from None
@@ -84,12 +123,22 @@ def _acquire(path: Path, what: str) -> int:
             same = os.fstat(fd).st_ino == os.stat(lock, follow_symlinks=False).st_ino
         except FileNotFoundError:
             same = False
-        if same:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-            return fd
-        os.close(fd)
+        if not same:
+            os.close(fd)
+            continue
+        head = os.pread(fd, len(LOCK_SIGNATURE), 0)
+        if head and head != LOCK_SIGNATURE:  # a user's own file named <out>.lock: left alone
+            os.close(fd)
+            raise _foreign_lock(path, what, lock, "exists and is not a zoo lock file")
+        os.ftruncate(fd, 0)  # zoo's own lock (empty, or left by a killed run): take it over
+        os.pwrite(fd, LOCK_SIGNATURE + f"{os.getpid()}\n".encode(), 0)
+        return fd
     raise ZooError(f"{what} {path}: cannot take the lock {lock} (it keeps changing)")
+
+
+def _foreign_lock(path: Path, what: str, lock: Path, why: str) -> ZooError:
+    return ZooError(f"{what} {path}: its lock file {lock} {why}; zoo does not touch it: move it "
+                    f"away or give another file name")
 
 
 @contextlib.contextmanager
@@ -106,8 +155,10 @@ def output_lock(path, what: str = "--out") -> Iterator[None]:
         yield
     finally:
         del _HELD[key]
-        with contextlib.suppress(OSError):
-            os.unlink(_lock_path(path))
+        lock = _lock_path(path)
+        with contextlib.suppress(OSError):  # only the file this process holds (zoo's own)
+            if os.stat(lock, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
+                os.unlink(lock)
         os.close(fd)
 
 
@@ -140,6 +191,135 @@ def check_regular(path, what: str = "--out") -> bool:
     if kind:
         raise ZooError(f"{what} {path} is {kind}, not a regular file; zoo reads and writes only regular files")
     return True
+
+
+def _same(a, b) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, ValueError):
+        return False
+
+
+def check_target(path, what: str = "--out", *, inputs: Iterable = (), ours=None,
+                 kind: str = "zoo's own file") -> bool:
+    """The rule for a file zoo is about to write (see the module docstring): True when ``path``
+    exists and may be written, False when it is new. ``ZooError`` (one line naming ``path``) when
+    it is not a regular file, when it is one of ``inputs`` (after symlinks and hard links), or
+    when it is not empty and ``ours(path)`` does not recognise it as zoo's own ``kind``."""
+    if not check_regular(path, what):
+        return False
+    for src in inputs:
+        if src is not None and _same(path, src):
+            raise ZooError(f"{what} {path} is the input file {src}; zoo never writes over its "
+                           f"input: give another file name")
+    try:
+        empty = os.stat(path).st_size == 0
+    except OSError as e:
+        raise ZooError(f"{what} {path}: cannot check it ({_err(e)})") from None
+    if not empty and ours is not None and not ours(path):
+        raise ZooError(f"{what} {path} already exists and is not {kind}; zoo writes only new, "
+                       f"empty or its own files: give another file name")
+    return True
+
+
+def write_atomic(path, data: bytes, what: str = "--out") -> None:
+    """Write ``data`` as the whole file ``path``: a temporary file in the same folder, fsynced,
+    then ``os.replace`` (a crash leaves the old file or the new one, never half of either). A
+    symlink stays a symlink: its target is replaced. The caller checked ``path`` (``check_target``)."""
+    real = Path(_real(path))
+    try:
+        mode = stat.S_IMODE(os.stat(real).st_mode)
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = 0o666 & ~umask
+    except OSError as e:
+        raise ZooError(f"{what} {path}: cannot write ({_err(e)})") from None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{real.name[:100]}.", suffix=".zoo-tmp", dir=real.parent)
+    except OSError as e:
+        raise ZooError(f"{what} {path}: cannot write ({_err(e)})") from None
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fchmod(fd, mode)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        check_regular(real, what)  # swapped for a FIFO or a folder meanwhile: refused, not replaced
+        os.replace(tmp, real)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        full = " (disk full)" if e.errno in DISK_FULL else ""
+        raise ZooError(f"{what} {path}: cannot write{full} ({_err(e)}); nothing was changed") from None
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+# --------------------------------------------------------------------------- PNG
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+PNG_SOFTWARE = "zoo"  # a PNG zoo writes holds the text chunk Software = "zoo <version>"
+_PNG_HEAD = 1 << 20  # the signature sits before the image data: this much is read at most
+
+
+def png_signature():
+    """The ``PngInfo`` every PNG zoo writes carries (``Software: zoo <version>``)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    import zoocli
+
+    info = PngInfo()
+    info.add_text("Software", f"{PNG_SOFTWARE} {zoocli.__version__}")
+    return info
+
+
+def is_zoo_png(path) -> bool:
+    """True when ``path`` is a PNG that zoo wrote (``png_signature`` in a text chunk before the
+    image data); reads at most 1 MiB of a regular file, never decodes the image."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_PNG_HEAD)
+    except OSError:
+        return False
+    if not head.startswith(PNG_MAGIC):
+        return False
+    pos = len(PNG_MAGIC)
+    while pos + 8 <= len(head):
+        size = int.from_bytes(head[pos:pos + 4], "big")
+        ctype = head[pos + 4:pos + 8]
+        body = head[pos + 8:pos + 8 + size]
+        if ctype == b"tEXt":
+            key, _, value = body.partition(b"\0")
+            if key == b"Software" and value.split(b" ")[0] == PNG_SOFTWARE.encode():
+                return True
+        if ctype in (b"IDAT", b"IEND") or len(body) < size:
+            return False
+        pos += 12 + size
+    return False
+
+
+def check_png_target(path, what: str = "--overlay", inputs: Iterable = ()) -> bool:
+    """``check_target`` for a PNG: new, empty or a PNG zoo wrote (``is_zoo_png``)."""
+    return check_target(path, what, inputs=inputs, ours=is_zoo_png, kind="a PNG that zoo wrote")
+
+
+def save_png(im, path, what: str = "--overlay", inputs: Iterable = ()) -> None:
+    """Write image ``im`` as a signed PNG at ``path`` under the rule: new, empty or a PNG zoo
+    wrote, never one of ``inputs``; atomically, holding the output's lock."""
+    import io
+
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", pnginfo=png_signature())
+    check_png_target(path, what, inputs)  # before the lock file is made next to it
+    with output_lock(path, what):
+        check_png_target(path, what, inputs)
+        write_atomic(path, buf.getvalue(), what)
 
 
 def check_jsonl(path, keys: Sequence[str], heads: Sequence[bytes] = (), what: str = "--out") -> int | None:
@@ -187,10 +367,10 @@ class JsonlOut:
     """
 
     def __init__(self, path, keys: Sequence[str], heads: Sequence[bytes] = (), what: str = "--out",
-                 make_parents: bool = True):
+                 make_parents: bool = True, inputs: Iterable = ()):
         self.path, self.keys, self.what = Path(path), tuple(keys), what
         self._fd, self._lock = -1, None
-        check_regular(self.path, what)  # before the lock file is made next to it
+        check_target(self.path, what, inputs=inputs)  # before the lock file is made next to it
         if not make_parents and not self.path.parent.is_dir():
             raise ZooError(f"{what} {self.path}: cannot write (folder {self.path.parent} does not exist)")
         try:

@@ -8,7 +8,11 @@ the CLI (typer, rich, the command modules) is imported.
   next file zoo opens (an ``--out`` file) takes descriptor 1 and anything written to "stdout"
   would land in it. What would have been printed is discarded; the command still runs.
 - Ctrl-C is one line (``error: interrupted``) and exit code 130, also while the CLI is still
-  being imported.
+  being imported. SIGTERM (``kill``, a scheduler's stop) is handled the same way: it is raised
+  in the main thread as ``Terminated`` (a ``KeyboardInterrupt``, so every cleanup that runs for
+  Ctrl-C runs for it: output locks released, temporary files removed), then one line
+  (``error: terminated``) and exit code 143. A second SIGTERM during that cleanup ends the
+  process at once.
 - A reader that goes away (``zoo methods | head -1``) ends the process quietly with exit code
   141 (128 + SIGPIPE, what the shell reports for a program killed by the broken pipe).
 """
@@ -16,10 +20,29 @@ the CLI (typer, rich, the command modules) is imported.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 INTERRUPTED = 130  # 128 + SIGINT
 BROKEN_PIPE = 141  # 128 + SIGPIPE
+TERMINATED = 143  # 128 + SIGTERM
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the main thread is, like Ctrl-C's ``KeyboardInterrupt``."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM is not caught again
+    raise Terminated()
+
+
+def handle_sigterm() -> None:
+    """Turn SIGTERM into ``Terminated`` in this process (call from the main thread, at start)."""
+    try:
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread (an embedding application): leave it as it is
+        pass
 
 
 def _null_fd(fd: int) -> None:
@@ -56,8 +79,11 @@ def say(message: str) -> None:
         pass
 
 
-def interrupted() -> None:
-    """Ctrl-C: one line, exit code 130."""
+def interrupted(e: BaseException | None = None) -> None:
+    """Ctrl-C: one line, exit code 130; SIGTERM (``e`` a ``Terminated``): one line, 143."""
+    if isinstance(e, Terminated):
+        say("terminated")
+        raise SystemExit(TERMINATED)
     say("interrupted")
     raise SystemExit(INTERRUPTED)
 

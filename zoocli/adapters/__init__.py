@@ -245,12 +245,20 @@ def _alias_family(model: str) -> str | None:
         return None
 
 
-def _not_available(model: str) -> ZooError:
+def _not_available(model: str, why: str = "offline?") -> ZooError:
     hint = family_hint(_alias_family(model))
     others = ", ".join(OFFLINE_MODELS)
     lead = f"{hint}, another offline model ({others})" if hint else f"an offline model: {others}"
-    return ZooError(f"model '{model}' is not in the local cache and cannot be downloaded (offline?); "
+    return ZooError(f"model '{model}' is not in the local cache and cannot be downloaded ({why}); "
                     f"try {lead}, or --random-weights")
+
+
+def hub_offline() -> bool:
+    """Whether the Hugging Face offline switch is on (``HF_HUB_OFFLINE`` or
+    ``TRANSFORMERS_OFFLINE``, as huggingface_hub reads them): then zoo opens no connection."""
+    from huggingface_hub import constants
+
+    return bool(getattr(constants, "HF_HUB_OFFLINE", False))
 
 
 def _quiet_transformers() -> None:
@@ -416,13 +424,15 @@ def load_random_config(alias: str) -> dict[str, Any]:
 def _cached_or_reachable(model: str, repo: str) -> str:
     """The local snapshot of ``repo`` if the HF cache has it (no network touched); else ``repo``
     for a download, but only when the Hub answers: offline, fail at once rather than after the
-    hub client's retries."""
+    hub client's retries. With the offline switch on (``hub_offline``) not even the probe is made."""
     from huggingface_hub import snapshot_download
 
     try:
         return snapshot_download(repo, local_files_only=True)
     except Exception:  # not cached (LocalEntryNotFoundError and friends), or not a valid repo id
         pass
+    if hub_offline():
+        raise _not_available(model, "HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE is set")
     if not _hub_reachable():
         raise _not_available(model)
     return repo

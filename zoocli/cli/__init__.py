@@ -81,15 +81,16 @@ app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options"
 def main() -> None:
     """The `zoo` entry point: like ``app()``, but a malformed command line (click's usage errors)
     is one line on stderr with click's exit code (2), not a boxed multi-line message; Ctrl-C is
-    one line and exit 130; a reader that goes away (``zoo methods | head -1``) a quiet exit 141
-    (``zoocli.process``)."""
+    one line and exit 130 (SIGTERM, which ``zoocli.__main__.run`` turns into ``Terminated``:
+    exit 143); a reader that goes away (``zoo methods | head -1``)
+    a quiet exit 141 (``zoocli.process``)."""
     std_streams()
     SHOWN.clear()
     try:
         code = _invoke()
         sys.stdout.flush()  # here, not at exit: a broken pipe is caught below
-    except KeyboardInterrupt:
-        interrupted()
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM (``Terminated``)
+        interrupted(e)
     except BrokenPipeError:
         if not stdout_gone():
             raise

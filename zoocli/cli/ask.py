@@ -36,7 +36,7 @@ def ask(
     from zoocli.pipeline import run_one_warm
 
     question, [(name, extra)], zoo = early_checks(  # name: "fastv" from "fastv:K=3"
-        question, keep, [method], max_new_tokens, overlay, opts)
+        question, keep, [method], max_new_tokens, overlay, opts, inputs=(image, config))
     img = load_image(image)
     adapter = load_model(model, device, dtype, random_weights)
     check_images(adapter, [image], [img])
@@ -50,7 +50,7 @@ def ask(
         from zoocli.figures import overlay as draw_overlay
 
         save_png(draw_overlay(img, res.scopes, model=adapter.model_id, method=method, budget=keep),
-                 overlay)
+                 overlay, inputs=(image, config))
     if json_out:
         d = res.as_dict()
         d.pop("scopes")

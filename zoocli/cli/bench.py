@@ -11,7 +11,7 @@ from zoocli.cli.common import (
     MAX_NEW_TOKENS, MAX_REPEATS, BudgetsOpt, ConfigOpt, DeviceOpt, DtypeOpt, JsonOpt, MaxNewOpt,
     MethodOptions, MethodsOpt, ModelOpt, RandomOpt, check_images, check_int, check_out_file,
     console, handle_errors, load_image, load_model, method_options, note, print_json,
-    question_text, split_list, warn,
+    budget_key, method_key, question_text, split_list, unique, warn,
 )
 
 
@@ -29,15 +29,16 @@ def _check_plan(names: list[str], budgets: list[str], repeats: int, warmup: int,
     check_int("--max-new-tokens", max_new_tokens, 1, MAX_NEW_TOKENS)
 
 
-def _check_out(out: Path | None) -> None:
+def _check_out(out: Path | None, inputs: tuple) -> None:
     """Refuse, before anything loads, an --out that zoo must not append to: a directory, a file in
-    a missing folder, a FIFO or device (never opened, so it cannot hang), or a file that is not
-    zoo's own bench rows (``zoocli.outfile``). Nothing is created or written here."""
-    from zoocli.outfile import check_regular
+    a missing folder, a FIFO or device (never opened, so it cannot hang), one of the ``inputs``,
+    or a file that is not zoo's own bench rows (``zoocli.outfile``). Nothing is created or
+    written here."""
+    from zoocli.outfile import check_target
 
     check_out_file(out, "--out")
     if out is not None:
-        check_regular(out, "--out")
+        check_target(out, "--out", inputs=inputs)
 
 
 def _locked(out: Path | None):
@@ -77,12 +78,14 @@ def bench(
     names = split_list(methods, "--methods")
     budget_list = split_list(budgets, "--budgets")
     _check_plan(names, budget_list, repeats, warmup, max_new_tokens)
+    names = unique(names, "--methods", method_key)
+    budget_list = unique(budget_list, "--budgets", budget_key)
     zoo = opts.zoo()
     question = question_text(question)
     paths = ([p for spec in (images or []) for p in split_list(spec, "--images")]
              or [str(p) for p in shipped_images()])
     imgs = [load_image(p) for p in paths]
-    _check_out(out)
+    _check_out(out, (*paths, config))
     with _locked(out):
         done = done_keys(out)  # also refuses a file that is not zoo's bench rows, before the model
         adapter = load_model(model, device, dtype, random_weights)

@@ -23,7 +23,7 @@ import typer
 from rich.console import Console
 
 from zoocli.errors import UsageError, ZooError
-from zoocli.process import INTERRUPTED, reader_gone, stdout_gone
+from zoocli.process import INTERRUPTED, TERMINATED, Terminated, reader_gone, stdout_gone
 
 
 class _Console(Console):
@@ -92,6 +92,8 @@ def handle_errors(fn):
             return fn(*args, **kwargs)
         except ZooError as e:
             fail(str(e), e.exit_code)
+        except Terminated:  # SIGTERM (``zoocli.process``): the locks were released on the way out
+            fail("terminated", TERMINATED)
         except KeyboardInterrupt:
             fail("interrupted", INTERRUPTED)
         except BrokenPipeError as e:
@@ -187,12 +189,37 @@ def _yaml_problem(e: Exception) -> str:
     return problem + (f" (line {mark.line + 1}, column {mark.column + 1})" if mark else "")
 
 
+def _unique_keys_loader():
+    """PyYAML's safe loader, but a key written twice in one mapping is an error naming it and
+    its line (plain PyYAML keeps the last one silently)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            if isinstance(node, yaml.MappingNode):
+                self.flatten_mapping(node)
+                seen: dict = {}
+                for key_node, _value in node.value:
+                    key = self.construct_object(key_node, deep=deep)
+                    try:
+                        if key in seen:
+                            raise yaml.constructor.ConstructorError(
+                                None, None, f"key {_shown(key)} is given twice (first on line "
+                                f"{seen[key]}); keep one", key_node.start_mark)
+                        seen[key] = key_node.start_mark.line + 1
+                    except TypeError:  # unhashable: the base class says so, with its place
+                        break
+            return super().construct_mapping(node, deep=deep)
+
+    return Loader
+
+
 def _read_config(value: str) -> dict:
     import yaml
 
     text = _config_text(value)
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_unique_keys_loader())  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as e:
         raise typer.BadParameter(f"cannot read {value}: {_yaml_problem(e)}") from None
     except RecursionError:
@@ -213,7 +240,7 @@ def load_config(ctx: typer.Context, param: Any, value: str | None):
     data = _read_config(value)
     options = {p.name: p for p in ctx.command.params
                if p.param_type_name == "option" and p.name not in ("config", "help")}
-    defaults = {}
+    defaults, spelled = {}, {}
     for key, val in data.items():
         name = str(key).replace("-", "_")
         if name == "json":
@@ -222,6 +249,10 @@ def load_config(ctx: typer.Context, param: Any, value: str | None):
             known = ", ".join(sorted(n.replace("_out", "") for n in options))
             raise typer.BadParameter(f"{value}: unknown key {_shown(str(key))} for this command; "
                                      f"known: {known}")
+        if name in spelled:  # max-new-tokens and max_new_tokens: which one was meant?
+            raise typer.BadParameter(f"{value}: keys {_shown(str(spelled[name]))} and "
+                                     f"{_shown(str(key))} are the same option; keep one")
+        spelled[name] = key
         defaults[name] = _coerce(str(key), val, options[name].type_descriptor.annotation, name)
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
     return value
@@ -386,6 +417,37 @@ def split_list(text: str, what: str) -> list[str]:
     return items
 
 
+def unique(items: list[str], flag: str, key=None) -> list[str]:
+    """``items`` without repeats (the first spelling kept; ``key`` says when two are the same,
+    e.g. ``zoo:m=4`` and ``zoo:m=4.0``); what was dropped is said in one note line."""
+    seen: dict = {}
+    dropped = []
+    for item in items:
+        k = item if key is None else key(item)
+        if k in seen:
+            dropped.append(item if item == seen[k] else f"{item} (= {seen[k]})")
+        else:
+            seen[k] = item
+    if dropped:
+        note(f"{flag}: {', '.join(dict.fromkeys(dropped))} listed more than once; each is run once")
+    return list(seen.values())
+
+
+def method_key(spec: str):
+    """What makes two method specs the same run: the method and its options (any order)."""
+    from zoocli.methods import parse_method_spec
+
+    name, opts = parse_method_spec(spec)
+    return name, tuple(sorted((k, repr(v)) for k, v in opts.items()))
+
+
+def budget_key(text: str):
+    """What makes two budgets the same: ``64`` and `` 64``, ``11%`` and ``11 %``."""
+    from zoocli.eval_runner import budget_value
+
+    return budget_value(text)
+
+
 def question_text(q: str) -> str:
     """The question as plain text: stripped, not empty, and every byte that is not UTF-8 (a
     question typed in another encoding) replaced by U+FFFD (``zoocli.text.user_text``)."""
@@ -397,9 +459,10 @@ def question_text(q: str) -> str:
 
 
 def early_checks(question: str, keep: str, specs: list[str], max_new_tokens: int,
-                 overlay: Path | None, opts: MethodOptions) -> tuple[str, list, dict[str, Any]]:
+                 overlay: Path | None, opts: MethodOptions,
+                 inputs: tuple = ()) -> tuple[str, list, dict[str, Any]]:
     """What `ask` and `compare` validate before anything is loaded: (question, parsed method
-    specs, ZOO options)."""
+    specs, ZOO options); ``inputs``: the files the command reads (--overlay may not be one)."""
     from zoocli.methods import parse_method_spec
     from zoocli.pipeline import parse_keep
 
@@ -408,7 +471,7 @@ def early_checks(question: str, keep: str, specs: list[str], max_new_tokens: int
     parse_keep(keep, 10**9)  # syntax and sign; the token count is known after encoding
     zoo = opts.zoo()
     check_int("--max-new-tokens", max_new_tokens, 1, MAX_NEW_TOKENS)
-    check_out_file(overlay, "--overlay")
+    check_overlay(overlay, inputs)
     return question, parsed, zoo
 
 
@@ -466,12 +529,22 @@ def check_out_file(path: Path | None, option: str) -> None:
         raise UsageError(f"cannot write {path}: folder {path.parent} does not exist")
 
 
-def save_png(im, path: Path) -> None:
+def check_overlay(path: Path | None, inputs: tuple = ()) -> None:
+    """Refuse, before any model loads, an --overlay that zoo must not write (``outfile``'s rule:
+    new, empty or a PNG zoo wrote; never one of ``inputs``, e.g. the image; never a FIFO)."""
+    from zoocli.outfile import check_png_target
+
+    check_out_file(path, "--overlay")
+    if path is not None:
+        check_png_target(path, "--overlay", inputs)
+
+
+def save_png(im, path: Path, inputs: tuple = ()) -> None:
+    """Write ``im`` as --overlay ``path`` under ``outfile``'s rule (atomically, signed as zoo's)."""
+    from zoocli.outfile import save_png as save
+
     path = Path(path)
     if path.parent and not path.parent.exists():
         raise UsageError(f"cannot write {path}: folder {path.parent} does not exist")
-    try:
-        im.save(path, format="PNG")
-    except OSError as e:
-        raise ZooError(f"cannot write {path}: {e.strerror or e}") from None
+    save(im, path, "--overlay", inputs)
     note(f"wrote {path}")

@@ -39,7 +39,8 @@ def compare(
 
     image, question = with_sample(image, question)
     names = split_list(methods, "--methods")
-    question, parsed, zoo = early_checks(question, keep, names, max_new_tokens, overlay, opts)
+    question, parsed, zoo = early_checks(question, keep, names, max_new_tokens, overlay, opts,
+                                       inputs=(image, config))
     img = load_image(image)
     adapter = load_model(model, device, dtype, random_weights)
     check_images(adapter, [image], [img])
@@ -62,7 +63,8 @@ def compare(
         from zoocli.figures import compare_sheet
 
         runs = [(n, r.scopes) for n, r in results.items()]
-        save_png(compare_sheet(img, runs, model=adapter.model_id, budget=k), overlay)
+        save_png(compare_sheet(img, runs, model=adapter.model_id, budget=k), overlay,
+                 inputs=(image, config))
     if json_out:
         print_json({"model": adapter.model_id, "question": question, "keep": k,
                     "n_visual_tokens": enc.n, "meaningless": adapter.meaningless, "rows": rows})

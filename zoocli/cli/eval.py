@@ -21,7 +21,7 @@ import typer
 from zoocli.cli.common import (
     MAX_BATCH, MAX_NEW_TOKENS, BudgetsOpt, check_int, ConfigOpt, console, DeviceOpt, DtypeOpt,
     handle_errors, JsonOpt, load_model, MaxNewOpt, method_options, MethodOptions, MethodsOpt, ModelOpt,
-    print_json, RandomOpt, split_list, warn,
+    print_json, RandomOpt, split_list, unique, method_key, budget_key, warn,
 )
 from zoocli.errors import UsageError, ZooError
 
@@ -36,6 +36,7 @@ class EvalPlan:
     temporary: Any = None  # tempfile.TemporaryDirectory when no --out was given
     done: set = field(default_factory=set)
     plan_keys: set = field(default_factory=set)
+    inputs: tuple = ()  # the files eval reads (question, answers, --config): --out is none of them
 
 
 def _datasets(data: list[str] | None, answers: list[str] | None, image_root: str | None,
@@ -81,10 +82,11 @@ def _method_plan(methods: str, budgets: str, batch_size: int, max_new_tokens: in
     names = [n for n in split_list(methods, "--methods") if n != BASELINE]
     for n in names:
         parse_method_spec(n)  # "zoo" or "zoo:estimator=jvp"
-    names = list(dict.fromkeys(names))
+    names = unique(names, "--methods", method_key)
     budget_list = split_list(budgets, "--budgets") if names else []
     for b in budget_list:
         budget_value(b)
+    budget_list = unique(budget_list, "--budgets", budget_key)
     check_int("--batch-size", batch_size, 1, MAX_BATCH)
     check_int("--max-new-tokens", max_new_tokens, 1, MAX_NEW_TOKENS)
     options = {k: v for k, v in opts.zoo().items() if v is not None}
@@ -116,17 +118,22 @@ def _locked(out: Path, rank: int):
     return output_lock(out, "--out") if rank == 0 else contextlib.nullcontext()
 
 
-def _resume(plan: EvalPlan) -> None:
-    """Refuse a --out that is not zoo's records (``notes.txt``, a JSON array: never truncated) or
-    holds other settings; note the predictions it already holds. Before the model loads."""
+def _resume(plan: EvalPlan, rank: int, world: int) -> None:
+    """Refuse a --out that is not zoo's records (``notes.txt``, a JSON array: never truncated),
+    is one of the inputs, or holds other settings, and (torchrun) a file in this rank's shard
+    place that is not its shard; note the predictions already made (--out and the shards a
+    torchrun run left). Before the model loads."""
     from zoocli.eval_runner import check_resumable
-    from zoocli.evaluation import find_shards, read_records
-    from zoocli.evaluation.store import KEY_FIELDS, ROW_HEADS, record_key
-    from zoocli.outfile import check_jsonl
+    from zoocli.evaluation import read_records, zoo_shards
+    from zoocli.evaluation.store import KEY_FIELDS, ROW_HEADS, check_shard, record_key
+    from zoocli.outfile import check_jsonl, check_target
 
+    check_target(plan.out, "--out", inputs=plan.inputs)
     check_jsonl(plan.out, KEY_FIELDS, ROW_HEADS, "--out")
+    if world > 1:
+        check_shard(plan.out, rank)
 
-    previous = [p for p in find_shards(plan.out) + [plan.out] if p.exists()]
+    previous = [p for p in zoo_shards(plan.out) + [plan.out] if p.exists()]
     records = list(read_records(previous, missing_ok=True))  # read once: checked, then keyed
     check_resumable(records, plan.spec, str(plan.out))
     plan.done = {record_key(r) for r in records}
@@ -138,15 +145,15 @@ def _predict(plan: EvalPlan, group, load: tuple[str, str, bool], quiet: bool):
     """This rank's missing predictions: (EvalStats with all ranks' totals, meaningless)."""
     from zoocli.cli.progress import Steps
     from zoocli.eval_runner import run_eval, todo_count
-    from zoocli.evaluation import RecordWriter, shard_path
+    from zoocli.evaluation import RecordWriter
 
     model, dtype, random_weights = load
     adapter = load_model(model, group.device, dtype, random_weights, quiet=quiet)
     datasets = [d for d, _p in plan.sets]
-    target = shard_path(plan.out, group.rank) if group.world > 1 else plan.out
+    where = {"shard": (plan.out, group.rank, group.world)} if group.world > 1 else {"path": plan.out}
     todo = todo_count(datasets, plan.spec, plan.done, group.rank, group.world)
     with Steps("eval", todo, "predictions", rate_unit="samples", disable=quiet) as steps, \
-            RecordWriter(target) as writer:
+            RecordWriter(**where) as writer:
         if plan.done:
             steps.note(f"eval: {len(plan.done & plan.plan_keys)} predictions already in "
                        f"{plan.out} are kept, {todo} to go")
@@ -250,9 +257,10 @@ def eval_command(
         spec = EvalSpec(model=model + (" (random weights)" if random_weights else ""), methods=names,
                         budgets=budget_list, batch_size=batch_size, max_new_tokens=max_new_tokens,
                         seed=opts.seed, options=options, scope=opts.budget_scope)
-        plan = EvalPlan(spec, sets, *_output(out, world))
+        plan = EvalPlan(spec, sets, *_output(out, world),
+                        inputs=(*(data or ()), *(answers or ()), config))
         with _locked(plan.out, rank):
-            _resume(plan)
+            _resume(plan, rank, world)
             done = _run(plan, rank, world, local, (model, dtype, random_weights), device)
             if done is not None:
                 _report(plan, *done, world, json_out)

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from zoocli.cli.common import (
-    MAX_TOP, check_images, check_int, check_out_file, ConfigOpt, console, DeviceOpt, DtypeOpt, err,
+    MAX_TOP, check_images, check_int, check_overlay, ConfigOpt, console, DeviceOpt, DtypeOpt, err,
     handle_errors, JsonOpt, load_image, load_model, method_options, MethodOptions, ModelOpt,
     print_json, question_text, RandomOpt, save_png,
 )
@@ -42,7 +42,7 @@ def score(
     q = question_text(question) if question is not None else "Describe the image."
     zoo = opts.zoo()
     check_int("--top", top, 0, MAX_TOP)
-    check_out_file(overlay, "--overlay")
+    check_overlay(overlay, (image, config))
     img = load_image(image)
     adapter = load_model(model, device, dtype, random_weights)
     check_images(adapter, [image], [img])
@@ -60,7 +60,7 @@ def score(
         from zoocli.figures import heat_overlay
 
         save_png(heat_overlay(img, scored.layout, scored.values, model=adapter.model_id,
-                              units=scored.units), overlay)
+                              units=scored.units), overlay, inputs=(image, config))
     if json_out:
         print_json(out)
         return

@@ -4,9 +4,9 @@ baseline (method ``"none"``).
 
     samples = load_samples("pope.jsonl", image_root="coco/val2014")
     todo = [s for s in shard(samples, rank, world) if ("pope", s.id, m, b) not in done_keys(paths)]
-    with RecordWriter(shard_path("run.jsonl", rank)) as w:
+    with RecordWriter(shard=("run.jsonl", rank, world)) as w:  # run.rank<rank>.jsonl, signed
         w.write(make_record(sample, "pope", m, b, prediction, kept_tokens=k, timings_ms=t))
-    merge_shards(find_shards("run.jsonl"), "run.jsonl"); rows = summarize(read_records("run.jsonl"))
+    merge_shards(zoo_shards("run.jsonl"), "run.jsonl"); rows = summarize(read_records("run.jsonl"))
 
 Sub-modules: ``samples`` (readers), ``metrics`` (scoring), ``store`` (records, shards, summary).
 """
@@ -20,7 +20,7 @@ from zoocli.evaluation.metrics import (
 from zoocli.evaluation.samples import Sample, detect_format, infer_kind, load_answers, load_samples
 from zoocli.evaluation.store import (
     BASELINE, MEAN, RecordWriter, dataset_value, done_keys, find_shards, make_record, merge_shards,
-    read_records, record_key, shard, shard_path, shard_paths, summarize,
+    read_records, record_key, shard, shard_path, shard_paths, summarize, zoo_shards,
 )
 
 SAMPLE_EVAL = Path(__file__).resolve().parent.parent / "data" / "sample_eval.jsonl"
@@ -38,5 +38,5 @@ __all__ = [
     "detect_format", "done_keys", "extract_choice", "extract_yes_no", "find_shards", "infer_kind",
     "load_answers", "load_samples", "make_record", "merge_shards", "normalize_answer",
     "read_records", "record_key", "score_one", "score_predictions", "shard", "shard_path",
-    "shard_paths", "summarize", "vqa_accuracy", "yes_no_metrics",
+    "shard_paths", "summarize", "zoo_shards", "vqa_accuracy", "yes_no_metrics",
 ]

@@ -3,8 +3,9 @@ group, one device per rank, and merging the ranks' shards into one output file.
 
 When torchrun's ``RANK`` / ``WORLD_SIZE`` are set (world size > 1) the process group is
 initialised (gloo on CPU, nccl on CUDA, each rank on ``cuda:LOCAL_RANK``); every rank writes its
-round-robin share of the samples into its own shard ``run.rankR.jsonl``; after a barrier rank 0
-merges the shards (and any earlier ``--out``) into ``--out`` and deletes the shards. A single
+round-robin share of the samples into its own shard ``run.rankR.jsonl`` (each record signed, see
+``zoocli.evaluation.store``); after a barrier rank 0 merges the signed shards (and any earlier
+``--out``) into ``--out`` and deletes them; files merely named like shards are left alone. A single
 process (world size 1) makes every call here a no-op. torch is imported inside the calls.
 """
 
@@ -101,12 +102,13 @@ class ProcessGroup:
 
 
 def merge_into(out: Path) -> None:
-    """Merge every rank's shard of ``out`` into ``out`` (``merge_shards`` keeps what ``out``
-    already holds) in canonical (sorted) form, then delete the shards. Rank 0 calls it after the
-    barrier."""
-    from zoocli.evaluation.store import find_shards, merge_shards
+    """Merge every shard a torchrun run wrote for ``out`` (``zoo_shards``: signed) into ``out``
+    (``merge_shards`` keeps what ``out`` already holds) in canonical (sorted) form, then delete
+    those shards. Rank 0 calls it after the barrier (one process: shards a crashed torchrun run
+    left)."""
+    from zoocli.evaluation.store import merge_shards, zoo_shards
 
-    shards = find_shards(out)
+    shards = zoo_shards(out)
     if shards or out.exists():
         merge_shards(shards, out)
         for p in shards:

@@ -24,8 +24,9 @@ lower-cased -- the key LLaVA's ``eval_textvqa.py`` uses. Then every answer line 
 text; if a key repeats in the answers file the last line wins (as in LLaVA's dict).
 
 Sample ids are strings: the ``question_id`` (or plain ``id``, else the line number); an id that
-repeats within one question file becomes ``"<id>#<k>"`` for its k-th occurrence (k from 1), so
-ids are unique per file and stable while the file is unchanged.
+repeats within one question file becomes ``"<id>#<k>"`` for its k-th occurrence (k from 1),
+skipping any ``k`` whose key is already an id of the file (ids ``1``, ``1``, ``1#1`` become
+``1#2``, ``1#3``, ``1#1``), so ids are unique per file and stable while the file is unchanged.
 
 Every problem stops with a ``ZooError`` naming the file, the line number and the field.
 """
@@ -66,6 +67,7 @@ class Sample:
     soft: bool = False
     source_id: str | int | None = None
     category: str | None = None
+    image_root: str | None = None  # the folder ``image`` must stay inside when it is opened
 
 
 # --------------------------------------------------------------------------- JSON Lines reading
@@ -329,7 +331,7 @@ def load_samples(path, answers=None, image_root=None, allow_outside_root: bool =
     raw = [row(path, n, obj, fmt, root, allow_outside_root) for n, obj in rows]
     if answers is not None:
         _attach_answers(path, raw, Path(answers))
-    return _samples(raw)
+    return _samples(raw, None if root is None or allow_outside_root else str(root))
 
 
 def _rows_and_format(path: Path, answers) -> tuple[list, str]:
@@ -400,18 +402,27 @@ def _question_row(path: Path, n: int, obj: dict, fmt: str, root, allow_outside_r
     return r
 
 
-def _samples(raw: list[dict]) -> list[Sample]:
-    """``Sample``s in file order; a repeated id gets ``#1``, ``#2``... (``source_id`` keeps it)."""
+def _samples(raw: list[dict], image_root: str | None = None) -> list[Sample]:
+    """``Sample``s in file order; a repeated id gets ``#1``, ``#2``... skipping suffixed keys that
+    are taken (``source_id`` keeps the id as written): the ids are unique."""
     counts = Counter(str(r["sid"]) for r in raw)
+    taken = {sid for sid, c in counts.items() if c == 1}  # ids that keep their own spelling
     seen: Counter = Counter()
     out = []
     for r in raw:
         sid = str(r["sid"])
-        seen[sid] += 1
-        uid = sid if counts[sid] == 1 else f"{sid}#{seen[sid]}"
+        uid = sid
+        if counts[sid] > 1:
+            while True:
+                seen[sid] += 1
+                uid = f"{sid}#{seen[sid]}"
+                if uid not in taken:
+                    break
+            taken.add(uid)
         out.append(Sample(id=uid, image=r["image"], question=r["question"], answers=r["answers"],
                           kind=infer_kind(r["answers"], r["choices"]), choices=r["choices"],
-                          soft=r["soft"], source_id=r["sid"], category=r["category"]))
+                          soft=r["soft"], source_id=r["sid"], category=r["category"],
+                          image_root=image_root))
     return out
 
 

@@ -10,6 +10,13 @@ record being written. On opening it repairs a torn last line (drops it, or ends 
 when it is a whole record); it refuses a file that is not zoo's own records (``zoocli.outfile``).
 ``read_records`` / ``done_keys`` ignore a torn last line; a damaged line anywhere else is an error
 naming the file and line. ``merge_shards`` only appends to its output, never replaces it.
+
+Shards: rank R of a torchrun run writes ``run.rankR.jsonl`` (``RecordWriter(..., shard=...)``),
+every record signed with ``SHARD_FIELD`` (``{"out": "run.jsonl", "rank": R, "world": N}``). Only
+files whose every record carries the signature of that output and rank are zoo's shards
+(``zoo_shards``): they alone are read on resume, merged (the signature dropped) and deleted. A
+user's own ``run.rank64.jsonl`` (say, the --out of another run) is never read, merged nor
+deleted, and a rank never writes into it.
 """
 
 from __future__ import annotations
@@ -69,23 +76,40 @@ def make_record(sample: Sample, dataset: str, method: str, budget, prediction: s
 ROW_HEADS = (b'{"dataset": ', b'{"answers": ')
 
 
+SHARD_FIELD = "zoo_shard"  # the signature of a torchrun shard's records (see the module docstring)
+
+
 class RecordWriter:
     """Append records to a JSON Lines file, each flushed and fsynced as it is written.
 
     ``with RecordWriter(path) as w: w.write(record)``. Creates missing parent folders. The file
     must be new, empty or zoo's own records (``zoocli.outfile``: anything else is refused, never
     truncated); a torn last record is repaired; the output's lock is held while it is open.
+    ``shard=(out, rank, world)``: write rank ``rank``'s shard of ``out`` instead, each record
+    signed (``SHARD_FIELD``); an existing file there must be empty or that shard (else refused);
+    the file is only created by the first record, so a rank with nothing to do leaves none.
     """
 
-    def __init__(self, path):
+    def __init__(self, path=None, shard: tuple | None = None):
+        self._sig = None
+        if shard is not None:
+            out, rank, world = shard
+            path = shard_path(out, rank)
+            self._sig = {"out": Path(out).name, "rank": int(rank), "world": int(world)}
+            check_shard(out, rank)
         self.path = Path(path)
-        self._out = JsonlOut(self.path, KEY_FIELDS, ROW_HEADS)
+        self._out = None if shard is not None else JsonlOut(self.path, KEY_FIELDS, ROW_HEADS)
 
     def write(self, record: dict) -> None:
+        if self._sig is not None:
+            if self._out is None:
+                self._out = JsonlOut(self.path, KEY_FIELDS, ROW_HEADS)
+            record = {**record, SHARD_FIELD: self._sig}
         self._out.append(record)
 
     def close(self) -> None:
-        self._out.close()
+        if self._out is not None:
+            self._out.close()
 
     def __enter__(self) -> RecordWriter:
         return self
@@ -183,6 +207,40 @@ def find_shards(path) -> list[Path]:
     return sorted(found, key=_rank_order)
 
 
+def is_shard_of(path, out, rank: int) -> bool:
+    """True when every record of ``path`` (at least one) carries the shard signature of ``out``'s
+    rank ``rank``: a shard a torchrun run wrote, the only kind zoo reads, merges or deletes."""
+    name, seen = Path(out).name, False
+    try:
+        for rec in read_records(path, missing_ok=True):
+            sig = rec.get(SHARD_FIELD)
+            if not isinstance(sig, dict) or sig.get("out") != name or sig.get("rank") != rank:
+                return False
+            seen = True
+    except ZooError:
+        return False
+    return seen
+
+
+def _rank_of(p: Path) -> int:
+    return int(_RANK.search(p.name).group(1))
+
+
+def zoo_shards(path) -> list[Path]:
+    """The shards of ``path`` that a torchrun run wrote (``is_shard_of``), in rank order; other
+    files named like shards are left out (and so never merged nor deleted)."""
+    return [p for p in find_shards(path) if is_shard_of(p, path, _rank_of(p))]
+
+
+def check_shard(out, rank: int) -> None:
+    """Refuse, in one line, rank ``rank``'s shard path of ``out`` when a file there is not empty
+    and not that shard (a user's own ``run.rank3.jsonl``): zoo never writes into it."""
+    p = shard_path(out, rank)
+    if check_regular(p, "--out shard") and p.stat().st_size and not is_shard_of(p, out, rank):
+        raise ZooError(f"{p} exists and is not a shard zoo wrote for --out {out} (rank {rank}); "
+                       f"zoo neither writes into it nor merges it: move it away or give another --out")
+
+
 def _glob_escape(s: str) -> str:
     return re.sub(r"([*?\[])", r"[\1]", s)
 
@@ -223,6 +281,7 @@ def merge_shards(paths, out) -> int:
     with JsonlOut(out, KEY_FIELDS, ROW_HEADS) as w:
         seen: dict[tuple, dict | None] = {record_key(r): None for r in read_records(out, missing_ok=True)}
         for rec in read_records(paths):
+            rec.pop(SHARD_FIELD, None)  # a shard's signature: not part of the merged record
             seen.setdefault(record_key(rec), rec)
         new = sorted((r for r in seen.values() if r is not None), key=_record_order)
         w.append_many(new, sort_keys=True)
