@@ -124,3 +124,143 @@ def test_vllm_equals_zoo_hf_path(family, models_dir, monkeypatch):
             run(llm, prompt, [image], {"zoo_kep": "3"})
     finally:
         del llm
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_stock_vllm_equals_zoo_unpruned(family, models_dir, monkeypatch):
+    """Stock vLLM (no plugin class) answers as zoo's unpruned HF path, which the plugin's ``none``
+    equals (test above): ``none`` = stock vLLM."""
+    from vllm import LLM, SamplingParams
+
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    name, _, _ = FAMILIES[family]
+    model_dir = ensure_offline_model(name, models_dir)
+    adapter = load_adapter(name, device="cpu", dtype="fp32", cache_dir=models_dir)
+    llm = LLM(model=str(model_dir), dtype="float32", enforce_eager=True, max_model_len=2048, seed=0)
+    try:
+        for image in images().values():
+            _, ids, prompt = hf_reference(adapter, image, "none", "1")
+            out = llm.generate([{"prompt_token_ids": prompt, "multi_modal_data": {"image": image}}],
+                               SamplingParams(temperature=0, max_tokens=MAX_TOKENS), use_tqdm=False)[0]
+            assert list(out.outputs[0].token_ids[:len(ids)]) == ids
+    finally:
+        del llm
+
+
+@pytest.mark.slow
+def test_tensor_parallel_2_equals_tp_1(models_dir, monkeypatch):
+    """TP 2 on CPU (two worker processes, one core each) keeps the same rows and answers as zoo's
+    HF path, which TP 1 equals (test above)."""
+    monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    name, model_type, keep = FAMILIES["qwen2_5_vl"]
+    model_dir = ensure_offline_model(name, models_dir)
+    adapter = load_adapter(name, device="cpu", dtype="fp32", cache_dir=models_dir)
+    llm = start(model_dir, model_type, keep, tensor_parallel_size=2)
+    try:
+        for image in images().values():
+            kept, ids, prompt = hf_reference(adapter, image, "zoo", keep)
+            out = llm.generate([{"prompt_token_ids": prompt, "multi_modal_data": {"image": image}}],
+                               __import__("vllm").SamplingParams(temperature=0, max_tokens=MAX_TOKENS),
+                               use_tqdm=False)[0]
+            assert all(h[-1] == kept for h in llm.apply_model(kept_history))  # every rank, the same rows
+            assert list(out.outputs[0].token_ids[:len(ids)]) == ids
+    finally:
+        del llm
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url: str, body: dict, timeout: float = 120) -> tuple[int, dict]:
+    import json
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+@pytest.mark.slow
+def test_zoo_serve_small_llava(tmp_path):
+    """`zoo serve small-llava --method zoo --keep 64 --dtype fp32` on 127.0.0.1: 8 concurrent chat
+    requests with an image; prompt tokens lower by exactly 576 - 64 than the same request with
+    method none; the greedy answer equals `zoo ask`'s; a bad per-request setting is a clean 400;
+    Ctrl-C (SIGINT) stops it."""
+    import base64
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+    from pathlib import Path
+
+    image = Path(__file__).parent.parent / "sample_images" / "coffee_cup.jpg"
+    question = "What is on the table?"
+    port = _free_port()
+    env = dict(os.environ, HOME=str(tmp_path), VLLM_CPU_KVCACHE_SPACE="1")  # the model builds under tmp_path
+    cmd = [sys.executable, "-m", "zoocli", "serve", "small-llava", "--method", "zoo", "--keep", "64", "--dtype",
+           "fp32", "--host", "127.0.0.1", "--port", str(port), "--request-settings", "--max-model-len", "2048"]
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(base + "/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(2)
+        else:
+            pytest.fail("zoo serve did not come up in 600 s")
+        url = "data:image/jpeg;base64," + base64.b64encode(image.read_bytes()).decode()
+
+        def body(kw=None):
+            b = {"model": "small-llava", "temperature": 0, "max_tokens": 8,
+                 "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                           {"type": "text", "text": question}]}]}
+            if kw:
+                b["mm_processor_kwargs"] = kw
+            return b
+
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(lambda kw: _post(base + "/v1/chat/completions", body(kw)),
+                                    [None, {"zoo_method": "none"}] * 4))
+        assert all(code == 200 for code, _ in results), results
+        pruned = {r["usage"]["prompt_tokens"] for i, (_, r) in enumerate(results) if i % 2 == 0}
+        full = {r["usage"]["prompt_tokens"] for i, (_, r) in enumerate(results) if i % 2 == 1}
+        assert len(pruned) == len(full) == 1 and full.pop() - pruned.pop() == 576 - 64
+        answers = {r["choices"][0]["message"]["content"] for i, (_, r) in enumerate(results) if i % 2 == 0}
+        assert len(answers) == 1
+        ask = subprocess.run([sys.executable, "-m", "zoocli", "ask", str(image), question, "--model", "small-llava",
+                              "--method", "zoo", "--keep", "64", "--dtype", "fp32", "--max-new-tokens", "8",
+                              "--no-warmup", "--json"], env=env, capture_output=True, text=True, cwd=tmp_path)
+        assert ask.returncode == 0, ask.stderr
+        assert json.loads(ask.stdout)["answer"] == answers.pop().strip()
+        code, err = _post(base + "/v1/chat/completions", body({"zoo_method": "fastv"}))
+        assert code == 400 and "does not run inside vLLM" in err["error"]["message"]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            rc = proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rc = "killed"
+        log.close()
+    assert rc == 130, (tmp_path / "serve.log").read_text()[-2000:]

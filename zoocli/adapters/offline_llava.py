@@ -71,6 +71,21 @@ def _build(out_dir: Path, next_: bool, small: bool, vllm: bool = False) -> None:
     processor = adapter_cls.make_processor(config, tok)
     model.save_pretrained(out_dir, safe_serialization=True)
     processor.save_pretrained(out_dir)
+    if vllm:
+        legacy_tower_names(Path(out_dir) / "model.safetensors")
+
+
+def legacy_tower_names(path: Path) -> None:
+    """Rename the CLIP tower's tensors ``vision_tower.X`` -> ``vision_tower.vision_model.X`` in a
+    safetensors file: the layout llava-hf's checkpoints have, which vLLM's LLaVA loader reads
+    (transformers 5 saves the short form and reads both)."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path))
+    renamed = {("vision_tower.vision_model." + k[len("vision_tower."):]
+                if k.startswith("vision_tower.") and not k.startswith("vision_tower.vision_model.") else k): v
+               for k, v in tensors.items()}
+    save_file(renamed, str(path), metadata={"format": "pt"})
 
 
 def build_tiny_llava(out_dir: Path) -> None:

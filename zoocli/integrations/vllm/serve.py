@@ -53,16 +53,18 @@ def server_command(source: str, model_type: str, name: str, settings: ZooSetting
             "--host", host, "--port", str(port), "--dtype", VLLM_DTYPES[dtype], *extra]
 
 
-def curl_example(name: str, host: str, port: int, keep: str) -> str:
-    """One request that works as printed (the image is sent inline from a file named ``IMAGE``)."""
+def curl_example(name: str, host: str, port: int, keep: str | None = None) -> str:
+    """One request that works as printed (the image is sent inline from a file named ``IMAGE``);
+    with ``keep``, it sets its own budget (a server started with --request-settings)."""
     shown_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
     body: dict[str, Any] = {
         "model": name, "temperature": 0, "max_tokens": 64,
         "messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64,@@B64@@"}},
             {"type": "text", "text": "What is in the picture?"}]}],
-        "mm_processor_kwargs": {"zoo_keep": keep},
     }
+    if keep is not None:
+        body["mm_processor_kwargs"] = {"zoo_keep": keep}
     data = json.dumps(body).replace("@@B64@@", "'\"$(base64 -w0 IMAGE)\"'")
     return (f"curl -s http://{shown_host}:{port}/v1/chat/completions -H 'Content-Type: application/json' "
             f"-d '{data}'")
