@@ -282,6 +282,25 @@ def load_adapter(
     return _load_checkpoint(model, dev, dt, status)
 
 
+def wrap_model(model, processor, name: str | None = None, *, random_weights: bool = False):
+    """The ``Adapter`` for a transformers model and processor already loaded (LLaVA-1.5 / NeXT /
+    OneVision, Qwen2.5-VL, Qwen3-VL), chosen by ``model.config.model_type``: the same adapter
+    ``load_adapter`` gives for that checkpoint. ``name`` (default: the config's ``_name_or_path``)
+    names it in results; ``random_weights``: its answers mean nothing (said in results). The model
+    is put in eval mode and stays where it is (device, dtype)."""
+    config = getattr(model, "config", None)
+    family = getattr(config, "model_type", None)
+    if not isinstance(family, str):
+        raise UsageError(f"wrap_model needs a transformers model (with a config.model_type), "
+                         f"not {type(model).__name__}")
+    if getattr(processor, "tokenizer", None) is None or getattr(processor, "image_processor", None) is None:
+        raise UsageError(f"wrap_model needs the model's multimodal processor (AutoProcessor: "
+                         f"tokenizer + image processor), not {type(processor).__name__}")
+    cls = adapter_class(family)
+    return cls(model, processor, name or getattr(config, "_name_or_path", "") or family,
+               meaningless=random_weights)
+
+
 def _load_random(model: str, dev: torch.device, dt: torch.dtype, status: StatusFn):
     """The alias's full-size architecture with random weights (after a memory check)."""
     if model not in MODEL_ALIASES:
@@ -457,5 +476,5 @@ def _one_line(e: BaseException) -> str:
 __all__ = [
     "ADAPTERS", "DEFAULT_MODEL", "MODEL_ALIASES", "OFFLINE_MODELS", "RANDOM_CONFIGS", "SHIPPED_MODELS", "adapter_class",
     "default_cache_dir", "ensure_offline_model", "load_adapter", "load_random_config", "resolve_device",
-    "resolve_dtype", "shipped_model_dir", "suggest_offline",
+    "resolve_dtype", "shipped_model_dir", "suggest_offline", "wrap_model",
 ]

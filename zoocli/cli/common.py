@@ -25,6 +25,7 @@ import typer
 from zoocli.cli.console import console, err  # noqa: F401  (the consoles; cli.progress prints on them too)
 from zoocli.errors import UsageError, ZooError
 from zoocli.process import INTERRUPTED, reader_gone, stdout_gone
+from zoocli.text import question_text  # noqa: F401  (re-exported for the commands)
 
 
 _LONG_WORD = 240  # a word of a message longer than this (a 10,000-character path) is shortened
@@ -369,16 +370,6 @@ def split_list(text: str, what: str) -> list[str]:
     if not items:
         raise UsageError(f"{what} is empty")
     return items
-
-
-def question_text(q: str) -> str:
-    """The question as plain text: stripped, not empty, and every byte that is not UTF-8 (a
-    question typed in another encoding) replaced by U+FFFD (``zoocli.text.user_text``)."""
-    from zoocli.text import user_text
-
-    if not q or not q.strip():
-        raise UsageError("the question is empty")
-    return user_text(q.strip())
 
 
 def early_checks(question: str, keep: str, specs: list[str], max_new_tokens: int,
