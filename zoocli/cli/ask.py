@@ -46,8 +46,9 @@ def ask(
     if overlay is not None:
         from zoocli.figures import overlay as draw_overlay
 
-        save_png(draw_overlay(img, res.scopes, model=adapter.model_id, method=method, budget=keep),
-                 overlay)
+        save_png(draw_overlay(img, res.scopes, model=adapter.model_id, method=method, budget=keep,
+                              keep=res.keep, question=question, answer=res.answer,
+                              random_weights=adapter.meaningless), overlay)
     run = res.run
     if json_out:
         d = run.as_dict()

@@ -57,7 +57,9 @@ def compare(
         from zoocli.figures import compare_sheet
 
         runs = [(n, r.scopes) for n, r in results.items()]
-        save_png(compare_sheet(img, runs, model=adapter.model_id, budget=k), overlay)
+        save_png(compare_sheet(img, runs, model=adapter.model_id, budget=keep, keep=k, question=question,
+                               answers={n: r.answer for n, r in results.items()},
+                               random_weights=adapter.meaningless), overlay)
     if json_out:
         print_json({"model": adapter.model_id, "question": question, "keep": k,
                     "n_visual_tokens": res.n_visual_tokens, "meaningless": adapter.meaningless, "rows": rows})

@@ -63,8 +63,8 @@ def score(
     if overlay is not None:
         from zoocli.figures import heat_overlay
 
-        save_png(heat_overlay(img, res.scopes, res.values, model=adapter.model_id,
-                              units=res.units), overlay)
+        save_png(heat_overlay(img, res.scopes, res.values, model=adapter.model_id, units=res.units,
+                              question=res.question, random_weights=adapter.meaningless), overlay)
     if json_out:
         print_json(out)
         return
