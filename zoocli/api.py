@@ -205,7 +205,7 @@ def compare_methods(adapter, image, question: str, methods: str | Sequence[str] 
                                seed=seed, options=dict(options or {}), max_new_tokens=max_new_tokens,
                                warnings=warnings, on_warm=on_warm, on_done=on_done)
     rows = compare_rows(runs, {s: p[0] for s, p in specs.items()} | {BASELINE: BASELINE})
-    answers = {s: _answer(r, question, s, budget if s != BASELINE else "100%", warnings)
+    answers = {s: _answer(r, question, s, budget if s != BASELINE else "all", warnings)
                for s, r in runs.items()}
     return Comparison(question=question, budget=budget, keep=k, n_visual_tokens=enc.n,
                       model=adapter.model_id, random_weights=adapter.meaningless, answers=answers,
