@@ -128,7 +128,8 @@ def overlay_title(scopes: Scopes, *, model: str = "", method: str = "", budget=N
 def heat_title(n_values: int, *, model: str = "", label: str = "sensitivity", question: str = "",
                random_weights: bool = False) -> list[list[str]]:
     """The title of ``heat_overlay``: lines of phrases."""
-    lines = [[model_text(model, random_weights), f"{label} of {n_values} visual tokens"],
+    lines = [[model_text(model, random_weights, "no trained model's values"),
+              f"{label} of {n_values} visual tokens"],
              _question_line(question, "question (sets the chat context; nothing is generated)")]
     return [line for line in lines if line]
 
@@ -145,11 +146,11 @@ def compare_title(methods: Sequence[str], *, model: str = "", budget=None, keep=
     return [line for line in lines if line]
 
 
-def model_text(model: str, random_weights: bool = False) -> str:
+def model_text(model: str, random_weights: bool = False, why: str = "meaningless answers") -> str:
     """The model as a figure names it: "tiny-llava (random weights: meaningless answers)"."""
     if not random_weights:
         return model
-    return f"{model} (random weights: meaningless answers)" if model else "random weights: meaningless answers"
+    return f"{model} (random weights: {why})" if model else f"random weights: {why}"
 
 
 def budget_text(budget: int | str | None, keep: int | None = None) -> str:
