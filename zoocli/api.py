@@ -86,8 +86,8 @@ class Answer:
 
 @dataclass
 class Comparison:
-    """``compare_methods``: the unpruned baseline (``"none"``) and each method on one image encoded once.
-    ``answers`` in run order (the baseline first); ``rows`` as `zoo compare --json` prints them
+    """``compare_methods``: the unpruned baseline (``"none"``) and each method on one image
+    encoded once. ``answers`` in run order (the baseline first); ``rows`` as `zoo compare --json` prints them
     (speed-ups against the baseline of this one run, Jaccard overlap with the first zoo spec)."""
 
     question: str
@@ -103,8 +103,8 @@ class Comparison:
 
 @dataclass
 class Scores:
-    """``score_tokens``: ZOO-Prune's sensitivity of every visual token (``values``, candidate order),
-    ``scopes`` laid out like ``Answer.scopes`` (nothing kept), ``units`` what a value measures,
+    """``score_tokens``: ZOO-Prune's sensitivity of every visual token (``values``, candidate
+    order), ``scopes`` laid out like ``Answer.scopes`` (nothing kept), ``units`` what a value measures,
     ``stats`` (min / median / max), ``top`` the most sensitive tokens with their (scope, row, col),
     ``tokens`` every token so, ``norms`` the post-projector L2 norms and their Spearman with the
     values; ``encoder`` (with ``vs_encoder``) the sensitivity at the vision encoder's input and its
@@ -182,10 +182,10 @@ def ask(adapter, image, question: str, keep: int | str = 64, method: str = "zoo"
 
 
 def compare_methods(adapter, image, question: str, methods: str | Sequence[str] = ("divprune", "zoo"),
-            keep: int | str = 64, *, seed: int = 0, budget_scope: str = "crop",
-            options: Mapping[str, Any] | None = None, max_new_tokens: int = 64, warmup: bool = False,
-            on_warm: Callable[[], None] | None = None,
-            on_done: Callable[[str], None] | None = None) -> Comparison:
+                    keep: int | str = 64, *, seed: int = 0, budget_scope: str = "crop",
+                    options: Mapping[str, Any] | None = None, max_new_tokens: int = 64,
+                    warmup: bool = False, on_warm: Callable[[], None] | None = None,
+                    on_done: Callable[[str], None] | None = None) -> Comparison:
     """Run the unpruned baseline and each of ``methods`` (specs, a list or comma-separated) on
     ``image`` encoded once, at the same budget. ``warmup``: the whole pass runs once untimed
     first (`zoo compare` does this); ``on_warm()`` after it, ``on_done(spec)`` after each timed
@@ -213,10 +213,10 @@ def compare_methods(adapter, image, question: str, methods: str | Sequence[str] 
 
 
 def score_tokens(adapter, image, question: str | None = None, *, estimator: str = "exact",
-          m: int | None = None, h: float | None = None, rank: int | None = None, seed: int = 0,
-          top: int = 10, vs_encoder: bool = False, encoder_m: int | None = None,
-          encoder_h: float | None = None,
-          progress: Callable[[int, int], None] | None = None) -> Scores:
+                 m: int | None = None, h: float | None = None, rank: int | None = None, seed: int = 0,
+                 top: int = 10, vs_encoder: bool = False, encoder_m: int | None = None,
+                 encoder_h: float | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> Scores:
     """ZOO-Prune's sensitivity of every visual token of ``image`` (``question`` sets the chat
     context; default "Describe the image."). ``estimator``: ``"exact"`` (closed form) or a
     sampled one (``"fd"`` the paper's Eq. 2-3, ``"jvp"``, ``"naive"``) with ``m`` directions
