@@ -219,3 +219,20 @@ def test_wrap_model_dispatches_every_family_to_its_adapter(name, zoo_model_cache
     a = zoocli.ask(wrapped, img, "What is it?", keep="30%", max_new_tokens=4)
     b = zoocli.ask(loaded, img, "What is it?", keep="30%", max_new_tokens=4)
     assert (a.answer, a.kept, a.scopes) == (b.answer, b.kept, b.scopes)
+
+
+@pytest.mark.parametrize("command, function, args", [
+    ("ask", "ask", [SHAPES, "What color is the circle?"]),
+    ("compare", "compare_methods", [SHAPES, "What color is the circle?", "--methods", "zoo"]),
+    ("score", "score_tokens", [SHAPES]),
+])
+def test_the_commands_are_built_on_the_api(command, function, args, monkeypatch):
+    """`zoo ask|compare|score` compute through zoocli.api (one way to do each thing)."""
+    import zoocli.api
+
+    calls = []
+    real = getattr(zoocli.api, function)
+    monkeypatch.setattr(zoocli.api, function, lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    run_json(command, *args, "--model", "demo-llava", "--device", "cpu", *(
+        ["--no-warmup", "--max-new-tokens", "2"] if command != "score" else []))
+    assert calls == [1]
