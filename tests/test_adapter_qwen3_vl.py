@@ -200,9 +200,9 @@ def test_zoo_prune_25_percent_indexes_every_deepstack_tensor_with_the_kept_set(t
     for j, d in enumerate(seen["ds"]):
         assert torch.equal(d, e.state["deepstack"][j][kept])  # every deepstack tensor, same kept set
     # kept tokens keep their original (t, h, w)
-    from zoocli.adapters.qwen2_5_vl import _rope_index
+    from zoocli.adapters.qwen2_5_vl import rope_index
 
-    pos3 = _rope_index(tiny.model.model, p.inputs)[:, 0]
+    pos3 = rope_index(tiny.model.model, p.inputs)[:, 0]
     img_cols = (p.inputs["input_ids"][0] == tiny.image_token_id).nonzero().squeeze(1)
     assert torch.equal(seen["pos"][1:, 0][:, mask], pos3[:, img_cols[kept]])
     # what each decoder layer got: its input = the previous output + deepstack[j] at the kept slots only

@@ -25,7 +25,8 @@ from zoocli.adapters import (
     resolve_dtype,
 )
 from zoocli.adapters.base import Adapter, Encoded, Generation, LLMInputs
-from zoocli.adapters.llava import LlavaAdapter, LlavaNextAdapter, build_tokenizer, tiny_llava_config
+from zoocli.adapters.llava import LlavaAdapter, LlavaNextAdapter, build_tokenizer
+from zoocli.adapters.offline_llava import tiny_llava_config
 from zoocli.errors import UnknownNameError, UsageError, ZooError
 
 pytestmark = pytest.mark.slow

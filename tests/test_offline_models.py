@@ -21,7 +21,8 @@ def _llava_max_tokens(config) -> int:
                                      ("small-llava", {"small": True}),
                                      ("small-llava-next", {"next_": True, "small": True})])
 def test_declared_token_counts_match_the_llava_configs(name, kw):
-    from zoocli.adapters.llava import build_tokenizer, tiny_llava_config
+    from zoocli.adapters.llava import build_tokenizer
+    from zoocli.adapters.offline_llava import tiny_llava_config
 
     assert OFFLINE_MAX_TOKENS[name] == _llava_max_tokens(tiny_llava_config(build_tokenizer(), **kw))
 
@@ -52,7 +53,8 @@ def test_every_offline_model_has_a_token_count():
 
 def test_small_llava_next_has_llava_v16_geometry():
     from zoocli.adapters import load_random_config
-    from zoocli.adapters.llava import build_tokenizer, tiny_llava_config
+    from zoocli.adapters.llava import build_tokenizer
+    from zoocli.adapters.offline_llava import tiny_llava_config
 
     cfg = tiny_llava_config(build_tokenizer(), next_=True, small=True)
     real = load_random_config("llava-next")

@@ -1,8 +1,10 @@
 """zoo: visual-token pruning for vision-language models (ZOO-Prune and its baselines).
 
-The public API: ``token_sensitivity``, ``zoo_select``, ``divprune_select``, the method registry
-(``METHODS``, ``Method``, ``register``, ``get_method``, ``select``, ``PruneInputs``, ``Selection``)
-and ``load_adapter`` for models.
+The public API: pruned generation from Python (``zoocli.api``: ``ask``, ``compare_methods``, ``score_tokens``
+returning ``Answer`` / ``Comparison`` / ``Scores``, on a model from ``load_adapter`` (by name or
+path) or ``wrap_model`` (a transformers model and processor already loaded)); the pieces:
+``token_sensitivity``, ``zoo_select``, ``divprune_select``, the method registry (``METHODS``,
+``Method``, ``register``, ``get_method``, ``select``, ``PruneInputs``, ``Selection``).
 
 Where things live: ``methods/`` one file per paper (a ``Method`` object each: metadata, options and
 their check, a selection ``fn`` or an in-LLM ``plan``); ``adapters/`` the only code that reads model
@@ -20,18 +22,14 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from zoocli.api import (
+    Answer, Comparison, Scores, ask, compare_methods, load_adapter, score_tokens, wrap_model,
+)
 from zoocli.methods import (
     METHODS, Method, PruneInputs, Selection, check_keep, get_method, register, select,
 )
 from zoocli.methods.divprune import divprune_select
 from zoocli.methods.zoo import zoo_select
-
-
-def load_adapter(*args, **kwargs):
-    """Load a model family adapter (see ``zoocli.adapters.load_adapter``); imports transformers lazily."""
-    from zoocli.adapters import load_adapter as _load
-
-    return _load(*args, **kwargs)
 
 
 def __getattr__(name: str):
@@ -43,6 +41,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "METHODS", "Method", "PruneInputs", "Selection", "divprune_select", "get_method",
-    "load_adapter", "register", "select", "token_sensitivity", "zoo_select",
+    "METHODS", "Answer", "Comparison", "Method", "PruneInputs", "Scores", "Selection", "ask",
+    "compare_methods", "divprune_select", "get_method", "load_adapter", "register", "score_tokens",
+    "select", "token_sensitivity", "wrap_model", "zoo_select",
 ]

@@ -24,89 +24,207 @@ MIN_SIDE = 480  # images whose longer side is shorter are enlarged to it
 GAP = 12  # px between panels
 # a viridis-like ramp (low -> high) for heatmaps
 RAMP = [(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)]
-ALPHA = 0.55  # heatmap opacity over the image
+READ_WIDTH, READ_PX = 1200, 13  # a figure shown 1200 px wide keeps text of at least 13 px
 
 Scopes = Sequence[Mapping[str, Any]]
 
 
 # ----------------------------------------------------------------------------------------------
 # public figures
+#
+# Every figure says what it shows without the command line beside it: the question, each method's
+# answer (shortened), the model (and "random weights" where its answers mean nothing) and the budget
+# as it was written ("11% = 16 tokens"). Text is sized so that it stays readable when the whole
+# figure is shown 1200 px wide (``READ_WIDTH``).
 
 
 def overlay(image: Image.Image, scopes: Scopes, *, model: str = "", method: str = "",
-            budget: int | str | None = None, dim: float = DIM) -> Image.Image:
-    """Kept tokens over the image: a title band (model, method, kept/total, budget), the panels
-    (kept patches as is, dropped ones darkened, unseen regions hatched) and a legend."""
+            budget: int | str | None = None, keep: int | None = None, question: str = "",
+            answer: str | None = None, random_weights: bool = False, dim: float = DIM) -> Image.Image:
+    """Kept tokens over the image: a title band (model, method, kept/total, budget as written and
+    the tokens it came to, the question, the answer), the panels (kept patches as is, dropped
+    ones darkened, unseen regions hatched) and a legend."""
     scale = display_scale(image)
     font = _font_for(image, scale)
     body = body_image(image, scopes, scale, font, dim=dim)
-    kept, total = _counts(scopes)
-    title = " · ".join(p for p in (model, method) if p)
-    title += f"{' · ' if title else ''}kept {kept}/{total} visual tokens"
-    if budget is not None:
-        title += f" · budget {budget}"
+    font = _readable(font, body.width)
+    body = body_image(image, scopes, scale, font, dim=dim)
+    lines = overlay_title(scopes, model=model, method=method, budget=budget, keep=keep,
+                          question=question, answer=answer, random_weights=random_weights)
     legend = _legend(image, body.width, font, dim, _note(image, scopes))
-    return _stack([_text_band(title, body.width, _bigger(font)), body, legend])
+    return _stack([_phrase_band(lines, body.width, _bigger(font)), body, legend])
 
 
 def heat_overlay(image: Image.Image, scopes: Scopes, values: Sequence[float | None], *,
-                 model: str = "", label: str = "sensitivity", units: str = "") -> Image.Image:
-    """Per-token ``values`` (indexed by candidate, as ``scope["index"]``) as colours over the image,
-    with a colour bar naming ``label`` and ``units`` and the min/max values. Pillow's default font
-    draws Latin text: write units in plain characters (e.g. "|M(x+hu) - M(x-hu)| / 2h")."""
+                 model: str = "", label: str = "sensitivity", units: str = "", question: str = "",
+                 random_weights: bool = False) -> Image.Image:
+    """Per-token ``values`` (indexed by candidate, as ``scope["index"]``) as opaque cells in the
+    colours of the colour bar (``ramp``), beside the image itself; the colour bar names ``label``
+    and ``units`` and the min/max values. Pillow's default font draws Latin text: write units in
+    plain characters (e.g. "|M(x+hu) - M(x-hu)| / 2h")."""
     finite = [float(v) for v in values if v is not None and math.isfinite(v)]
     lo, hi = (min(finite), max(finite)) if finite else (0.0, 1.0)
     scale = display_scale(image)
     font = _font_for(image, scale)
-    body = body_image(image, scopes, scale, font, values=values, lo=lo, hi=hi)
-    title = " · ".join(p for p in (model, f"{label} of {len(finite)} visual tokens") if p)
+    for _ in range(2):  # the second pass with the font the whole width needs
+        heat = body_image(image, scopes, scale, font, values=values, lo=lo, hi=hi)
+        photo = image.convert("RGB").resize((round(image.width * scale), round(image.height * scale)),
+                                            Image.Resampling.BILINEAR)
+        width = photo.width + GAP + heat.width
+        font = _readable(font, width)
+    panels = [_stack([_text_band(text, p.width, font), p], width=p.width)
+              for text, p in (("the image", photo), (f"{label} per visual token", heat))]
+    body = _row(panels)
+    lines = heat_title(len(finite), model=model, label=label, question=question,
+                       random_weights=random_weights)
     bar = _colour_bar(body.width, font, lo, hi, f"{label} ({units})" if units else label,
                       _note(image, scopes))
-    return _stack([_text_band(title, body.width, _bigger(font)), body, bar])
+    return _stack([_phrase_band(lines, body.width, _bigger(font)), body, bar])
 
 
 def compare_sheet(image: Image.Image, runs: Sequence[tuple[str, Scopes]], *, model: str = "",
-                  budget: int | str | None = None, dim: float = DIM) -> Image.Image:
-    """`zoo compare --overlay`: one labelled panel per method ("method: kept k/n"), one title and
-    one legend for the whole grid."""
+                  budget: int | str | None = None, keep: int | None = None, question: str = "",
+                  answers: Mapping[str, str] | None = None, random_weights: bool = False,
+                  baseline: str = "none", dim: float = DIM) -> Image.Image:
+    """`zoo compare --overlay`: one labelled panel per run ("method: kept k/n" and its answer; the
+    ``baseline`` run is labelled as the unpruned model and not counted as a method), one title
+    (model, methods, budget, question) and one legend for the whole grid."""
     if not runs:
         raise ValueError("compare_sheet needs at least one (method, scopes) run")
+    answers = answers or {}
     scale = display_scale(image)
     font = _font_for(image, scale)
+    first = body_image(image, runs[0][1], scale, font, dim=dim)
+    cols = _grid_cols(len(runs), first.width, first.height)
+    font = _readable(font, cols * first.width + (cols - 1) * GAP)
     bodies, labels = [], []
     for method, scopes in runs:
         kept, total = _counts(scopes)
         bodies.append(body_image(image, scopes, scale, font, dim=dim))
-        labels.append(f"{method}: kept {kept}/{total}")
-    title = " · ".join(p for p in (model, f"{len(runs)} methods") if p)
-    if budget is not None:
-        title += f" · budget {budget}"
-    return contact_sheet(bodies, labels, title=title,
+        name = f"{method} (unpruned)" if method == baseline else method
+        label = [f"{name}: kept {kept}/{total}"]
+        if method in answers:
+            label.append(quoted(answers[method], 60))
+        labels.append(label)
+    lines = compare_title([m for m, _ in runs], model=model, budget=budget, keep=keep,
+                          question=question, random_weights=random_weights, baseline=baseline)
+    return contact_sheet(bodies, labels, title=lines,
                          legend=lambda w: _legend(image, w, font, dim, _note(image, runs[0][1])),
                          font=font)
 
 
-def contact_sheet(images: Sequence[Image.Image], labels: Sequence[str], cols: int | None = None, *,
-                  title: str = "", legend=None, font=None) -> Image.Image:
+def overlay_title(scopes: Scopes, *, model: str = "", method: str = "", budget=None, keep=None,
+                  question: str = "", answer: str | None = None,
+                  random_weights: bool = False) -> list[list[str]]:
+    """The title of ``overlay``: lines of phrases (wrapped between phrases only)."""
+    kept, total = _counts(scopes)
+    lines = [[model_text(model, random_weights), method, f"kept {kept}/{total} visual tokens",
+              budget_text(budget, keep)], _question_line(question)]
+    if answer is not None:
+        lines.append([f"A: {quoted(answer)}"])
+    return [line for line in lines if line]
+
+
+def heat_title(n_values: int, *, model: str = "", label: str = "sensitivity", question: str = "",
+               random_weights: bool = False) -> list[list[str]]:
+    """The title of ``heat_overlay``: lines of phrases."""
+    lines = [[model_text(model, random_weights, "no trained model's values"),
+              f"{label} of {n_values} visual tokens"],
+             _question_line(question, "question (sets the chat context; nothing is generated)")]
+    return [line for line in lines if line]
+
+
+def compare_title(methods: Sequence[str], *, model: str = "", budget=None, keep=None,
+                  question: str = "", random_weights: bool = False,
+                  baseline: str = "none") -> list[list[str]]:
+    """The title of ``compare_sheet``: the ``baseline`` run is the unpruned model, not a method."""
+    n = sum(m != baseline for m in methods)
+    what = f"{n} method{'s' if n != 1 else ''}"
+    if n < len(methods):
+        what += " vs the unpruned model"
+    lines = [[model_text(model, random_weights), what, budget_text(budget, keep)], _question_line(question)]
+    return [line for line in lines if line]
+
+
+def model_text(model: str, random_weights: bool = False, why: str = "meaningless answers") -> str:
+    """The model as a figure names it: "tiny-llava (random weights: meaningless answers)"."""
+    if not random_weights:
+        return model
+    return f"{model} (random weights: {why})" if model else f"random weights: {why}"
+
+
+def budget_text(budget: int | str | None, keep: int | None = None) -> str:
+    """The budget as written and what it came to: "budget 11% = 16 tokens", "budget 64 tokens"."""
+    if budget is None:
+        return ""
+    written = str(budget).strip()
+    if keep is None:
+        return f"budget {written}" + ("" if written.endswith("%") else " tokens")
+    tokens = f"{keep} token{'s' if keep != 1 else ''}"
+    if written == str(keep):
+        return f"budget {tokens}"
+    if not written.endswith("%"):  # a count over the image's tokens, clamped
+        return f"budget {written}: all {tokens}"
+    return f"budget {written} = {tokens}"
+
+
+def _shown(c: str) -> str:
+    """One character as a figure writes it: whitespace as a space, a control or unprintable
+    character (and U+FFFD, undecodable bytes) as its escape, every other character as is."""
+    if c.isspace():
+        return " "
+    if c.isprintable() and c != "\ufffd":
+        return c
+    return f"\\x{ord(c):02x}" if ord(c) < 256 else f"\\u{ord(c):04x}"
+
+
+def quoted(text: str, limit: int = 120) -> str:
+    """``text`` in quotes on one line, control characters and U+FFFD written as escapes,
+    shortened to about ``limit`` characters with an ellipsis."""
+    one = " ".join("".join(_shown(c) for c in str(text)).split())
+    if len(one) > limit:
+        one = one[: limit - 1].rstrip() + "…"
+    return f'"{one}"'
+
+
+def _question_line(question: str, what: str = "Q") -> list[str]:
+    return [f"{what}: {quoted(question)}"] if question else []
+
+
+def contact_sheet(images: Sequence[Image.Image], labels: Sequence[str | Sequence[str]],
+                  cols: int | None = None, *, title: str | Sequence[Sequence[str]] = "", legend=None,
+                  font=None) -> Image.Image:
     """Images in a grid, each under its label band; an optional title band on top and
-    ``legend(width) -> Image`` band at the bottom. ``cols`` default: a near-square grid."""
+    ``legend(width) -> Image`` band at the bottom. ``cols`` default: a near-square grid. A label
+    is a string or a list of phrases (wrapped between phrases); a title a string or lines of
+    phrases."""
     if len(images) != len(labels) or not images:
         raise ValueError("contact_sheet needs one label per image and at least one image")
     w, h = max(i.width for i in images), max(i.height for i in images)
     font = font or _font(max(14, round(min(w, h) / 30)))
     if cols is None:
-        cols = max(1, min(len(images), math.ceil(math.sqrt(len(images) * h / w))))
-    cells = [_stack([_text_band(lab, w, _bigger(font)), im], width=w) for im, lab in zip(images, labels)]
+        cols = _grid_cols(len(images), w, h)
+    bands = [_phrase_band([[lab] if isinstance(lab, str) else lab], w, _bigger(font)) for lab in labels]
+    band_h = max(b.height for b in bands)  # every panel starts at the same height in its row
+    cells = [_stack([_pad(b, w, band_h), im], width=w)
+             for im, b in zip(images, bands)]
     ch = max(c.height for c in cells)
     rows = math.ceil(len(cells) / cols)
     grid = Image.new("RGB", (cols * w + (cols - 1) * GAP, rows * ch + (rows - 1) * GAP), BG)
     for k, c in enumerate(cells):
         grid.paste(c, ((k % cols) * (w + GAP), (k // cols) * (ch + GAP)))
-    parts = [_text_band(title, grid.width, _bigger(font))] if title else []
+    parts = []
+    if title:
+        parts.append(_phrase_band([[title]] if isinstance(title, str) else title, grid.width, _bigger(font)))
     parts.append(grid)
     if legend is not None:
         parts.append(legend(grid.width))
     return _stack(parts)
+
+
+def _grid_cols(n: int, w: int, h: int) -> int:
+    """A near-square grid of ``n`` panels of ``w`` x ``h``."""
+    return max(1, min(n, math.ceil(math.sqrt(n * h / w))))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -149,7 +267,7 @@ def mark(image: Image.Image, scopes: Scopes, region, scale: float = 1.0, *, dim:
          values=None, lo: float = 0.0, hi: float = 1.0) -> Image.Image:
     """``region`` (x0, y0, x1, y1 in original-image pixels) of the image at ``scale``: kept
     patches as they are, dropped ones darkened by ``dim`` (or, with ``values``, each candidate's
-    value as a colour), and every pixel that no candidate covers, or that lies outside the image,
+    value as an opaque cell of its ``ramp`` colour), and every pixel that no candidate covers, or that lies outside the image,
     hatched grey (the model never sees it)."""
     rx0, ry0, rx1, ry1 = region
     size = (max(1, round((rx1 - rx0) * scale)), max(1, round((ry1 - ry0) * scale)))
@@ -168,7 +286,7 @@ def mark(image: Image.Image, scopes: Scopes, region, scale: float = 1.0, *, dim:
                 v = values[s["index"][i]]
                 if v is not None and math.isfinite(v):
                     dl.rectangle(box, fill=ramp((v - lo) / (hi - lo) if hi > lo else 0.5))
-                    dd.rectangle(box, fill=round(255 * ALPHA))
+                    dd.rectangle(box, fill=255)  # opaque: the colour is the bar's
             elif not s["kept"][i]:
                 dd.rectangle(box, fill=round(255 * dim))
     inside = Image.new("L", size, 0)
@@ -304,7 +422,33 @@ def _swatch_band(items, width: int, font) -> Image.Image:
 
 def _text_band(text: str, width: int, font) -> Image.Image:
     """``text`` wrapped to ``width`` on a white band."""
-    lines = _wrap(text, font, width - 2 * (GAP // 2))
+    return _lines_band(_wrap(text, font, width - 2 * (GAP // 2)), width, font)
+
+
+def _phrase_band(lines: Sequence[Sequence[str]], width: int, font) -> Image.Image:
+    """Lines of phrases on a white band (``wrap_phrases``)."""
+    return _lines_band(wrap_phrases(lines, font, width - 2 * (GAP // 2)), width, font)
+
+
+def wrap_phrases(lines: Sequence[Sequence[str]], font, width: int) -> list[str]:
+    """Text lines of at most ``width`` px: each line's phrases joined by " · " and wrapped between
+    phrases, never inside one (unless a phrase alone is wider than ``width``: then at spaces)."""
+    out: list[str] = []
+    for phrases in lines:
+        cur = ""
+        for ph in (p for p in phrases if p):
+            cand = f"{cur} · {ph}" if cur else ph
+            if cur and font.getlength(cand) > width:
+                out.append(cur)
+                cur = ph
+            else:
+                cur = cand
+        if cur:
+            out.append(cur)
+    return [piece for line in out for piece in _wrap(line, font, width)]
+
+
+def _lines_band(lines: Sequence[str], width: int, font) -> Image.Image:
     line = _line_h(font)
     out = Image.new("RGB", (width, len(lines) * (line + 2) + GAP), BG)
     d = ImageDraw.Draw(out)
@@ -366,6 +510,13 @@ def _font_for(image: Image.Image, scale: float):
     return _font(max(14, round(min(image.size) * scale / 30)))
 
 
+def _readable(font, width: int):
+    """``font``, or a larger one if the figure, ``width`` px wide, would otherwise show text under
+    ``READ_PX`` px when displayed ``READ_WIDTH`` px wide."""
+    need = math.ceil(READ_PX * max(1.0, width / READ_WIDTH))
+    return font if font.size >= need else _font(need)
+
+
 def _bigger(font):
     return _font(round(font.size * 1.25))
 
@@ -383,6 +534,13 @@ def _stack(parts: Sequence[Image.Image], width: int | None = None) -> Image.Imag
     for p in parts:
         out.paste(p, (0, y))
         y += p.height
+    return out
+
+
+def _pad(part: Image.Image, width: int, height: int) -> Image.Image:
+    """``part`` at the top left of a white ``width`` x ``height`` band."""
+    out = Image.new("RGB", (width, height), BG)
+    out.paste(part, (0, 0))
     return out
 
 

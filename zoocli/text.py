@@ -21,3 +21,13 @@ def user_text(s: str) -> str:
         return s.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     except UnicodeEncodeError:  # other lone surrogates (e.g. from "\\ud800" in JSON)
         return "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in s)
+
+
+def question_text(q: str) -> str:
+    """The question as plain text: stripped, not empty (a ``UsageError``), and every byte that is
+    not UTF-8 (a question typed in another encoding) replaced by U+FFFD (``user_text``)."""
+    from zoocli.errors import UsageError
+
+    if not isinstance(q, str) or not q.strip():
+        raise UsageError("the question is empty")
+    return user_text(q.strip())

@@ -66,6 +66,8 @@ OFFLINE_MODELS: dict[str, tuple[str, str]] = {
     "vllm-tiny-qwen2.5-vl": ("qwen2_5_vl", "zoocli.adapters.qwen2_5_vl:build_vllm_tiny"),
     "vllm-tiny-qwen3-vl": ("qwen3_vl", "zoocli.adapters.qwen3_vl:build_vllm_tiny"),
 }
+# the vllm-tiny-* models are the tiny ones with vLLM-ready LLM heads: never suggested in their place
+VLLM_TEST_MODELS = frozenset(n for n in OFFLINE_MODELS if n.startswith("vllm-"))
 # offline name -> the most visual tokens one image can give it (checked against the builders'
 # configs by tests/test_figures_offline.py): for picking the offline model that fits a request
 OFFLINE_MAX_TOKENS: dict[str, int] = {
@@ -220,7 +222,8 @@ def suggest_offline(family: str, n_tokens_needed: int) -> str | None:
     """The offline model of ``family`` (a ``config.model_type``) with the fewest visual tokens that
     still gives at least ``n_tokens_needed`` (a budget that really prunes needs fewer than that),
     else the family's largest; None if the family has no offline model."""
-    mine = sorted((OFFLINE_MAX_TOKENS[n], n) for n, (fam, _) in OFFLINE_MODELS.items() if fam == family)
+    mine = sorted((OFFLINE_MAX_TOKENS[n], n) for n, (fam, _) in OFFLINE_MODELS.items()
+                  if fam == family and n not in VLLM_TEST_MODELS)
     if not mine:
         return None
     fits = [name for tokens, name in mine if tokens >= n_tokens_needed]
@@ -295,6 +298,25 @@ def load_adapter(
     if model in OFFLINE_MODELS:
         return _load_offline(model, cache_dir, dev, dt, status)
     return _load_checkpoint(model, dev, dt, status)
+
+
+def wrap_model(model, processor, name: str | None = None, *, random_weights: bool = False):
+    """The ``Adapter`` for a transformers model and processor already loaded (LLaVA-1.5 / NeXT /
+    OneVision, Qwen2.5-VL, Qwen3-VL), chosen by ``model.config.model_type``: the same adapter
+    ``load_adapter`` gives for that checkpoint. ``name`` (default: the config's ``_name_or_path``)
+    names it in results; ``random_weights``: its answers mean nothing (said in results). The model
+    is put in eval mode and stays where it is (device, dtype)."""
+    config = getattr(model, "config", None)
+    family = getattr(config, "model_type", None)
+    if not isinstance(family, str):
+        raise UsageError(f"wrap_model needs a transformers model (with a config.model_type), "
+                         f"not {type(model).__name__}")
+    if getattr(processor, "tokenizer", None) is None or getattr(processor, "image_processor", None) is None:
+        raise UsageError(f"wrap_model needs the model's multimodal processor (AutoProcessor: "
+                         f"tokenizer + image processor), not {type(processor).__name__}")
+    cls = adapter_class(family)
+    return cls(model, processor, name or getattr(config, "_name_or_path", "") or family,
+               meaningless=random_weights)
 
 
 def _load_random(model: str, dev: torch.device, dt: torch.dtype, status: StatusFn):
@@ -494,5 +516,5 @@ __all__ = [
     "ADAPTERS", "DEFAULT_MODEL", "MODEL_ALIASES", "OFFLINE_MODELS", "RANDOM_CONFIGS", "SHIPPED_MODELS", "adapter_class",
     "checkpoint_source",
     "default_cache_dir", "ensure_offline_model", "load_adapter", "load_random_config", "resolve_device",
-    "resolve_dtype", "shipped_model_dir", "suggest_offline",
+    "resolve_dtype", "shipped_model_dir", "suggest_offline", "wrap_model",
 ]

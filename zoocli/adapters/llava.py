@@ -32,9 +32,8 @@ from PIL import Image
 from torch import Tensor, nn
 
 from zoocli.adapters.base import Adapter, Encoded, EncoderProbe, Generation, LLMInputs, Prepared, Scope
-# tiny_llava_config is imported from here by tests and tools too
-from zoocli.adapters.offline_llava import _round_up, build_tokenizer, tiny_llava_config  # noqa: F401
 from zoocli.adapters.prompt import prompt_batch, question_ids
+from zoocli.adapters.random_init import init_on, round_up
 from zoocli.text import user_text
 from zoocli.timing import TokenClock, device_sync
 
@@ -55,6 +54,17 @@ LLAVA_NEXT_CHAT_TEMPLATE = (
 )
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+def build_tokenizer():
+    """The offline byte-level tokenizer with LLaVA's special tokens (<image> is one id): the offline
+    LLaVA models' (``offline_llava``, the shipped demo) and ``--random-weights``' when the real one is not cached."""
+    from zoocli.adapters.tokenizer import build_byte_tokenizer
+
+    return build_byte_tokenizer(
+        ["<unk>", "<s>", "</s>", "<pad>", "<image>"], {"image_token": "<image>"},
+        bos="<s>", eos="</s>", pad="<pad>", unk="<unk>", vocab_size=512,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -118,8 +128,8 @@ class LlavaAdapter(Adapter):
         if tok.pad_token_id is not None and hasattr(config, "pad_token_id"):
             config.pad_token_id = tok.pad_token_id
         if config.text_config.vocab_size < len(tok):
-            config.text_config.vocab_size = _round_up(len(tok), 64)
-        model = _init_on(cls.model_class(), config, device, dtype)
+            config.text_config.vocab_size = round_up(len(tok), 64)
+        model = init_on(cls.model_class(), config, device, dtype)
         gc = model.generation_config
         gc.bos_token_id, gc.eos_token_id, gc.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
         return cls(model, processor, f"{name} (random weights)", meaningless=True)
@@ -479,13 +489,6 @@ class LlavaNextAdapter(LlavaAdapter):
 
 # ----------------------------------------------------------------------------------------------
 # helpers
-
-
-def _init_on(model_cls, config, device, dtype):
-    """Random-init a model directly on ``device`` in ``dtype`` (no fp32 CPU detour)."""
-    with torch.device(device):
-        model = model_cls._from_config(config, dtype=dtype)
-    return model.to(device=device, dtype=dtype).eval()
 
 
 def _feature_layer_input(hidden_states, feature_layer) -> tuple[int, Tensor] | None:

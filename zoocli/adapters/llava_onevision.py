@@ -38,6 +38,7 @@ from torch import Tensor
 from zoocli.adapters.base import Adapter, Encoded, Scope
 from zoocli.adapters.llava import LlavaNextAdapter
 from zoocli.adapters.qwen2_5_vl import QWEN_SPECIAL_TOKENS
+from zoocli.adapters.random_init import init_on, round_up
 
 # llava-hf/llava-onevision-qwen2-7b-ov-hf's chat template (Qwen2 turns, images before the text)
 ONEVISION_CHAT_TEMPLATE = (
@@ -140,17 +141,14 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         special ids remapped onto it, the real processor settings."""
         from transformers import AutoConfig
 
-        from zoocli.adapters.llava import _init_on
-        from zoocli.adapters.offline_llava import _round_up
-
         cfg = {k: v for k, v in dict(config_dict).items() if k != "_name_or_path"}
         config = AutoConfig.for_model(**cfg)
         tok = build_tokenizer()
         _set_ids(config, tok)
         if config.text_config.vocab_size < len(tok):
-            config.text_config.vocab_size = _round_up(len(tok), 64)
+            config.text_config.vocab_size = round_up(len(tok), 64)
         processor = cls.make_processor(config, tok)
-        model = _init_on(cls.model_class(), config, device, dtype)
+        model = init_on(cls.model_class(), config, device, dtype)
         _set_generation_ids(model.generation_config, tok)
         return cls(model, processor, f"{cfg.get('_name_or_path', 'llava-onevision')} (random weights)",
                    meaningless=True)
@@ -234,9 +232,7 @@ def tiny_config(tokenizer, second: bool = False, small: bool = False):
     grid of any multi-tile image is bilinearly downsampled."""
     from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
 
-    from zoocli.adapters.offline_llava import _round_up
-
-    vocab = _round_up(len(tokenizer), 64)
+    vocab = round_up(len(tokenizer), 64)
     if small:  # OneVision's tile geometry (384 px / patch 14: 27x27 per tile) with small-llava's towers
         vision = SiglipVisionConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
                                     num_attention_heads=4, image_size=384, patch_size=14)

@@ -3,8 +3,8 @@
 ``tiny-llava`` / ``tiny-llava-next`` (56 px, 2+2 layers: the test models), ``small-llava`` (LLaVA-1.5
 geometry, 576 tokens, a ~100M Llama) and ``small-llava-next`` (LLaVA-NeXT geometry, up to 2,880
 tokens). Each ``build_*`` writes a checkpoint directory (``OFFLINE_MODELS`` in ``zoocli.adapters``
-names them as "module:builder"). Also here: the byte-level tokenizer with LLaVA's special tokens
-that these models and ``--random-weights`` use, and their configs. Answers are meaningless.
+names them as "module:builder") and their configs; their tokenizer is ``llava.build_tokenizer``.
+Answers are meaningless.
 """
 
 from __future__ import annotations
@@ -13,15 +13,8 @@ from pathlib import Path
 
 import torch
 
-
-def build_tokenizer():
-    """The offline byte-level tokenizer with LLaVA's special tokens (<image> is one id)."""
-    from zoocli.adapters.tokenizer import build_byte_tokenizer
-
-    return build_byte_tokenizer(
-        ["<unk>", "<s>", "</s>", "<pad>", "<image>"], {"image_token": "<image>"},
-        bos="<s>", eos="</s>", pad="<pad>", unk="<unk>", vocab_size=512,
-    )
+from zoocli.adapters.llava import LlavaAdapter, LlavaNextAdapter, build_tokenizer
+from zoocli.adapters.random_init import round_up
 
 
 def tiny_llava_config(tokenizer, next_: bool = False, small: bool = False, vllm: bool = False):
@@ -31,7 +24,7 @@ def tiny_llava_config(tokenizer, next_: bool = False, small: bool = False, vllm:
     ``vllm``: the tiny LLM with 2 heads of 32 (vLLM's CPU attention takes head_dim >= 32)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaNextConfig
 
-    vocab = _round_up(len(tokenizer), 64)
+    vocab = round_up(len(tokenizer), 64)
     ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                pad_token_id=tokenizer.pad_token_id)
     if small:
@@ -59,8 +52,6 @@ def tiny_llava_config(tokenizer, next_: bool = False, small: bool = False, vllm:
 def _build(out_dir: Path, next_: bool, small: bool, vllm: bool = False) -> None:
     """Write an offline LLaVA (NeXT with ``next_``) checkpoint with random weights (seed 0) and
     its processor to ``out_dir``."""
-    from zoocli.adapters.llava import LlavaAdapter, LlavaNextAdapter
-
     adapter_cls = LlavaNextAdapter if next_ else LlavaAdapter
     tok = build_tokenizer()
     config = tiny_llava_config(tok, next_=next_, small=small, vllm=vllm)
@@ -115,7 +106,3 @@ def build_vllm_tiny_llava(out_dir: Path) -> None:
 def build_vllm_tiny_llava_next(out_dir: Path) -> None:
     """``vllm-tiny-llava-next``: tiny-llava-next with an LLM vLLM's CPU attention takes (head_dim 32)."""
     _build(Path(out_dir), next_=True, small=False, vllm=True)
-
-
-def _round_up(n: int, k: int) -> int:
-    return (n + k - 1) // k * k

@@ -116,7 +116,7 @@ def make_processor(tokenizer, image_processor, chat_template: str | None = None)
     return processor_class()(image_processor=image_processor, tokenizer=tokenizer, chat_template=template)
 
 
-def _chat_template_from_dir(path: Path) -> str | None:
+def chat_template_from_dir(path: Path) -> str | None:
     """The processor chat template saved in a checkpoint dir (``chat_template.jinja`` or ``.json``)."""
     if (p := path / "chat_template.jinja").is_file():
         return p.read_text()
@@ -142,7 +142,7 @@ def load_processor(path: str | Path):
         from transformers import Qwen2VLImageProcessorPil
 
         image_processor = Qwen2VLImageProcessorPil.from_pretrained(path)
-    return make_processor(tokenizer, image_processor, _chat_template_from_dir(path))
+    return make_processor(tokenizer, image_processor, chat_template_from_dir(path))
 
 
 def offline_tokenizer(vocab_size: int = 512):
@@ -167,7 +167,7 @@ def offline_processor(image_processor_kwargs: dict | None = None, vocab_size: in
     return make_processor(offline_tokenizer(vocab_size), ip, QWEN_CHAT_TEMPLATE)
 
 
-def _special_ids(tokenizer) -> dict[str, int]:
+def special_ids(tokenizer) -> dict[str, int]:
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
     return {
         "image_token_id": ids["<|image_pad|>"],
@@ -179,9 +179,9 @@ def _special_ids(tokenizer) -> dict[str, int]:
     }
 
 
-def _set_token_ids(config, generation_config, tokenizer) -> None:
+def set_token_ids(config, generation_config, tokenizer) -> None:
     """Make the model's special ids those of ``tokenizer`` (the offline tokenizer has its own ids)."""
-    ids = _special_ids(tokenizer)
+    ids = special_ids(tokenizer)
     for key in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
         setattr(config, key, ids[key])
     text = config.text_config
@@ -194,7 +194,7 @@ def _set_token_ids(config, generation_config, tokenizer) -> None:
         generation_config.eos_token_id = [ids["im_end"], ids["endoftext"]]
 
 
-def _rope_index(base_model: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
+def rope_index(base_model: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
     """``get_rope_index`` on the unpruned ids -> [3, B, L] M-RoPE positions (signature varies across v5)."""
     params = inspect.signature(base_model.get_rope_index).parameters
     kw: dict[str, Any] = {"image_grid_thw": inputs["image_grid_thw"], "attention_mask": inputs.get("attention_mask")}
@@ -271,7 +271,7 @@ class Qwen25VLAdapter(Adapter):
         processor = load_processor(processor_path) if processor_path else offline_processor()
         generation_config = GenerationConfig.from_model_config(config)
         if not processor_path:
-            _set_token_ids(config, generation_config, processor.tokenizer)
+            set_token_ids(config, generation_config, processor.tokenizer)
         with torch.device(device):
             model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype)
         model.generation_config = generation_config
@@ -347,7 +347,7 @@ class Qwen25VLAdapter(Adapter):
         kept = kept[order]
         feats = encoded.features[kept] if tokens is None else tokens[order.to(tokens.device)]  # [K, D]
 
-        pos3 = _rope_index(self.model.model, prepared.inputs)  # [3, B, L] unpruned M-RoPE positions
+        pos3 = rope_index(self.model.model, prepared.inputs)  # [3, B, L] unpruned M-RoPE positions
         is_img = ids == self.image_token_id  # [B, L]; placeholders in candidate (raster) order
         keep_col = ~is_img
         for b in range(ids.shape[0]):  # per row: the same candidates of that row's image(s)
@@ -408,7 +408,7 @@ class Qwen25VLAdapter(Adapter):
 def tiny_config(tokenizer, vllm: bool = False) -> dict:
     """A tiny Qwen2.5-VL config dict whose special ids are ``tokenizer``'s (nested v5 form).
     ``vllm``: 2 LLM heads of 32 (vLLM's CPU attention takes head_dim >= 32)."""
-    ids = _special_ids(tokenizer)
+    ids = special_ids(tokenizer)
     vocab = -(-max(len(tokenizer), 512) // 64) * 64
     return dict(
         model_type="qwen2_5_vl",
@@ -460,7 +460,7 @@ def build_tiny(out_dir: Path, vllm: bool = False) -> None:
     config = Qwen2_5_VLConfig.from_dict(tiny_config(processor.tokenizer, vllm=vllm))
     torch.manual_seed(0)
     model = Qwen2_5_VLForConditionalGeneration(config).eval()
-    ids = _special_ids(processor.tokenizer)
+    ids = special_ids(processor.tokenizer)
     model.generation_config = GenerationConfig(
         bos_token_id=ids["endoftext"], pad_token_id=ids["endoftext"], eos_token_id=[ids["im_end"], ids["endoftext"]]
     )

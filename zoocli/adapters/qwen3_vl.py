@@ -63,12 +63,12 @@ from .qwen2_5_vl import (
     QWEN_SPECIAL_TOKENS,
     Qwen25VLAdapter,
     MergerProjector as Qwen25MergerProjector,
-    _chat_template_from_dir,
-    _rope_index,
-    _set_token_ids,
-    _special_ids,
+    chat_template_from_dir,
+    rope_index,
+    set_token_ids,
     offline_tokenizer,
     write_video_processor_config,
+    special_ids,
 )
 
 # The Qwen3-VL Instruct chat template for image + text turns (no default system turn, unlike Qwen2.5-VL).
@@ -128,7 +128,7 @@ def load_processor(path: str | Path):
     path = Path(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     image_processor = Qwen2VLImageProcessorPil.from_pretrained(path)
-    return make_processor(tokenizer, image_processor, _chat_template_from_dir(path))
+    return make_processor(tokenizer, image_processor, chat_template_from_dir(path))
 
 
 def offline_processor(image_processor_kwargs: dict | None = None):
@@ -190,7 +190,7 @@ class Qwen3VLAdapter(Qwen25VLAdapter):
         processor = load_processor(processor_path) if processor_path else offline_processor()
         generation_config = GenerationConfig.from_model_config(config)
         if not processor_path:
-            _set_token_ids(config, generation_config, processor.tokenizer)
+            set_token_ids(config, generation_config, processor.tokenizer)
         with torch.device(device):
             model = cls.model_class()._from_config(config, dtype=dtype)
         model.generation_config = generation_config
@@ -333,7 +333,7 @@ def tiny_config(tokenizer, second: bool = False, small: bool = False, moe: bool 
     ViT with 2 deepstack mergers, a 3-layer LLM with 6 heads) for the keep-all check on a second shape.
     ``small``: for timing, like small-llava: a 4-block ViT of width 256 (3 deepstack mergers) and a
     ~100M 14-layer Qwen3 LLM (head_dim 64), with the real image processor (one token per 32x32 px)."""
-    ids = _special_ids(tokenizer)
+    ids = special_ids(tokenizer)
     vocab = -(-max(len(tokenizer), 512) // 64) * 64
     mrope = [4, 2, 2]
     if small:
@@ -396,7 +396,7 @@ def build_tiny(out_dir: Path, second: bool = False, small: bool = False, moe: bo
                                                       vllm=vllm))
     torch.manual_seed(0)
     model = cls.model_class()(config).eval()
-    ids = _special_ids(processor.tokenizer)
+    ids = special_ids(processor.tokenizer)
     model.generation_config = GenerationConfig(
         bos_token_id=ids["endoftext"], pad_token_id=ids["endoftext"], eos_token_id=[ids["im_end"], ids["endoftext"]]
     )

@@ -33,29 +33,30 @@ def ask(
 ) -> None:
     """Answer a question about an image with only --keep visual tokens."""
     from zoocli import render
-    from zoocli.pipeline import run_one_warm
+    from zoocli.api import ask as ask_api
 
-    question, [(name, extra)], zoo = early_checks(  # name: "fastv" from "fastv:K=3"
-        question, keep, [method], max_new_tokens, overlay, opts, inputs=(image, config))
+    question, _, zoo = early_checks(question, keep, [method], max_new_tokens, overlay, opts,
+                                    inputs=(image, config))
     img = load_image(image)
     adapter = load_model(model, device, dtype, random_weights)
     check_images(adapter, [image], [img])
-    warnings: list[str] = []
-    res = run_one_warm(adapter, img, question, name, keep, warmup=not no_warmup,
-                       scope=opts.budget_scope, seed=opts.seed, options={**zoo, **extra},
-                       max_new_tokens=max_new_tokens, warnings=warnings)
-    for w in warnings:
+    res = ask_api(adapter, img, question, keep, method, seed=opts.seed, budget_scope=opts.budget_scope,
+                  options=zoo, max_new_tokens=max_new_tokens, warmup=not no_warmup)
+    for w in res.warnings:
         warn(w)
     if overlay is not None:
         from zoocli.figures import overlay as draw_overlay
 
-        save_png(draw_overlay(img, res.scopes, model=adapter.model_id, method=method, budget=keep),
-                 overlay, inputs=(image, config))
+        save_png(draw_overlay(img, res.scopes, model=adapter.model_id, method=method, budget=keep,
+                              keep=res.keep, question=question, answer=res.answer,
+                              random_weights=adapter.meaningless), overlay,
+                 inputs=(image, config))
+    run = res.run
     if json_out:
-        d = res.as_dict()
+        d = run.as_dict()
         d.pop("scopes")
         print_json(d)
         return
-    for renderable in render.ask_view(res.as_dict(), res.scopes, res.timings_ms, res.new_tokens):
+    for renderable in render.ask_view(run.as_dict(), run.scopes, run.timings_ms, run.new_tokens):
         console.print(renderable)
-    console.print(render.warm_note(res.warmup_runs), highlight=False)
+    console.print(render.warm_note(run.warmup_runs), highlight=False)

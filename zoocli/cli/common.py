@@ -1,6 +1,7 @@
-"""What every `zoo` command shares, declared once: the consoles, the error handler, the option
+"""What every `zoo` command shares, declared once: the error handler, the option
 types, the method-option group (``--m --h --seed --estimator --rank --budget-scope``), ``--config``
-loading, the JSON printer and the model / image loaders (progress: ``cli.progress``).
+loading, the JSON printer and the model / image loaders (progress: ``cli.progress``; the consoles:
+``cli.console``, re-exported).
 
 Only typer and rich are imported here at module level: torch and transformers load inside the
 helpers that need them, so `zoo --help` starts without them.
@@ -20,27 +21,12 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 
+from zoocli.cli.console import console, err  # noqa: F401  (the consoles; cli.progress prints on them too)
 from zoocli.errors import UsageError, ZooError
 from zoocli.process import INTERRUPTED, TERMINATED, Terminated, reader_gone, stdout_gone
+from zoocli.text import question_text  # noqa: F401  (re-exported for the commands)
 
-
-class _Console(Console):
-    """Rich's console, ending like the rest of zoo when its reader goes away (exit 141, quiet)."""
-
-    def on_broken_pipe(self) -> None:  # rich's documented hook (its default exits 1)
-        self.quiet = True
-        reader_gone()
-
-
-# A terminal gets its own width; a file or pipe gets 120 columns so wide tables stay readable,
-# unless the standard COLUMNS variable says otherwise (Rich reads it: `COLUMNS=80 zoo ... | cat`).
-# markup=False: a string cell of a table (a file name, a model's answer) is shown as it is, never
-# read as Rich markup ("[/x].jpg" would crash the printer); styled text comes as Text objects.
-_TTY = sys.stdout is not None and sys.stdout.isatty()
-console = _Console(width=None if _TTY or os.environ.get("COLUMNS") else 120, markup=False)
-err = _Console(stderr=True)
 
 _LONG_WORD = 240  # a word of a message longer than this (a 10,000-character path) is shortened
 _CONTROL = {c: f"\\x{c:02x}" for c in [*range(32), 127]} | {9: "\\t", 10: "\\n", 13: "\\r"}
@@ -446,16 +432,6 @@ def budget_key(text: str):
     from zoocli.eval_runner import budget_value
 
     return budget_value(text)
-
-
-def question_text(q: str) -> str:
-    """The question as plain text: stripped, not empty, and every byte that is not UTF-8 (a
-    question typed in another encoding) replaced by U+FFFD (``zoocli.text.user_text``)."""
-    from zoocli.text import user_text
-
-    if not q or not q.strip():
-        raise UsageError("the question is empty")
-    return user_text(q.strip())
 
 
 def early_checks(question: str, keep: str, specs: list[str], max_new_tokens: int,

@@ -34,40 +34,37 @@ def compare(
 ) -> None:
     """Run several methods on the same image (encoded once) and compare them with the unpruned model."""
     from zoocli import render
-    from zoocli.compare import compare_rows, run_compare
-    from zoocli.pipeline import check_family
+    from zoocli.api import compare_methods
+    from zoocli.cli.progress import Steps
 
     image, question = with_sample(image, question)
     names = split_list(methods, "--methods")
-    question, parsed, zoo = early_checks(question, keep, names, max_new_tokens, overlay, opts,
-                                       inputs=(image, config))
+    question, _, zoo = early_checks(question, keep, names, max_new_tokens, overlay, opts,
+                                    inputs=(image, config))
     img = load_image(image)
     adapter = load_model(model, device, dtype, random_weights)
     check_images(adapter, [image], [img])
-    for base_name, _ in parsed:
-        check_family(adapter, base_name)
-    specs = dict(zip(names, parsed, strict=True))
-    from zoocli.cli.progress import Steps
-
-    warnings: list[str] = []
     with Steps("compare", len({"none", *names}), "methods") as steps:
-        enc, k, results = run_compare(
-            adapter, img, question, specs, keep, warmup=not no_warmup, scope=opts.budget_scope,
-            seed=opts.seed, options=zoo, max_new_tokens=max_new_tokens, warnings=warnings,
+        res = compare_methods(
+            adapter, img, question, names, keep, warmup=not no_warmup, budget_scope=opts.budget_scope,
+            seed=opts.seed, options=zoo, max_new_tokens=max_new_tokens,
             on_warm=lambda: steps.note("compare: warm-up pass done (untimed, left out of the figures)"),
             on_done=lambda spec: steps.finished(spec))
-    for w in warnings:
+    for w in res.warnings:
         warn(w)
-    rows = compare_rows(results, {n: p[0] for n, p in specs.items()} | {"none": "none"})
+    results = {spec: a.run for spec, a in res.answers.items()}
+    rows, k = res.rows, res.keep
     if overlay is not None:
         from zoocli.figures import compare_sheet
 
         runs = [(n, r.scopes) for n, r in results.items()]
-        save_png(compare_sheet(img, runs, model=adapter.model_id, budget=k), overlay,
+        save_png(compare_sheet(img, runs, model=adapter.model_id, budget=keep, keep=k, question=question,
+                               answers={n: r.answer for n, r in results.items()},
+                               random_weights=adapter.meaningless), overlay,
                  inputs=(image, config))
     if json_out:
         print_json({"model": adapter.model_id, "question": question, "keep": k,
-                    "n_visual_tokens": enc.n, "meaningless": adapter.meaningless, "rows": rows})
+                    "n_visual_tokens": res.n_visual_tokens, "meaningless": adapter.meaningless, "rows": rows})
         return
     for renderable in render.compare_view(rows, results, adapter.meaningless):
         console.print(renderable)

@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from zoocli.cli.common import err
+from zoocli.cli.console import err
 
 class Steps:
     """A unit counter shown as a bar (terminal) or as plain lines (otherwise).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Annotated
 
@@ -33,38 +34,42 @@ def score(
 ) -> None:
     """Show where the zeroth-order sensitivity is: a heatmap laid out like the image."""
     from zoocli import render
-    from zoocli.score import encoder_agreement, norm_agreement, score_image, summary
+    from zoocli.api import score_tokens
 
     if image is None:
         from zoocli.cli.compare import with_sample
 
         image, question = with_sample(image, question)
-    q = question_text(question) if question is not None else "Describe the image."
-    zoo = opts.zoo()
+    q = question_text(question) if question is not None else None
+    opts.zoo()  # the flags checked before anything loads
     check_int("--top", top, 0, MAX_TOP)
     check_overlay(overlay, (image, config))
     img = load_image(image)
     adapter = load_model(model, device, dtype, random_weights)
     check_images(adapter, [image], [img])
-    scored = score_image(adapter, img, q, seed=opts.seed, zoo=zoo)
-    out = {"model": adapter.model_id, "n_visual_tokens": len(scored.values), "m": opts.m,
-           "h": opts.h, "seed": opts.seed, "estimator": opts.estimator, "rank": opts.rank,
-           **summary(scored.values, scored.layout, top), **norm_agreement(scored)}
+    steps = contextlib.nullcontext()
     if vs_encoder:
         from zoocli.cli.progress import Steps
 
-        with Steps("vs-encoder", None, "encoder passes", min_interval_s=5.0) as steps:
-            out |= encoder_agreement(adapter, scored, m=opts.m, h=opts.h, seed=opts.seed,
-                                     progress=lambda done, total: steps.set_progress(done, total))
+        steps = Steps("vs-encoder", None, "encoder passes", min_interval_s=5.0)
+    with steps:
+        res = score_tokens(adapter, img, q, estimator=opts.estimator, m=opts.m, h=opts.h, rank=opts.rank,
+                           seed=opts.seed, top=top, vs_encoder=vs_encoder, encoder_m=opts.m,
+                           encoder_h=opts.h, progress=steps.set_progress if vs_encoder else None)
+    out = {"model": res.model, "n_visual_tokens": res.n_visual_tokens, "m": opts.m,
+           "h": opts.h, "seed": opts.seed, "estimator": opts.estimator, "rank": opts.rank,
+           "stats": res.stats, "tokens": res.tokens, "top": res.top, "norms": res.norms,
+           "spearman_sensitivity_vs_norm": res.spearman_sensitivity_vs_norm, **(res.encoder or {})}
     if overlay is not None:
         from zoocli.figures import heat_overlay
 
-        save_png(heat_overlay(img, scored.layout, scored.values, model=adapter.model_id,
-                              units=scored.units), overlay, inputs=(image, config))
+        save_png(heat_overlay(img, res.scopes, res.values, model=adapter.model_id, units=res.units,
+                              question=res.question, random_weights=adapter.meaningless), overlay,
+                 inputs=(image, config))
     if json_out:
         print_json(out)
         return
-    for renderable in render.score_view(out, scored.layout, scored.values):
+    for renderable in render.score_view(out, res.scopes, res.values):
         console.print(renderable)
     if adapter.meaningless:
         err.print("[yellow]random weights: these sensitivities describe no trained model[/yellow]")

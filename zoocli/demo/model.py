@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from zoocli.adapters.random_init import round_up
+
 IMAGE_SIZE, PATCH = 336, 28
 GRID = IMAGE_SIZE // PATCH  # 12
 SIZES = dict(vision_hidden=128, vision_layers=2, vision_heads=4, vision_mlp=256,
@@ -37,7 +39,7 @@ def demo_config(tokenizer):
                               image_size=IMAGE_SIZE, patch_size=PATCH, projection_dim=s["vision_hidden"])
     text = LlamaConfig(hidden_size=s["text_hidden"], intermediate_size=s["text_mlp"],
                        num_hidden_layers=s["text_layers"], num_attention_heads=s["text_heads"],
-                       num_key_value_heads=s["text_heads"], vocab_size=_round_up(len(tokenizer), 64),
+                       num_key_value_heads=s["text_heads"], vocab_size=round_up(len(tokenizer), 64),
                        max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     return LlavaConfig(vision_config=vision, text_config=text,
@@ -136,6 +138,3 @@ def visual_features(model, pv: Tensor) -> Tensor:
     x = hs[cfg.vision_feature_layer][:, 1:]
     return model.model.multi_modal_projector(x)
 
-
-def _round_up(n: int, k: int) -> int:
-    return (n + k - 1) // k * k

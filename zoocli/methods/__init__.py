@@ -84,6 +84,12 @@ class Selection:
     tokens: Tensor | None = None
     scores: Tensor | None = None
 
+    def ascending(self) -> Selection:
+        """The same kept set with ``idx`` ascending and ``tokens`` reordered with it: the order
+        ``Adapter.build_inputs`` takes (``kept`` ascending, ``tokens`` row for row)."""
+        order = self.idx.argsort()
+        return Selection(self.idx[order], None if self.tokens is None else self.tokens[order], self.scores)
+
 
 @dataclass(frozen=True)
 class LLMView:
@@ -262,7 +268,12 @@ def _checked(name: str, method: Method, inps: list[PruneInputs], keeps: list[int
 
 
 def select(name: str, inp: PruneInputs, keep: int, **options: Any) -> Selection:
-    """Run pre-LLM method ``name`` on one scope under the shared contract (module docstring)."""
+    """Run pre-LLM method ``name`` on one scope under the shared contract (module docstring).
+
+    ``Selection.idx`` comes in the method's pick order, not sorted: the greedy methods' (zoo, sum,
+    divprune, ...) first pick first, the others in the order they produce; when ``keep`` covers
+    all ``N`` tokens it is ``0..N-1``. ``Selection.ascending()`` gives the kept set in the ascending order that
+    ``Adapter.build_inputs`` takes."""
     import torch
 
     method = get_method(name)
