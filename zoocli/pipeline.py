@@ -213,6 +213,7 @@ class RunResult:
     llm_stages: list[dict[str, int]] = field(default_factory=list)  # in-LLM prune stages (layer, before, kept)
     warmup_runs: int = 0  # untimed runs before this one (``run_warm``)
     first_call_ms: dict[str, float] | None = None  # the first (warm-up) run's timings, one-time costs included
+    answer_ids: list[int] = field(default_factory=list)  # the answer's token ids (EOS cut), for exact comparisons
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -325,7 +326,7 @@ def run_method(
         model=adapter.model_id, family=adapter.family, method=method_name, keep=n if method_name == "none" else min(keep, n),
         n_visual_tokens=n, n_llm_visual_full=encoded.n_llm_visual, n_llm_visual_kept=inputs.n_visual,
         kept_indices=sel.kept.tolist(), per_scope=sel.per_scope, answer=gen.text.strip(),
-        new_tokens=len(gen.ids), timings_ms={k: round(v, 3) for k, v in ms.items()},
+        new_tokens=len(gen.ids), answer_ids=list(gen.ids), timings_ms={k: round(v, 3) for k, v in ms.items()},
         meaningless=adapter.meaningless, scopes=scope_layout(encoded, sel.kept),
         scores=_rounded(sel.scores),
     )
@@ -366,7 +367,7 @@ def _run_in_llm(adapter, enc: EncodedImage, method: Method, keep, timer, max_new
         model=adapter.model_id, family=adapter.family, method=method.name, keep=min(keep, n),
         n_visual_tokens=n, n_llm_visual_full=encoded.n_llm_visual,
         n_llm_visual_kept=encoded.n_llm_visual - n + int(kept.numel()), kept_indices=kept.tolist(),
-        per_scope=_per_scope(encoded, kept), answer=res.text.strip(), new_tokens=len(res.ids),
+        per_scope=_per_scope(encoded, kept), answer=res.text.strip(), new_tokens=len(res.ids), answer_ids=list(res.ids),
         timings_ms={k: round(v, 3) for k, v in ms.items()}, meaningless=adapter.meaningless,
         scopes=scope_layout(encoded, kept), scores=_rounded(res.scores), stage="in_llm", llm_stages=res.stages,
     )
