@@ -147,6 +147,11 @@ class Adapter:
         check_aspect(size, cls.max_aspect, cls.family_name(), cls.aspect_reason, name)
 
     def __init__(self, model: nn.Module, processor: Any, model_id: str, meaningless: bool = False):
+        from zoocli.adapters.decoder import greedy_config
+
+        # decoding is pure greedy: of the checkpoint's generation config only the token ids stay
+        # (its sampling / beam / penalty / bad-words settings would change answers silently)
+        model.generation_config = greedy_config(getattr(model, "generation_config", None))
         self.model = model.eval()
         self.processor = processor
         self.model_id = model_id
