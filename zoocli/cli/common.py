@@ -22,7 +22,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from zoocli.errors import UsageError, ZooError
+from zoocli.errors import UsageError, ZooError, is_out_of_memory
 from zoocli.process import INTERRUPTED, reader_gone, stdout_gone
 
 
@@ -98,15 +98,25 @@ def handle_errors(fn):
             if stdout_gone():  # `zoo methods | head -1`: the reader has what it wanted
                 reader_gone()
             fail(f"a connection closed under zoo (broken pipe: {e.strerror or e})")
-        except MemoryError:
-            fail("out of memory: try a smaller --keep or --m, --dtype bf16, or a smaller model")
-        except RuntimeError as e:
-            if "out of memory" in str(e).lower():
-                fail("out of memory on the device: try a smaller --keep or --m, --dtype bf16, "
-                     "or --device cpu")
+        except MemoryError as e:
+            fail(out_of_memory(e))
+        except RuntimeError as e:  # torch.OutOfMemoryError is one
+            if is_out_of_memory(e):
+                fail(out_of_memory(e))
             raise
 
     return wrapper
+
+
+def out_of_memory(e: BaseException) -> str:
+    """The one line for an allocation failure: what failed to allocate, no guess at which option
+    caused it (memory runs out while loading as well as while running)."""
+    detail = " ".join(str(e).split())
+    detail = detail.split(". ")[0][:160] if detail else ""
+    cuda = "cuda" in detail.lower() or type(e).__name__ == "OutOfMemoryError"
+    where = "on the GPU" if cuda else "in this process"
+    return (f"out of memory {where}{f' ({detail})' if detail else ''}: the model and this input "
+            f"need more memory than zoo can get; a smaller model or input, or --dtype bf16, needs less")
 
 
 # ------------------------------------------------------------------------- configuration file
