@@ -90,3 +90,236 @@ def test_hostile_generation_config_no_warning_on_stderr(built, tmp_path):
                           "--max-new-tokens", "3", "--json"], capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr
     assert "warn" not in res.stderr.lower() and "generation" not in res.stderr.lower(), res.stderr
+
+
+# ----------------------------------------------------------------- files of a checkpoint dir
+
+def _cfg(d, change):
+    c = json.loads((d / "config.json").read_text())
+    change(c)
+    (d / "config.json").write_text(json.dumps(c))
+
+
+def _fifo(p):
+    if p.exists():
+        p.unlink()
+    os.mkfifo(p)
+
+
+def _sparse(p, size):
+    with open(p, "wb") as f:
+        f.truncate(size)
+
+
+class _Pickle:  # unpickling it would create the folder named by ``path``
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.mkdir, (self.path,)
+
+
+def _pickle_index(d):
+    import pickle
+
+    (d / "model.safetensors").unlink()
+    (d / "pytorch_model.bin").write_bytes(pickle.dumps(_Pickle(str(d / "UNPICKLED"))))
+    (d / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": {"lm_head.weight": "pytorch_model.bin"}}))
+
+
+def _only_pickle(d):
+    (d / "model.safetensors").rename(d / "pytorch_model.bin")
+
+
+def _second_shard_fifo(d):
+    (d / "model.safetensors").rename(d / "model-00001-of-00002.safetensors")
+    _fifo(d / "model-00002-of-00002.safetensors")
+
+
+def _fifo_link(d):
+    (d / "sub").mkdir()
+    _fifo(d / "sub" / "pipe")
+    (d / "tokenizer_config.json").unlink()
+    (d / "tokenizer_config.json").symlink_to(d / "sub" / "pipe")
+
+
+BROKEN = {  # name -> (model, damage, file at fault, what the message says)
+    "fifo_config": ("tiny-llava", lambda d: _fifo(d / "config.json"), "config.json", "not a regular file"),
+    "fifo_tokenizer": ("tiny-llava", lambda d: _fifo(d / "tokenizer.json"), "tokenizer.json", "not a regular file"),
+    "fifo_any_json": ("tiny-llava", lambda d: _fifo(d / "preprocessor_config.json"), "preprocessor_config.json",
+                      "not a regular file"),
+    "fifo_second_shard": ("tiny-llava", _second_shard_fifo, "model-00002-of-00002.safetensors", "not a regular file"),
+    "fifo_template": ("tiny-llava", lambda d: _fifo(d / "chat_template.jinja"), "chat_template.jinja",
+                      "not a regular file"),
+    "link_to_fifo": ("tiny-llava", _fifo_link, "tokenizer_config.json", "not a regular file"),
+    "huge_json": ("tiny-llava", lambda d: _sparse(d / "generation_config.json", 200 << 20), "generation_config.json",
+                  "over the limit"),
+    "huge_template": ("tiny-llava", lambda d: _sparse(d / "chat_template.jinja", 2 << 20), "chat_template.jinja",
+                      "over the limit"),
+    "vision_feature_layer": ("tiny-llava", lambda d: _cfg(d, lambda c: c.update(vision_feature_layer=40)),
+                             "config.json", "field 'vision_feature_layer' is 40: layer 40 is out of range"),
+    "vision_feature_layer_list": ("tiny-llava-onevision",
+                                  lambda d: _cfg(d, lambda c: c.update(vision_feature_layer=[-1, -9])),
+                                  "config.json", "layer -9 is out of range"),
+    "image_token_outside_vocab": ("tiny-llava", lambda d: _cfg(d, lambda c: c.update(image_token_index=10**6)),
+                                  "config.json", "field 'image_token_index' is 1000000, outside the vocabulary"),
+    "image_token_not_int": ("tiny-qwen2.5-vl", lambda d: _cfg(d, lambda c: c.update(image_token_id="x")),
+                            "config.json", "field 'image_token_id'"),
+    "pinpoints_config": ("tiny-llava-onevision",
+                         lambda d: _cfg(d, lambda c: c.update(image_grid_pinpoints=[[56, 56], [7, 9]])),
+                         "config.json", "entry [7, 9] does not fit the 56-pixel tiles"),
+    "pinpoints_not_pairs": ("tiny-llava-onevision",
+                            lambda d: _cfg(d, lambda c: c.update(image_grid_pinpoints=[[56, 56, 56]])),
+                            "config.json", "not a [height, width] pair"),
+    "empty_template": ("tiny-llava", lambda d: (d / "chat_template.jinja").write_text("  \n"), "chat_template.jinja",
+                       "its chat template is empty"),
+    "template_without_question": ("tiny-llava", lambda d: (d / "chat_template.jinja").write_text("USER: ASSISTANT:"),
+                                  "chat_template.jinja", "does not print the user's question"),
+    "index_points_at_pickle": ("tiny-llava", _pickle_index, "model.safetensors.index.json",
+                               "points at pytorch_model.bin, not a .safetensors file"),
+    "only_pickle_weights": ("tiny-llava", _only_pickle, "", "weights only in pytorch_model.bin"),
+    "no_weights": ("tiny-llava", lambda d: (d / "model.safetensors").unlink(), "", "has no weights"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BROKEN))
+def test_broken_or_hostile_checkpoint_is_one_line_naming_file_and_field(built, tmp_path, name):
+    model, damage, culprit, says = BROKEN[name]
+    d = _copy(built, model, tmp_path)
+    damage(d)
+    with pytest.raises(ZooError) as e:
+        load_adapter(str(d), device="cpu", dtype="fp32")
+    msg = str(e.value)
+    assert says in msg and str(d / culprit) in msg, msg
+    assert "\n" not in msg and len(msg) < 500
+    assert not (d / "UNPICKLED").exists()  # nothing was unpickled
+
+
+def test_pinpoints_of_the_processor_are_checked(built, tmp_path):
+    d = _copy(built, "tiny-llava-onevision", tmp_path)
+    doc = json.loads((d / "processor_config.json").read_text())
+    ip = doc.get("image_processor", doc)
+    ip["image_grid_pinpoints"] = [[56, 56], [60, 56]]
+    (d / "processor_config.json").write_text(json.dumps(doc))
+    with pytest.raises(ZooError, match=r"processor_config\.json: field 'image_grid_pinpoints': entry \[60, 56\]"):
+        load_adapter(str(d), device="cpu", dtype="fp32")
+
+
+def test_nested_loop_template_is_stopped(built, tmp_path):
+    from zoocli.adapters.checkpoint import TEMPLATE_SECONDS
+
+    d = _copy(built, "tiny-llava", tmp_path)
+    (d / "chat_template.jinja").write_text(
+        "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}{{ messages }}")
+    with pytest.raises(ZooError, match=f"did not finish rendering a one-line question in {TEMPLATE_SECONDS:g} s"):
+        load_adapter(str(d), device="cpu", dtype="fp32")
+
+
+def test_template_time_bound_restores_the_alarm():
+    import signal
+
+    from zoocli.adapters.checkpoint import PROBE, _TooSlow, render_template
+
+    before = signal.getsignal(signal.SIGALRM)
+    with pytest.raises(_TooSlow):
+        render_template("{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}", PROBE,
+                        seconds=0.2)
+    assert signal.getsignal(signal.SIGALRM) is before and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+    assert "What is this?" in render_template("{{ messages[0].content[1].text }}", PROBE)
+
+
+def test_config_of_a_model_too_big_for_memory_is_refused_before_loading(built, tmp_path):
+    d = _copy(built, "tiny-llava", tmp_path)
+    _cfg(d, lambda c: c["text_config"].update(hidden_size=32768, intermediate_size=131072, num_hidden_layers=64,
+                                              num_attention_heads=64, num_key_value_heads=64, head_dim=512))
+    with pytest.raises(ZooError, match=r"its weights alone need 4100\.1 GiB in float32 \(1,100,620,107,520 "
+                                       r"parameters\), but only .* GiB is free for this process on cpu"):
+        load_adapter(str(d), device="cpu", dtype="fp32")
+
+
+def test_cgroup_limits_count_as_free_memory(tmp_path):
+    import torch as _t
+
+    from zoocli.adapters import available_bytes, cgroup_free_bytes
+
+    root = tmp_path / "cg"
+    (root / "job" / "step").mkdir(parents=True)
+    proc = tmp_path / "cgroup"
+    proc.write_text("0::/job/step\n")
+    (root / "job" / "step" / "memory.max").write_text("max\n")  # no limit of its own
+    (root / "job" / "memory.max").write_text(f"{3 << 30}\n")
+    (root / "job" / "memory.current").write_text(f"{1 << 30}\n")
+    assert cgroup_free_bytes(root, proc) == 2 << 30
+    assert available_bytes(_t.device("cpu"), root, proc) <= 2 << 30
+    # cgroup v1: memory.limit_in_bytes less memory.usage_in_bytes; "unlimited" is a huge number
+    proc.write_text("5:memory:/box\n3:cpu,cpuacct:/box\n")
+    (root / "memory" / "box").mkdir(parents=True)
+    (root / "memory" / "box" / "memory.limit_in_bytes").write_text(f"{5 << 30}\n")
+    (root / "memory" / "box" / "memory.usage_in_bytes").write_text(f"{4 << 30}\n")
+    (root / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")
+    assert cgroup_free_bytes(root, proc) == 1 << 30
+    assert cgroup_free_bytes(tmp_path / "none", tmp_path / "nothing") is None
+
+
+def test_offline_cache_path_that_is_a_file(tmp_path):
+    f = tmp_path / "models"
+    f.write_text("my notes")
+    with pytest.raises(ZooError, match="the offline model cache .* is not a folder"):
+        load_adapter("tiny-llava", device="cpu", dtype="fp32", cache_dir=f)
+    assert f.read_text() == "my notes"
+
+
+def test_truncated_cached_offline_weights(tmp_path):
+    cache = tmp_path / "models"
+    d = ensure_offline_model("tiny-llava", cache)
+    st = d / "model.safetensors"
+    st.write_bytes(st.read_bytes()[:-100])
+    with pytest.raises(ZooError, match=r"model\.safetensors: truncated.*the cached offline model tiny-llava is "
+                                       r"damaged: delete"):
+        load_adapter("tiny-llava", device="cpu", dtype="fp32", cache_dir=cache)
+
+
+# ---------------------------------------------------------------- allocation failures, images
+
+@pytest.mark.parametrize("exc", [
+    RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried "
+                 "to allocate 1099511627776 bytes. Error code 12 (Cannot allocate memory)"),
+    MemoryError(),
+])
+def test_allocation_failure_is_one_line_blaming_no_flag(monkeypatch, tmp_path, exc):
+    from cli_helpers import one_line_error, run
+
+    import importlib
+
+    ask = importlib.import_module("zoocli.cli.ask")
+
+    def boom(*a, **k):
+        raise exc
+
+    img = tmp_path / "im.png"
+    make_image(32, 32).save(img)
+    monkeypatch.setattr(ask, "load_model", boom)
+    res = run("ask", img, "q", "--model", "tiny-llava", code=1)
+    one_line_error(res, "out of memory in this process")
+    assert "--keep" not in res.stderr and "--m" not in res.stderr
+
+
+def test_float_tiff_with_nan_loads_without_numpy_warning(tmp_path):
+    import warnings
+
+    import numpy as np
+    from PIL import Image
+
+    from zoocli.images import load_image
+
+    a = np.linspace(0, 1, 600, dtype=np.float32).reshape(20, 30)
+    a[3:6, 4:9] = np.nan
+    a[0, 1] = np.inf
+    Image.fromarray(a, "F").save(tmp_path / "nan.tif")
+    Image.fromarray(np.full((4, 4), np.nan, np.float32), "F").save(tmp_path / "allnan.tif")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        im = np.asarray(load_image(tmp_path / "nan.tif"))
+        assert not np.asarray(load_image(tmp_path / "allnan.tif")).any()
+    assert (im[3:6, 4:9] == 0).all() and im[0, 1, 0] == 255 and im[19, 29, 0] == 255 and im[10, 10, 0] == round(310 / 599 * 255)
