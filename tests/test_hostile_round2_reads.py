@@ -323,3 +323,34 @@ def test_float_tiff_with_nan_loads_without_numpy_warning(tmp_path):
         im = np.asarray(load_image(tmp_path / "nan.tif"))
         assert not np.asarray(load_image(tmp_path / "allnan.tif")).any()
     assert (im[3:6, 4:9] == 0).all() and im[0, 1, 0] == 255 and im[19, 29, 0] == 255 and im[10, 10, 0] == round(310 / 599 * 255)
+
+
+# ------------------------------------------------------------------------------ bounded work
+
+LONG = "Is there a cat? " * 62_500  # 10^6 characters
+
+
+@pytest.mark.parametrize("name", ["tiny-llava", "tiny-qwen2.5-vl"])
+def test_prompt_longer_than_the_context_is_refused_before_prefill(built, name):
+    a = load_adapter(str(built(name)), device="cpu", dtype="fp32")
+    limit = a.context_length
+    assert limit == a.model.config.get_text_config().max_position_embeddings
+    with pytest.raises(ZooError, match=rf"the prompt is [\d,]+ tokens .*over the model's context of {limit:,} "
+                                       r"tokens \(max_position_embeddings\)"):
+        a.prepare(make_image(32, 32), LONG)
+    a.prepare(make_image(32, 32), "Is there a cat? " * 20)  # a long question within the context is fine
+
+
+def test_eval_question_longer_than_the_context_is_one_line(offline_models, tmp_path):
+    from pathlib import Path
+
+    from cli_helpers import one_line_error, run
+
+    images = Path(__file__).resolve().parent.parent / "sample_images"
+    data = tmp_path / "q.jsonl"
+    rows = [{"id": "ok", "image": "cat_chelsea.png", "question": "What is it?", "answer": "cat"},
+            {"id": "long", "image": "cat_chelsea.png", "question": LONG, "answer": "cat"}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    res = run("eval", data, "--image-root", images, "--model", "tiny-llava", "--methods", "divprune",
+              "--budgets", "4", "--max-new-tokens", "2", "--out", tmp_path / "out.jsonl", code=1)
+    one_line_error(res, "question long: the prompt is", "over the model's context of 2,048 tokens")

@@ -157,6 +157,7 @@ class LlavaAdapter(Adapter):
             self.processor,
             lambda text: [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}],
             question, lambda prompt: self.processor(images=image, text=prompt, return_tensors="pt"))
+        self.check_context(int(batch["input_ids"].shape[1]))
         inputs = {}
         for k, v in batch.items():
             if not isinstance(v, Tensor):

@@ -297,6 +297,7 @@ class Qwen25VLAdapter(Adapter):
             self.processor,
             lambda text: [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}],
             question, lambda prompt: self.processor(text=[prompt], images=[image], return_tensors="pt"))
+        self.check_context(int(batch["input_ids"].shape[1]))
         inputs = {k: v.to(self.device) for k, v in batch.items() if isinstance(v, Tensor)}
         q_ids = question_ids(self.processor.tokenizer, question)
         return Prepared(image, question, inputs, torch.tensor(q_ids, dtype=torch.long, device=self.device))
