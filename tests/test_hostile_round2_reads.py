@@ -216,13 +216,25 @@ def test_nested_loop_template_is_stopped(built, tmp_path):
         load_adapter(str(d), device="cpu", dtype="fp32")
 
 
+def test_template_slow_on_a_real_question_is_stopped(built, tmp_path):
+    d = _copy(built, "tiny-llava", tmp_path)
+    t = d / "chat_template.jinja"
+    loop = "{% set q = messages[0]['content'][1]['text'] %}{% for a in q %}{% for b in q %}{% endfor %}{% endfor %}"
+    t.write_text(loop + t.read_text())
+    a = load_adapter(str(d), device="cpu", dtype="fp32")  # the probe question renders at once
+    a.prepare(make_image(32, 32), "What is it?")
+    with pytest.raises(ZooError, match=r"chat template did not finish rendering this question in 5 s "
+                                       r"\(40,000 characters\)"):
+        a.prepare(make_image(32, 32), "x" * 40_000)
+
+
 def test_template_time_bound_restores_the_alarm():
     import signal
 
-    from zoocli.adapters.checkpoint import PROBE, _TooSlow, render_template
+    from zoocli.adapters.checkpoint import PROBE, TooSlow, render_template
 
     before = signal.getsignal(signal.SIGALRM)
-    with pytest.raises(_TooSlow):
+    with pytest.raises(TooSlow):
         render_template("{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}", PROBE,
                         seconds=0.2)
     assert signal.getsignal(signal.SIGALRM) is before and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)

@@ -164,36 +164,42 @@ def check_tokenizer(path: Path) -> None:
         raise _bad(path, f"not a tokenizer the tokenizers library can load ({_one_line(e, 120)})") from None
 
 
-class _TooSlow(Exception):
-    pass
+class TooSlow(Exception):
+    """A bounded step (a chat template's rendering) ran out of time."""
 
 
 @contextmanager
-def _time_limit(seconds: float):
-    """Raise ``_TooSlow`` in the block after ``seconds`` (a real-time interval timer; only in the
-    main thread, where Python runs signal handlers: elsewhere the block runs unbounded)."""
+def time_limit(seconds: float):
+    """Raise ``TooSlow`` in the block after ``seconds`` (a real-time interval timer; only in the
+    main thread, where Python runs signal handlers: elsewhere the block runs unbounded). An
+    interval timer set before is restored with what was left of it."""
     if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
         yield
         return
 
     def expire(signum, frame):
-        raise _TooSlow
+        raise TooSlow
+
+    import time
 
     previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    start = time.monotonic()
+    left, interval = signal.setitimer(signal.ITIMER_REAL, seconds)  # a timer already set (pytest-timeout...)
     try:
         yield
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+        if left > 0:  # give the earlier timer back what is left of it
+            signal.setitimer(signal.ITIMER_REAL, max(left - (time.monotonic() - start), 1e-3), interval)
 
 
 def render_template(template: str, conversation: list, seconds: float = TEMPLATE_SECONDS) -> str:
     """``template`` rendered in transformers' Jinja sandbox for ``conversation`` with a generation
-    prompt, stopped after ``seconds`` (``_TooSlow``)."""
+    prompt, stopped after ``seconds`` (``TooSlow``)."""
     from transformers.utils.chat_template_utils import render_jinja_template
 
-    with _time_limit(seconds):
+    with time_limit(seconds):
         out = render_jinja_template(conversations=[conversation], chat_template=template,
                                     add_generation_prompt=True)
     return out[0][0] if isinstance(out, tuple) else out
@@ -210,7 +216,7 @@ def check_chat_template(path: Path, template: str) -> None:
         raise _bad(path, f"its chat template is over {MAX_TEMPLATE_BYTES:,} bytes; refused")
     try:
         text = render_template(template, PROBE)
-    except _TooSlow:
+    except TooSlow:
         raise _bad(path, f"its chat template did not finish rendering a one-line question in "
                          f"{TEMPLATE_SECONDS:g} s; refused") from None
     except TemplateError as e:
