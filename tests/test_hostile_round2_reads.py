@@ -246,7 +246,7 @@ def test_config_of_a_model_too_big_for_memory_is_refused_before_loading(built, t
     _cfg(d, lambda c: c["text_config"].update(hidden_size=32768, intermediate_size=131072, num_hidden_layers=64,
                                               num_attention_heads=64, num_key_value_heads=64, head_dim=512))
     with pytest.raises(ZooError, match=r"its weights alone need 4100\.1 GiB in float32 \(1,100,620,107,520 "
-                                       r"parameters\), but only .* GiB is free for this process on cpu"):
+                                       r"parameters\), but only .* GiB is free on cpu for this process"):
         load_adapter(str(d), device="cpu", dtype="fp32")
 
 

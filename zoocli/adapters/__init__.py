@@ -303,13 +303,14 @@ def _load_random(model: str, dev: torch.device, dt: torch.dtype, status: StatusF
 
 def _load_offline(model: str, cache_dir, dev: torch.device, dt: torch.dtype, status: StatusFn):
     """An offline model (``OFFLINE_MODELS``), built into ``cache_dir`` on first use."""
-    from zoocli.adapters.checkpoint import check_checkpoint_dir
+    from zoocli.adapters.checkpoint import check_checkpoint_dir, require_weights
 
     family = OFFLINE_MODELS[model][0]
     path = ensure_offline_model(model, cache_dir, status)
     status(f"loading {model} from {path}")
-    try:  # a cached copy damaged since it was built (truncated weights, ...)
+    try:  # a cached copy damaged since it was built (truncated or missing weights, ...)
         check_checkpoint_dir(path)
+        require_weights(path)
     except ZooError as e:
         raise ZooError(f"{e}; the cached offline model {model} is damaged: delete {path} and zoo "
                        "builds it again") from None
@@ -333,9 +334,10 @@ def _load_checkpoint(model: str, dev: torch.device, dt: torch.dtype, status: Sta
         check_checkpoint_dir(source)
     family = _model_type(model, source)
     cls = adapter_class(family)
-    if Path(source).is_dir():  # before anything is allocated: the weights must fit
-        from zoocli.adapters.checkpoint import read_json
+    if Path(source).is_dir():  # before anything is allocated: weights there, and they must fit
+        from zoocli.adapters.checkpoint import read_json, require_weights
 
+        require_weights(source)
         check_memory(model, read_json(Path(source) / "config.json"), dev, dt, what=f"model '{model}'",
                      source=Path(source) / "config.json")
     status(f"loading {model} ({family}) from {source}", slow=not local.is_dir())
@@ -456,7 +458,7 @@ def check_memory(model: str, config_dict: dict[str, Any], device: torch.device, 
         raise ZooError(
             f"{what or f'--random-weights {model}'}: its weights alone need {need / gib:.1f} GiB in "
             f"{str(dtype).replace('torch.', '')} ({n:,} parameters), but only {free / gib:.1f} GiB "
-            f"is free for this process on {device}; try{hint} a GPU, or "
+            f"is free on {device} for this process; try{hint} a GPU, or "
             f"{family_hint(config_dict.get('model_type')) or 'an offline model'}"
         )
 

@@ -309,13 +309,20 @@ def check_weights(path: Path) -> list[Path]:
                                "safetensors weights (pickle files such as .bin are never unpickled)")
             if not (path / fname).exists():
                 raise _bad(ix, f"{where} points at {fname[:80]}, which is missing")
-    if not files:
-        pickles = sorted(p.name for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES)
-        if pickles:
-            raise ZooError(f"model directory '{path}' has weights only in {', '.join(pickles[:3])}; zoo loads "
-                           "only safetensors weights (pickle files are never unpickled): convert them first")
-        raise ZooError(f"model directory '{path}' has no weights (no *.safetensors file)")
     return files
+
+
+def require_weights(path) -> None:
+    """``ZooError`` when the directory holds no safetensors weights (none at all, or only pickle
+    files, which zoo never opens)."""
+    path = Path(path)
+    if sorted(path.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES)
+    if pickles:
+        raise ZooError(f"model directory '{path}' has weights only in {', '.join(pickles[:3])}; zoo loads "
+                       "only safetensors weights (pickle files are never unpickled): convert them first")
+    raise ZooError(f"model directory '{path}' has no weights (no *.safetensors file)")
 
 
 def _vocab(cfg: dict) -> int | None:

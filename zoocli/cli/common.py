@@ -111,8 +111,10 @@ def handle_errors(fn):
 def out_of_memory(e: BaseException) -> str:
     """The one line for an allocation failure: what failed to allocate, no guess at which option
     caused it (memory runs out while loading as well as while running)."""
-    detail = " ".join(str(e).split())
-    detail = detail.split(". ")[0][:160] if detail else ""
+    import re
+
+    detail = re.sub(r"^\[enforce fail[^\]]*\]\s*(data\.\s*)?", "", " ".join(str(e).split()))
+    detail = ". ".join(detail.split(". ")[:2])[:200]  # what failed and how much it asked for
     cuda = "cuda" in detail.lower() or type(e).__name__ == "OutOfMemoryError"
     where = "on the GPU" if cuda else "in this process"
     return (f"out of memory {where}{f' ({detail})' if detail else ''}: the model and this input "
