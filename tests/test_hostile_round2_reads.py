@@ -80,8 +80,9 @@ def test_hostile_generation_config_does_not_change_the_answer(built, tmp_path, n
     assert hostile.answer_ids(plain) == want
 
 
-def test_hostile_generation_config_no_warning_on_stderr(built, tmp_path):
-    d = _copy(built, "tiny-llava", tmp_path)
+@pytest.mark.parametrize("name", ["tiny-llava", "tiny-qwen2.5-vl"])  # the families that call generate
+def test_hostile_generation_config_no_warning_on_stderr(built, tmp_path, name):
+    d = _copy(built, name, tmp_path)
     _hostile_generation_config(d, [5, 6])
     img = tmp_path / "im.png"
     make_image(64, 48).save(img)
