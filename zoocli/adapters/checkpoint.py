@@ -27,6 +27,7 @@ import signal
 import stat
 import struct
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -164,8 +165,9 @@ def check_tokenizer(path: Path) -> None:
         raise _bad(path, f"not a tokenizer the tokenizers library can load ({_one_line(e, 120)})") from None
 
 
-class TooSlow(Exception):
-    """A bounded step (a chat template's rendering) ran out of time."""
+class TooSlow(BaseException):
+    """A bounded step (a chat template's rendering) ran out of time. A ``BaseException``, so that
+    no ``except Exception`` inside the library code it interrupts swallows it."""
 
 
 @contextmanager
@@ -180,8 +182,6 @@ def time_limit(seconds: float):
     def expire(signum, frame):
         raise TooSlow
 
-    import time
-
     previous = signal.signal(signal.SIGALRM, expire)
     start = time.monotonic()
     left, interval = signal.setitimer(signal.ITIMER_REAL, seconds)  # a timer already set (pytest-timeout...)
@@ -189,7 +189,7 @@ def time_limit(seconds: float):
         yield
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+        signal.signal(signal.SIGALRM, signal.SIG_DFL if previous is None else previous)
         if left > 0:  # give the earlier timer back what is left of it
             signal.setitimer(signal.ITIMER_REAL, max(left - (time.monotonic() - start), 1e-3), interval)
 
@@ -205,9 +205,10 @@ def render_template(template: str, conversation: list, seconds: float = TEMPLATE
     return out[0][0] if isinstance(out, tuple) else out
 
 
-def check_chat_template(path: Path, template: str) -> None:
+def check_chat_template(path: Path, template: str, prompt: bool = True) -> None:
     """Compile and render ``template`` with a probe conversation in transformers' Jinja sandbox,
-    within ``TEMPLATE_SECONDS``; the question must come out."""
+    within ``TEMPLATE_SECONDS``; with ``prompt`` (a template zoo builds its prompts with) the
+    question must come out."""
     from jinja2.exceptions import TemplateError
 
     if not template.strip():
@@ -226,13 +227,14 @@ def check_chat_template(path: Path, template: str) -> None:
         raise _bad(path, "its chat template ran out of memory rendering a one-line question") from None
     except Exception as e:  # noqa: BLE001 - a template may raise anything while rendering
         raise _bad(path, f"its chat template fails on a plain conversation ({_one_line(e, 120)})") from None
-    if not isinstance(text, str) or PROBE_TEXT not in text:
+    if prompt and (not isinstance(text, str) or PROBE_TEXT not in text):
         raise _bad(path, "its chat template does not print the user's question (a probe question "
                          "did not come out in the prompt)")
 
 
 def _templates(path: Path):
-    """(file, template) for each chat template saved in the directory."""
+    """(file, template, prompt) for each chat template saved in the directory; ``prompt``: one the
+    processor builds zoo's prompts with (not the tokenizer's own or an extra named one)."""
     jinja = [path / "chat_template.jinja"]
     extra = path / "additional_chat_templates"
     if extra.is_dir():
@@ -241,20 +243,21 @@ def _templates(path: Path):
         if p.exists() or p.is_symlink():
             data = read_capped(p, MAX_TEMPLATE_BYTES)
             try:
-                yield p, data.decode("utf-8")
+                yield p, data.decode("utf-8"), p.parent == path
             except UnicodeDecodeError as e:
                 raise _bad(p, f"not UTF-8 text ({e.reason} at byte {e.start})") from None
     for name in ("chat_template.json", "processor_config.json", "tokenizer_config.json"):
         p = path / name
         if p.is_file() and isinstance(doc := read_json(p), dict) and "chat_template" in doc:
             t = doc["chat_template"]
+            prompt = name != "tokenizer_config.json"
             if isinstance(t, str):
-                yield p, t
+                yield p, t, prompt
             elif isinstance(t, list):  # named templates: [{"name": ..., "template": ...}]
                 for item in t:
                     if not (isinstance(item, dict) and isinstance(item.get("template"), str)):
                         raise _bad(p, "field 'chat_template': a list entry is not {name, template}")
-                    yield p, item["template"]
+                    yield p, item["template"], prompt and item.get("name") == "default"
             elif t is not None:
                 raise _bad(p, f"field 'chat_template' is a {type(t).__name__}, not a template string")
 
@@ -408,8 +411,8 @@ def check_checkpoint_dir(path) -> None:
         safetensors_header(p)
     if (p := path / "tokenizer.json").exists():
         check_tokenizer(p)
-    for p, template in _templates(path):
-        check_chat_template(p, template)
+    for p, template, prompt in _templates(path):
+        check_chat_template(p, template, prompt)
 
 
 def load_error(path, e: BaseException) -> ZooError:
