@@ -265,6 +265,8 @@ def test_cgroup_limits_count_as_free_memory(tmp_path):
     (root / "job" / "memory.current").write_text(f"{1 << 30}\n")
     assert cgroup_free_bytes(root, proc) == 2 << 30
     assert available_bytes(_t.device("cpu"), root, proc) <= 2 << 30
+    (root / "job" / "memory.stat").write_text(f"anon 1000\ninactive_file {1 << 29}\nactive_file 7\n")
+    assert cgroup_free_bytes(root, proc) == (2 << 30) + (1 << 29)  # inactive page cache is reclaimable
     # cgroup v1: memory.limit_in_bytes less memory.usage_in_bytes; "unlimited" is a huge number
     proc.write_text("5:memory:/box\n3:cpu,cpuacct:/box\n")
     (root / "memory" / "box").mkdir(parents=True)

@@ -416,7 +416,8 @@ def _read_int(path: Path) -> int | None:
 
 def cgroup_free_bytes(root: Path = Path("/sys/fs/cgroup"), proc_cgroup: Path = Path("/proc/self/cgroup")) -> int | None:
     """What the memory cgroups of this process still allow (the least over its cgroup and every
-    parent up to ``root``), or None where no limit is set or readable."""
+    parent up to ``root``: the limit less the usage, reclaimable page cache not counted), or None
+    where no limit is set or readable."""
     try:
         lines = proc_cgroup.read_text(errors="replace").splitlines()
     except OSError:
@@ -425,16 +426,30 @@ def cgroup_free_bytes(root: Path = Path("/sys/fs/cgroup"), proc_cgroup: Path = P
     v1 = next((ln.split(":", 2)[2] for ln in lines
                if len(ln.split(":", 2)) == 3 and "memory" in ln.split(":", 2)[1].split(",")), None)
     frees = []
-    for base, rel, limit_name, usage_name in ((root, v2, "memory.max", "memory.current"),
-                                              (root / "memory", v1, "memory.limit_in_bytes",
-                                               "memory.usage_in_bytes")):
+    for base, rel, limit_name, usage_name, cache_key in (
+            (root, v2, "memory.max", "memory.current", "inactive_file"),
+            (root / "memory", v1, "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")):
         parts = [p for p in (rel or "/").split("/") if p and p != ".."]
         for depth in range(len(parts), -1, -1):
             d = base.joinpath(*parts[:depth])
-            limit, usage = _read_int(d / limit_name), _read_int(d / usage_name)
+            limit, usage = _read_int(d / limit_name), _read_int(d / usage_name) or 0
             if limit is not None and limit < 1 << 60:  # v1 writes "unlimited" as a huge number
-                frees.append(max(limit - (usage or 0), 0))
+                # the usage counts the page cache; its inactive part is given back on demand
+                # (the "working set" of container tools is usage less inactive_file)
+                frees.append(max(limit - max(usage - _stat(d / "memory.stat", cache_key), 0), 0))
     return min(frees) if frees else None
+
+
+def _stat(path: Path, key: str) -> int:
+    """The value of ``key`` in a cgroup ``memory.stat`` file (0 if absent)."""
+    try:
+        for line in path.read_text(errors="replace").splitlines():
+            name, _, value = line.partition(" ")
+            if name == key and value.strip().isdigit():
+                return int(value)
+    except OSError:
+        pass
+    return 0
 
 
 def check_memory(model: str, config_dict: dict[str, Any], device: torch.device, dtype: torch.dtype,
