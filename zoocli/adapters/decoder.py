@@ -48,13 +48,10 @@ def eos_ids(model: nn.Module, eos_token_id: Any = None) -> frozenset[int]:
 # min_new_tokens, forced or suppressed tokens, ...) would change a greedy answer: it is dropped.
 GENERATION_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
 # transformers' greedy settings, spelled out (in a passed config, a field left None is filled from
-# the model's own generation config: every one that changes the argmax is set here)
-GREEDY = dict(do_sample=False, num_beams=1, num_beam_groups=1, repetition_penalty=1.0,
-              encoder_repetition_penalty=1.0, length_penalty=1.0, no_repeat_ngram_size=0,
-              encoder_no_repeat_ngram_size=0, min_length=0, temperature=1.0, top_k=50, top_p=1.0,
-              typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, diversity_penalty=0.0,
-              num_return_sequences=1, remove_invalid_values=False, output_scores=False,
-              return_dict_in_generate=False, use_cache=True)
+# the model's generation config, which ``Adapter`` has already reduced to ``GENERATION_IDS``)
+GREEDY = dict(do_sample=False, num_beams=1, repetition_penalty=1.0, length_penalty=1.0,
+              no_repeat_ngram_size=0, min_length=0, temperature=1.0, top_k=50, top_p=1.0,
+              num_return_sequences=1, output_scores=False, return_dict_in_generate=False, use_cache=True)
 
 
 def greedy_config(source: Any = None, max_new_tokens: int | None = None, **ids: Any):
