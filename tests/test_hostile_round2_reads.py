@@ -175,6 +175,9 @@ BROKEN = {  # name -> (model, damage, file at fault, what the message says)
                             "config.json", "not a [height, width] pair"),
     "empty_template": ("tiny-llava", lambda d: (d / "chat_template.jinja").write_text("  \n"), "chat_template.jinja",
                        "its chat template is empty"),
+    "template_huge_output": ("tiny-llava", lambda d: (d / "chat_template.jinja").write_text(
+        "{{ 'x' * 10**8 }}{{ messages[0]['content'][1]['text'] }}"), "chat_template.jinja",
+        "renders 100,000,013 characters for a one-line question"),
     "template_without_question": ("tiny-llava", lambda d: (d / "chat_template.jinja").write_text("USER: ASSISTANT:"),
                                   "chat_template.jinja", "does not print the user's question"),
     "index_points_at_pickle": ("tiny-llava", _pickle_index, "model.safetensors.index.json",

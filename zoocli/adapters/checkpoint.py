@@ -227,6 +227,8 @@ def check_chat_template(path: Path, template: str, prompt: bool = True) -> None:
         raise _bad(path, "its chat template ran out of memory rendering a one-line question") from None
     except Exception as e:  # noqa: BLE001 - a template may raise anything while rendering
         raise _bad(path, f"its chat template fails on a plain conversation ({_one_line(e, 120)})") from None
+    if isinstance(text, str) and len(text) > MAX_TEMPLATE_BYTES:
+        raise _bad(path, f"its chat template renders {len(text):,} characters for a one-line question; refused")
     if prompt and (not isinstance(text, str) or PROBE_TEXT not in text):
         raise _bad(path, "its chat template does not print the user's question (a probe question "
                          "did not come out in the prompt)")
