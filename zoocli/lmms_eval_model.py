@@ -58,6 +58,17 @@ MODEL_ARGS: dict[str, tuple[Any, str]] = {
     "max_batch_size": (None, "int?"),  # lmms-eval passes it; only for --batch_size auto: unused
 }
 
+MAX_ARG_CHARS = 10_000  # a model_args value (a path, a method spec) is far shorter
+MAX_UNTIL = 256  # stop strings of one request
+MAX_UNTIL_CHARS = 10_000  # characters of one stop string
+
+
+def _shown(value: Any) -> str:
+    """A value for a message, shortened (a 20,000-character path)."""
+    s = repr(value)
+    return s if len(s) <= 80 else s[:60] + "..." + s[-10:]
+
+
 NEEDS_LOGLIKELIHOOD = ("multiple-choice tasks scored by log-probabilities (output_type "
                        "multiple_choice, e.g. the *_ppl variants)")
 
@@ -165,16 +176,6 @@ def parse_model_args(**kwargs: Any) -> ZooArgs:
     group = MethodOptions(**{k: values.pop(k) for k in METHOD_GROUP if values[k] is not None})
     return ZooArgs(**{k: v for k, v in values.items() if k not in METHOD_GROUP},
                    method_options=group, zoo_options=group.zoo())
-
-
-MAX_ARG_CHARS = 10_000  # a model_args value (a path, a method spec) is far shorter
-MAX_UNTIL = 256  # stop strings of one request
-MAX_UNTIL_CHARS = 10_000  # characters of one stop string
-
-
-def _shown(value: Any) -> str:
-    s = repr(value)
-    return s if len(s) <= 80 else s[:60] + "..." + s[-10:]
 
 
 def _gen_number(gen_kwargs: dict, key: str, kind: type, low: float, high: float, default):
