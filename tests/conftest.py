@@ -70,6 +70,12 @@ def tiny_qwen(zoo_model_cache):
     return _load("tiny-qwen2.5-vl", zoo_model_cache)
 
 
+# Stock ``generate``'s greedy settings, spelled out: the reference side of the keep-all == stock
+# tests (a checkpoint's generation config would otherwise fill what a call leaves unset)
+STOCK_GREEDY = dict(do_sample=False, num_beams=1, repetition_penalty=1.0, length_penalty=1.0,
+                    no_repeat_ngram_size=0)
+
+
 def make_image(width: int, height: int, seed: int = 0) -> Image.Image:
     """A deterministic random RGB image."""
     rng = np.random.default_rng(seed)

@@ -10,7 +10,7 @@ from importlib import resources
 
 import pytest
 import torch
-from conftest import make_image
+from conftest import STOCK_GREEDY, make_image
 
 from zoocli.adapters.llava_onevision import LlavaOnevisionAdapter, build_tiny
 from zoocli.errors import UsageError
@@ -83,7 +83,7 @@ def _hand_pruned_generate(a, p, keep_slots, n=8):
     with torch.no_grad():
         e = a.model.get_input_embeddings()(ids_k)
         e[ids_k == a.image_token_id] = _packed(a, p)[keep_slots]
-        out = a.model.generate(inputs_embeds=e[None], attention_mask=mask_k[None], do_sample=False, max_new_tokens=n)
+        out = a.model.generate(inputs_embeds=e[None], attention_mask=mask_k[None], **STOCK_GREEDY, max_new_tokens=n)
     return _strip(a, out[0].tolist())
 
 
@@ -127,7 +127,7 @@ def test_keep_all_equals_stock_generate(adapter, size):
     li = adapter.build_inputs(p, e, torch.arange(e.features.shape[0]))
     assert li.n_visual == e.n_llm_visual
     L = p.inputs["input_ids"].shape[1]
-    stock = adapter.model.generate(**p.inputs, do_sample=False, max_new_tokens=8)[0, L:].tolist()
+    stock = adapter.model.generate(**p.inputs, **STOCK_GREEDY, max_new_tokens=8)[0, L:].tolist()
     assert adapter.generate(li, 8).ids == _strip(adapter, stock)
 
 

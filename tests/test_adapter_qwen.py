@@ -10,6 +10,7 @@ from importlib import resources
 import numpy as np
 import pytest
 import torch
+from conftest import STOCK_GREEDY
 from PIL import Image
 
 from zoocli.adapters.qwen2_5_vl import (
@@ -176,7 +177,7 @@ def test_keep_all_equals_stock_generate(adapter, case):
     gen = adapter.generate(inputs, max_new_tokens=8)
 
     L = prepared.inputs["input_ids"].shape[1]
-    stock = adapter.model.generate(**prepared.inputs, do_sample=False, max_new_tokens=8)[0, L:].tolist()
+    stock = adapter.model.generate(**prepared.inputs, **STOCK_GREEDY, max_new_tokens=8)[0, L:].tolist()
     assert gen.ids == _strip(stock, adapter.model)
     assert gen.text == adapter.processor.tokenizer.decode(gen.ids, skip_special_tokens=True)
     assert gen.prefill_ms > 0 and gen.decode_ms >= 0
@@ -215,7 +216,7 @@ def test_pruned_equals_independent_stock_route(adapter, case, kept):
         mask = inp["attention_mask"][:, cols]
         pos3 = _rope(model, inp)[:, :, cols]
         position_ids = torch.cat([torch.arange(ids.shape[1])[None, None], pos3])  # [4, 1, k_len]
-        common = dict(attention_mask=mask, position_ids=position_ids, do_sample=False, max_new_tokens=8)
+        common = dict(attention_mask=mask, position_ids=position_ids, **STOCK_GREEDY, max_new_tokens=8)
         if "mm_encoder_outputs" in inspect.signature(model.forward).parameters:
             from transformers.modeling_outputs import BaseModelOutputWithPooling
 
@@ -280,9 +281,9 @@ def test_generate_positions_extend_and_rope_deltas_unused(adapter, case):
     kw["position_ids"] = inputs.position_ids
     with torch.no_grad():
         model.model.rope_deltas = torch.tensor([[1000]])  # garbage: must not matter
-        new = model.generate(**kw, do_sample=False, max_new_tokens=6, min_new_tokens=6)[0, -6:]
+        new = model.generate(**kw, **STOCK_GREEDY, max_new_tokens=6, min_new_tokens=6)[0, -6:]
         model.model.rope_deltas = torch.tensor([[-1000]])
-        again = model.generate(**kw, do_sample=False, max_new_tokens=6, min_new_tokens=6)[0, -6:]
+        again = model.generate(**kw, **STOCK_GREEDY, max_new_tokens=6, min_new_tokens=6)[0, -6:]
         assert torch.equal(new, again)
 
         L = inputs.inputs_embeds.shape[1]

@@ -14,7 +14,7 @@ from importlib import resources
 
 import pytest
 import torch
-from conftest import make_image
+from conftest import STOCK_GREEDY, make_image
 
 from zoocli.adapters.decoder import cache_keyword
 from zoocli.adapters.qwen3_vl import Qwen3VLAdapter, Qwen3VLMoeAdapter, build_tiny, offline_tokenizer, tiny_config
@@ -68,7 +68,7 @@ def _strip(ids, model):
 def _stock_generate(a, p, n=8):
     a.model.model.rope_deltas = None
     L = p.inputs["input_ids"].shape[1]
-    return _strip(a.model.generate(**p.inputs, do_sample=False, max_new_tokens=n)[0, L:].tolist(), a.model)
+    return _strip(a.model.generate(**p.inputs, **STOCK_GREEDY, max_new_tokens=n)[0, L:].tolist(), a.model)
 
 
 # ---- checkpoint, encode ------------------------------------------------------------------------------
@@ -162,7 +162,7 @@ def test_pruned_equals_stock_mm_encoder_outputs_route(adapter, kept):
         out = model.generate(input_ids=ids, attention_mask=inp["attention_mask"][:, cols],
                              mm_token_type_ids=inp["mm_token_type_ids"][:, cols],
                              position_ids=torch.cat([torch.arange(ids.shape[1])[None, None], pos3]),
-                             mm_encoder_outputs={"image": enc}, do_sample=False, max_new_tokens=8)[0, ids.shape[1]:]
+                             mm_encoder_outputs={"image": enc}, **STOCK_GREEDY, max_new_tokens=8)[0, ids.shape[1]:]
     assert ours == _strip(out.tolist(), model)
 
 

@@ -11,7 +11,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_image
+from conftest import STOCK_GREEDY, make_image
 
 from zoocli.adapters import (
     ADAPTERS,
@@ -35,7 +35,7 @@ NEXT_SIZES = [(200, 30), (30, 200), (32, 32)]  # wide (rows unpadded), tall (col
 
 
 def _stock_new_tokens(adapter, prepared, n=8):
-    out = adapter.model.generate(**prepared.inputs, do_sample=False, max_new_tokens=n)
+    out = adapter.model.generate(**prepared.inputs, **STOCK_GREEDY, max_new_tokens=n)
     return _strip_eos(adapter, out[0, prepared.inputs["input_ids"].shape[1]:].tolist())
 
 
@@ -117,7 +117,7 @@ def _hand_pruned_generate(adapter, prepared, kept_rows, n=8):
     with torch.no_grad():
         x = torch.cat([emb(ids[:start]), vis, emb(ids[end:])])[None]
         out = adapter.model.generate(inputs_embeds=x, attention_mask=torch.ones(x.shape[:2], dtype=torch.long),
-                                     do_sample=False, max_new_tokens=n)
+                                     **STOCK_GREEDY, max_new_tokens=n)
     return _strip_eos(adapter, out[0, -n:].tolist() if out.shape[1] > n else out[0].tolist())
 
 

@@ -211,7 +211,8 @@ def test_out_of_memory_is_one_line_with_advice(monkeypatch):
 
     monkeypatch.setattr(zoocli.pipeline, "run_one", oom)
     res = run("ask", CUP, "q", "--model", "tiny-llava", code=1)
-    one_line_error(res, "out of memory", "--keep")
+    one_line_error(res, "out of memory on the GPU", "Tried to allocate 20.00 GiB")
+    assert "--m" not in res.stderr
 
 
 def test_random_weights_too_big_for_memory_is_refused_up_front(monkeypatch):

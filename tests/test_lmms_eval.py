@@ -22,7 +22,7 @@ if importlib.util.find_spec("lmms_eval") is None:
 from lmms_eval.api.instance import Instance  # noqa: E402
 
 from zoocli.cli.common import MethodOptions  # noqa: E402
-from zoocli.errors import UsageError  # noqa: E402
+from zoocli.errors import UsageError, ZooError  # noqa: E402
 from zoocli.evaluation import SAMPLE_EVAL, load_samples, score_one  # noqa: E402
 from zoocli.images import load_image  # noqa: E402
 from zoocli.lmms_eval_model import MODEL_ARGS, ZooLMM, cut_at, parse_model_args  # noqa: E402
@@ -117,6 +117,68 @@ def test_model_args_take_what_zoo_ask_takes():
                                "budget_scope", "dtype", "device"}
 
 
+@pytest.mark.parametrize("args, needle", [
+    ("max_new_tokens=40000", "max_new_tokens must be at least 1 and at most 32768, got 40000"),
+    ("batch_size=100000", "batch_size must be at least 1 and at most 4096"),
+    ("max_batch_size=0", "max_batch_size must be at least 1"),
+    ("pretrained=" + "x" * 20_000, "pretrained is 20,000 characters long"),
+], ids=["max_new_tokens", "batch_size", "max_batch_size", "long_pretrained"])
+def test_model_args_have_the_clis_caps(args, needle):
+    with pytest.raises(UsageError) as e:
+        ZooLMM.create_from_arg_string(f"pretrained=no-such-model,{args}")
+    assert needle in str(e.value) and len(str(e.value)) < 300
+
+
+def test_model_args_of_absurd_size_are_one_line():
+    # (lmms-eval's own arg-string parser fails on 5,000 digits; a caller's dict still gets here)
+    for kw, needle in ((dict(max_new_tokens="9" * 5000), "max_new_tokens is a number of 5,000 digits"),
+                       (dict(seed="1" * 20_000), "seed is 20,000 characters long")):
+        with pytest.raises(UsageError) as e:
+            parse_model_args(pretrained="x", **kw)
+        assert needle in str(e.value) and len(str(e.value)) < 300
+
+
+def test_cache_dir_that_is_a_file_is_one_line(tmp_path):
+    f = tmp_path / "notes.txt"
+    f.write_text("mine")
+    with pytest.raises(UsageError, match="cache_dir=.*notes.txt is not a folder"):
+        parse_model_args(pretrained="tiny-llava", cache_dir=str(f))
+    assert f.read_text() == "mine"
+
+
+@pytest.mark.parametrize("gen, needle", [
+    ("not a dict", "gen_kwargs must be a table"),
+    ({"max_new_tokens": 10**9}, "max_new_tokens must be an integer from 1 to 32768, got 1000000000"),
+    ({"max_new_tokens": "16"}, "max_new_tokens must be an integer"),
+    ({"max_new_tokens": 0}, "max_new_tokens must be an integer from 1"),
+    ({"max_new_tokens": 16.0}, "max_new_tokens must be an integer"),
+    ({"temperature": "hot"}, "temperature must be a number"),
+    ({"temperature": float("nan")}, "temperature must be a number"),
+    ({"do_sample": "yes"}, "do_sample must be true or false"),
+    ({"num_beams": [2]}, "num_beams must be an integer"),
+    ({"until": 5}, "until must be a string or a list of strings"),
+    ({"until": ["a", None]}, "until must be a string or a list of strings"),
+    ({"until": ["x"] * 1000}, "until takes at most 256 strings"),
+    ({"until": ["x" * 100_000]}, "until takes at most 256 strings of at most 10,000 characters"),
+], ids=lambda v: v if isinstance(v, str) and len(v) < 40 else None)
+def test_gen_kwargs_are_type_checked_and_bounded(gen, needle):
+    from zoocli.lmms_eval_model import generation_settings
+
+    with pytest.raises(UsageError) as e:
+        generation_settings(gen, 64)
+    assert needle in str(e.value) and len(str(e.value)) < 300
+
+
+def test_gen_kwargs_that_are_fine():
+    from zoocli.lmms_eval_model import generation_settings
+
+    assert generation_settings({}, 64) == (64, [])
+    assert generation_settings(None, 64) == (64, [])
+    assert generation_settings({"max_new_tokens": 32768, "temperature": 0, "do_sample": False, "num_beams": 1,
+                                "top_p": 1.0, "until": "\n\n"}, 64) == (32768, ["\n\n"])
+    assert generation_settings({"until": ["", "ASSISTANT:"], "temperature": 0.0}, 8) == (8, ["ASSISTANT:"])
+
+
 def test_cut_at_until():
     assert cut_at(" yes\n\nno ", ["\n\n"]) == "yes"
     assert cut_at("a.b.c", [".", "b"]) == "a"
@@ -207,6 +269,16 @@ def test_requests_that_cannot_be_answered_say_why(zoo_model_cache):
         lm.loglikelihood([request(0, "Q?", {}, 2, task="mmbench_ppl")])
     with pytest.raises(NotImplementedError, match="multi-round generation, which mmmu_multi need"):
         lm.generate_until_multi_round([request(0, "Q?", {}, 2, task="mmmu_multi")])
+
+
+def test_request_longer_than_the_context_and_bad_gen_kwargs_are_one_line(zoo_model_cache):
+    lm = make_lm(zoo_model_cache)
+    im = load_image(IMAGES / "cat_chelsea.png")
+    lm.task_dict = {"t": {"test": [{"visuals": [im]}]}}
+    with pytest.raises(ZooError, match=r"task t, doc 0: the prompt is [\d,]+ tokens .* context of 2,048 tokens"):
+        lm.generate_until([request(0, "Is there a cat? " * 62_500, {"max_new_tokens": 2}, 0)])
+    with pytest.raises(UsageError, match="task t: gen_kwargs: max_new_tokens must be an integer from 1 to 32768"):
+        lm.generate_until([request(0, "Q?", {"max_new_tokens": 10**7}, 0)])
 
 
 # ------------------------------------------------------------------------------ data parallel

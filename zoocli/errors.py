@@ -23,3 +23,13 @@ class UnknownNameError(UsageError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return self.args[0]
+
+
+_OOM_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory", "failed to allocate")
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """An allocation failure: ``MemoryError``, ``torch.OutOfMemoryError`` (CUDA) or a
+    ``RuntimeError`` of an allocator (``DefaultCPUAllocator: can't allocate memory``)."""
+    return isinstance(e, MemoryError) or (isinstance(e, RuntimeError)
+                                          and any(m in str(e).lower() for m in _OOM_MARKERS))

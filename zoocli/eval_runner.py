@@ -170,8 +170,8 @@ def run_eval(
                 pending.append((s, missing))
         for start in range(0, len(pending), spec.batch_size):
             chunk = pending[start:start + spec.batch_size]
-            encs = [_encode(adapter, _image(adapter, load_image, s), s.question)
-                    for s, _ in chunk]
+            encs = [_encode(adapter, _image(adapter, load_image, s), s.question,
+                            f"{ds.name}, question {s.id}") for s, _ in chunk]
             for m, b in configs:
                 rows = [(s, e) for (s, missing), e in zip(chunk, encs) if (m, b) in missing]
                 if not rows:
@@ -188,10 +188,16 @@ def run_eval(
     return stats
 
 
-def _encode(adapter, image, question: str):
+def _encode(adapter, image, question: str, where: str):
+    """The sample encoded; a refusal (a question longer than the model's context, ...) names the
+    sample (``where``)."""
     from zoocli.pipeline import encode_image
 
-    return encode_image(adapter, image, question)
+    try:
+        return encode_image(adapter, image, question)
+    except ZooError as e:
+        e.args = (f"{where}: {e}",) + tuple(e.args[1:])
+        raise
 
 
 def _batchable(method) -> bool:

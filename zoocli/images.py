@@ -157,8 +157,15 @@ def to_rgb(im: Image.Image) -> Image.Image:
 
 
 def _to_uint8(a: np.ndarray, mode: str) -> np.ndarray:
-    """Scale a single-channel integer / float array to uint8."""
+    """Scale a single-channel integer / float array to uint8. NaN pixels become 0 (black) and
+    infinities the ends of the range; the scale is read from the finite pixels only."""
     a = a.astype(np.float64)
+    finite = np.isfinite(a)
+    if not finite.all():
+        if not finite.any():
+            return np.zeros(a.shape, np.uint8)
+        lo, hi = float(a[finite].min()), float(a[finite].max())
+        a = np.where(np.isnan(a), min(lo, 0.0), np.clip(a, lo, hi))  # NaN: black (0, or the floor)
     if mode.startswith("I;16") or (mode == "I" and a.size and a.min() >= 0 and a.max() <= 65535 and a.max() > 255):
         a = a / 257.0  # 16-bit full range -> 8-bit full range (65535 -> 255)
     elif mode == "F" and a.size and a.min() >= 0.0 and a.max() <= 1.0:

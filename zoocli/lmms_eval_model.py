@@ -60,6 +60,17 @@ MODEL_ARGS: dict[str, tuple[Any, str]] = {
     "max_batch_size": (None, "int?"),  # lmms-eval passes it; only for --batch_size auto: unused
 }
 
+MAX_ARG_CHARS = 10_000  # a model_args value (a path, a method spec) is far shorter
+MAX_UNTIL = 256  # stop strings of one request
+MAX_UNTIL_CHARS = 10_000  # characters of one stop string
+
+
+def _shown(value: Any) -> str:
+    """A value for a message, shortened (a 20,000-character path)."""
+    s = repr(value)
+    return s if len(s) <= 80 else s[:60] + "..." + s[-10:]
+
+
 NEEDS_LOGLIKELIHOOD = ("multiple-choice tasks scored by log-probabilities (output_type "
                        "multiple_choice, e.g. the *_ppl variants)")
 
@@ -101,9 +112,16 @@ def _coerce(key: str, value: Any, kind: str) -> Any:
             return None
         kind = kind[:-1]
     ok = True
+    if isinstance(value, str) and len(value) > MAX_ARG_CHARS:
+        raise UsageError(f"zoo model_args: {key} is {len(value):,} characters long; at most "
+                         f"{MAX_ARG_CHARS:,} are taken")
     if kind == "int":
         if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-            value = int(value)
+            try:
+                value = int(value)
+            except ValueError:  # over Python's digit limit: far out of any range below
+                raise UsageError(f"zoo model_args: {key} is a number of {len(value.strip()):,} "
+                                 "digits, far out of range") from None
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif kind == "float":
         if isinstance(value, str):
@@ -124,7 +142,7 @@ def _coerce(key: str, value: Any, kind: str) -> Any:
         ok = isinstance(value, (str, int, float)) and not isinstance(value, bool)
         value = str(value)
     if not ok:
-        raise UsageError(f"zoo model_args: {key}={value!r} is not a valid {kind}")
+        raise UsageError(f"zoo model_args: {key}={_shown(value)} is not a valid {kind}")
     return value
 
 
@@ -144,10 +162,17 @@ def parse_model_args(**kwargs: Any) -> ZooArgs:
     for key, value in kwargs.items():
         if value is not None:
             values[key] = _coerce(key, value, MODEL_ARGS[key][1])
-    if values["batch_size"] < 1:
-        raise UsageError(f"zoo model_args: batch_size must be at least 1, got {values['batch_size']}")
-    if values["max_new_tokens"] < 1:
-        raise UsageError(f"zoo model_args: max_new_tokens must be at least 1, got {values['max_new_tokens']}")
+    from zoocli.cli.common import MAX_BATCH, MAX_NEW_TOKENS, check_int
+
+    for key, high in (("batch_size", MAX_BATCH), ("max_batch_size", MAX_BATCH),
+                      ("max_new_tokens", MAX_NEW_TOKENS)):  # zoo's own limits (the CLI's)
+        if values[key] is not None:
+            check_int(f"zoo model_args: {key}", values[key], 1, high)
+    if values["cache_dir"] is not None:
+        cache = Path(values["cache_dir"]).expanduser()
+        if cache.exists() and not cache.is_dir():
+            raise UsageError(f"zoo model_args: cache_dir={values['cache_dir']} is not a folder (a file is "
+                             "there); give the folder where offline models are built")
     parse_keep(values["keep"], 10**9, "keep")  # syntax and sign; clamped per image later
     parse_method_spec(values["method"])
     group = MethodOptions(**{k: values.pop(k) for k in METHOD_GROUP if values[k] is not None})
@@ -155,22 +180,51 @@ def parse_model_args(**kwargs: Any) -> ZooArgs:
                    method_options=group, zoo_options=group.zoo())
 
 
-def generation_settings(gen_kwargs: dict, default_max_new_tokens: int) -> tuple[int, list[str]]:
-    """(max_new_tokens, until strings) of one request; sampling and beam search are refused."""
-    temperature = gen_kwargs.get("temperature") or 0
-    if temperature > 0 or gen_kwargs.get("do_sample"):
+def _gen_number(gen_kwargs: dict, key: str, kind: type, low: float, high: float, default):
+    """gen_kwargs[key] as a number of ``kind`` in [low, high] (None: ``default``)."""
+    import math
+
+    v = gen_kwargs.get(key)
+    if v is None:
+        return default
+    ok = isinstance(v, (int, float) if kind is float else int) and not isinstance(v, bool)
+    if not ok or (isinstance(v, float) and not math.isfinite(v)) or not low <= v <= high:
+        what = "an integer" if kind is int else "a number"
+        raise UsageError(f"gen_kwargs: {key} must be {what} from {low:g} to {high:g}, got {_shown(v)}")
+    return v
+
+
+def generation_settings(gen_kwargs: Any, default_max_new_tokens: int) -> tuple[int, list[str]]:
+    """(max_new_tokens, until strings) of one request, every field zoo reads type-checked and
+    bounded (max_new_tokens as the CLI's --max-new-tokens); sampling and beam search are refused."""
+    from zoocli.cli.common import MAX_NEW_TOKENS
+
+    if gen_kwargs is None:
+        gen_kwargs = {}
+    if not isinstance(gen_kwargs, dict):
+        raise UsageError(f"gen_kwargs must be a table of generation settings, got a "
+                         f"{type(gen_kwargs).__name__}")
+    temperature = _gen_number(gen_kwargs, "temperature", float, 0, 1e6, 0)
+    do_sample = gen_kwargs.get("do_sample")
+    if do_sample is not None and not isinstance(do_sample, bool):
+        raise UsageError(f"gen_kwargs: do_sample must be true or false, got {_shown(do_sample)}")
+    if temperature > 0 or do_sample:
         raise UsageError(f"zoo decodes greedily only; this task asks for sampling (temperature="
-                         f"{temperature}, do_sample={gen_kwargs.get('do_sample')}): set "
+                         f"{temperature}, do_sample={do_sample}): set "
                          f"--gen_kwargs temperature=0,do_sample=false")
-    if (gen_kwargs.get("num_beams") or 1) > 1:
+    num_beams = _gen_number(gen_kwargs, "num_beams", int, 1, 10**6, 1)
+    if num_beams > 1:
         raise UsageError(f"zoo decodes greedily only; this task asks for num_beams="
-                         f"{gen_kwargs['num_beams']}: set --gen_kwargs num_beams=1")
-    max_new = gen_kwargs.get("max_new_tokens") or default_max_new_tokens
-    if isinstance(max_new, bool) or not isinstance(max_new, int) or max_new < 1:
-        raise UsageError(f"max_new_tokens must be a positive integer, got {max_new!r}")
-    until = gen_kwargs.get("until") or []
-    until = [until] if isinstance(until, str) else list(until)
-    return max_new, [u for u in until if isinstance(u, str) and u]
+                         f"{num_beams}: set --gen_kwargs num_beams=1")
+    max_new = _gen_number(gen_kwargs, "max_new_tokens", int, 1, MAX_NEW_TOKENS, default_max_new_tokens)
+    until = gen_kwargs.get("until")
+    until = [] if until is None else [until] if isinstance(until, str) else until
+    if not isinstance(until, (list, tuple)) or not all(isinstance(u, str) for u in until):
+        raise UsageError(f"gen_kwargs: until must be a string or a list of strings, got {_shown(until)}")
+    if len(until) > MAX_UNTIL or any(len(u) > MAX_UNTIL_CHARS for u in until):
+        raise UsageError(f"gen_kwargs: until takes at most {MAX_UNTIL} strings of at most "
+                         f"{MAX_UNTIL_CHARS:,} characters")
+    return max_new, [u for u in until if u]
 
 
 def cut_at(text: str, until: Sequence[str]) -> str:
@@ -262,7 +316,11 @@ class ZooLMM(lmms):
 
         jobs: dict[int, list[tuple[int, Any, list[str]]]] = {}
         for i, req in enumerate(requests):
-            max_new, until = generation_settings(dict(req.args[1] or {}), self.args.max_new_tokens)
+            try:
+                max_new, until = generation_settings(req.args[1], self.args.max_new_tokens)
+            except UsageError as e:
+                e.args = (f"task {req.task_name}: {e}",) + tuple(e.args[1:])
+                raise
             jobs.setdefault(max_new, []).append((i, req, until))
         out: list[str | None] = [None] * len(requests)
         bar = tqdm(total=len(requests), disable=self.rank != 0, desc="zoo answering")
@@ -285,7 +343,11 @@ class ZooLMM(lmms):
             image = single_image(doc_to_visual(self.task_dict[task][split][doc_id]), task, doc_id)
             if not str(ctx).strip():
                 raise UsageError(f"task {task}, doc {doc_id}: the prompt is empty")
-            encs.append(encode_image(self.adapter, image, str(ctx).strip()))  # as `zoo ask` sends it
+            try:
+                encs.append(encode_image(self.adapter, image, str(ctx).strip()))  # as `zoo ask` sends it
+            except ZooError as e:  # a prompt longer than the model's context, ...
+                e.args = (f"task {task}, doc {doc_id}: {e}",) + tuple(e.args[1:])
+                raise
         spec = dataclasses.replace(self.spec, max_new_tokens=max_new)
         warned: set[str] = set()
         answers = answer_batch(self.adapter, encs, self.args.method, self.args.keep, spec, warned,

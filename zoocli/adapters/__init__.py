@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from zoocli.errors import UnknownNameError, UsageError, ZooError
+from zoocli.errors import UnknownNameError, UsageError, ZooError, is_out_of_memory
 from zoocli.lazy import torch
 
 MODEL_ALIASES: dict[str, str] = {
@@ -193,7 +193,13 @@ def ensure_offline_model(name: str, cache_dir: str | Path | None = None,
         builder = _import_ref(OFFLINE_MODELS[name][1])
     except (ImportError, AttributeError) as e:
         raise ZooError(f"offline model '{name}' cannot be built: {e}") from None
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ZooError(f"the offline model cache {root} is not a folder (a file is in the way); "
+                       "move it or give another cache folder") from None
+    except OSError as e:
+        raise ZooError(f"the offline model cache {root} cannot be created ({e.strerror or e})") from None
     eta = OFFLINE_BUILD_SECONDS.get(name, 30)
     (on_status or _no_status)(f"building {name} (one time, ~{eta} s) in {root}",
                               slow=eta >= SLOW_STEP_S)
@@ -334,9 +340,17 @@ def _load_random(model: str, dev: torch.device, dt: torch.dtype, status: StatusF
 
 def _load_offline(model: str, cache_dir, dev: torch.device, dt: torch.dtype, status: StatusFn):
     """An offline model (``OFFLINE_MODELS``), built into ``cache_dir`` on first use."""
+    from zoocli.adapters.checkpoint import check_checkpoint_dir, require_weights
+
     family = OFFLINE_MODELS[model][0]
     path = ensure_offline_model(model, cache_dir, status)
     status(f"loading {model} from {path}")
+    try:  # a cached copy damaged since it was built (truncated or missing weights, ...)
+        check_checkpoint_dir(path)
+        require_weights(path)
+    except ZooError as e:
+        raise ZooError(f"{e}; the cached offline model {model} is damaged: delete {path} and zoo "
+                       "builds it again") from None
     cls = adapter_class(family)
     try:
         adapter = cls.load(path, dev, dt, meaningless=True)
@@ -357,6 +371,12 @@ def _load_checkpoint(model: str, dev: torch.device, dt: torch.dtype, status: Sta
         check_checkpoint_dir(source)
     family = _model_type(model, source)
     cls = adapter_class(family)
+    if Path(source).is_dir():  # before anything is allocated: weights there, and they must fit
+        from zoocli.adapters.checkpoint import read_json, require_weights
+
+        require_weights(source)
+        check_memory(model, read_json(Path(source) / "config.json"), dev, dt, what=f"model '{model}'",
+                     source=Path(source) / "config.json")
     status(f"loading {model} ({family}) from {source}", slow=not local.is_dir())
     try:
         return cls.load(source, dev, dt)
@@ -367,7 +387,7 @@ def _load_checkpoint(model: str, dev: torch.device, dt: torch.dtype, status: Sta
     except ZooError:  # already one line (a UsageError is also a ValueError)
         raise
     except (RuntimeError, ValueError, KeyError, TypeError) as e:  # not out-of-memory: that is the CLI's
-        if not Path(source).is_dir() or isinstance(e, torch.OutOfMemoryError):
+        if not Path(source).is_dir() or is_out_of_memory(e):  # the CLI's one line for it
             raise
         from zoocli.adapters.checkpoint import load_error
 
@@ -403,31 +423,95 @@ def parameter_count(config_dict: dict[str, Any]) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def available_bytes(device: torch.device) -> int | None:
-    """Free memory on ``device``: CUDA free memory, or the system's MemAvailable on CPU."""
+def available_bytes(device: torch.device, cgroup_root: Path = Path("/sys/fs/cgroup"),
+                    proc_cgroup: Path = Path("/proc/self/cgroup")) -> int | None:
+    """Memory this process can still allocate on ``device``: CUDA free memory; on CPU the smaller
+    of the system's MemAvailable and what the process's cgroup (v2 ``memory.max`` less
+    ``memory.current``, or v1 ``memory.limit_in_bytes`` less ``memory.usage_in_bytes``, along its
+    path up to the root) still allows. None if nothing can be read."""
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
+    found = []
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
+                found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    if (free := cgroup_free_bytes(cgroup_root, proc_cgroup)) is not None:
+        found.append(free)
+    return min(found) if found else None
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text(errors="replace").strip()  # pseudo-files of a few bytes
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None  # "max": no limit
+
+
+def cgroup_free_bytes(root: Path = Path("/sys/fs/cgroup"), proc_cgroup: Path = Path("/proc/self/cgroup")) -> int | None:
+    """What the memory cgroups of this process still allow (the least over its cgroup and every
+    parent up to ``root``: the limit less the usage, reclaimable page cache not counted), or None
+    where no limit is set or readable."""
+    try:
+        lines = proc_cgroup.read_text(errors="replace").splitlines()
+    except OSError:
+        lines = []
+    v2 = next((ln.split(":", 2)[2] for ln in lines if ln.startswith("0::")), None)
+    v1 = next((ln.split(":", 2)[2] for ln in lines
+               if len(ln.split(":", 2)) == 3 and "memory" in ln.split(":", 2)[1].split(",")), None)
+    frees = []
+    for base, rel, limit_name, usage_name, cache_key in (
+            (root, v2, "memory.max", "memory.current", "inactive_file"),
+            (root / "memory", v1, "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")):
+        parts = [p for p in (rel or "/").split("/") if p and p != ".."]
+        for depth in range(len(parts), -1, -1):
+            d = base.joinpath(*parts[:depth])
+            limit, usage = _read_int(d / limit_name), _read_int(d / usage_name) or 0
+            if limit is not None and limit < 1 << 60:  # v1 writes "unlimited" as a huge number
+                # the usage counts the page cache; its inactive part is given back on demand
+                # (the "working set" of container tools is usage less inactive_file)
+                frees.append(max(limit - max(usage - _stat(d / "memory.stat", cache_key), 0), 0))
+    return min(frees) if frees else None
+
+
+def _stat(path: Path, key: str) -> int:
+    """The value of ``key`` in a cgroup ``memory.stat`` file (0 if absent)."""
+    try:
+        for line in path.read_text(errors="replace").splitlines():
+            name, _, value = line.partition(" ")
+            if name == key and value.strip().isdigit():
+                return int(value)
     except OSError:
         pass
-    return None
+    return 0
 
 
-def check_memory(model: str, config_dict: dict[str, Any], device: torch.device, dtype: torch.dtype) -> None:
-    """Refuse, with the numbers, a full-size random model whose weights alone would not fit
-    (rather than letting the system kill the process half way through the build)."""
-    need = parameter_count(config_dict) * torch.finfo(dtype).bits // 8
+def check_memory(model: str, config_dict: dict[str, Any], device: torch.device, dtype: torch.dtype,
+                 what: str | None = None, source: Path | None = None) -> None:
+    """Refuse, with the numbers, a model whose weights alone would not fit in what this process
+    can allocate (rather than letting the system kill it half way through the build). ``what``
+    names the model in the message (default: ``--random-weights MODEL``); ``source``, the config
+    file an unusable config is blamed on."""
+    try:
+        n = parameter_count(config_dict)
+    except Exception as e:  # noqa: BLE001 - transformers rejects a broken config in many ways
+        if source is None:
+            raise
+        raise ZooError(f"checkpoint file {source}: not a configuration transformers can build "
+                       f"({_one_line(e)[:200]})") from None
+    need = n * torch.finfo(dtype).bits // 8
     free = available_bytes(device)
     if free is not None and need > 0.9 * free:
         gib = 2**30
         hint = " --dtype bf16," if dtype == torch.float32 else ""
         raise ZooError(
-            f"--random-weights {model}: its weights alone need {need / gib:.1f} GiB in "
-            f"{str(dtype).replace('torch.', '')}, but only {free / gib:.1f} GiB is free on {device}; "
-            f"try{hint} a GPU, or {family_hint(config_dict.get('model_type')) or 'an offline model'}"
+            f"{what or f'--random-weights {model}'}: its weights alone need {need / gib:.1f} GiB in "
+            f"{str(dtype).replace('torch.', '')} ({n:,} parameters), but only {free / gib:.1f} GiB "
+            f"is free on {device} for this process; try{hint} a GPU, or "
+            f"{family_hint(config_dict.get('model_type')) or 'an offline model'}"
         )
 
 

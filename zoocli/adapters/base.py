@@ -30,6 +30,8 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from zoocli.errors import ZooError
+
 
 @dataclass
 class Scope:
@@ -147,12 +149,35 @@ class Adapter:
         check_aspect(size, cls.max_aspect, cls.family_name(), cls.aspect_reason, name)
 
     def __init__(self, model: nn.Module, processor: Any, model_id: str, meaningless: bool = False):
+        from zoocli.adapters.decoder import greedy_config
+
+        # decoding is pure greedy: of the checkpoint's generation config only the token ids stay
+        # (its sampling / beam / penalty / bad-words settings would change answers silently)
+        model.generation_config = greedy_config(getattr(model, "generation_config", None))
         self.model = model.eval()
         self.processor = processor
         self.model_id = model_id
         self.meaningless = meaningless  # random weights: answers carry no meaning
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
+
+    @property
+    def context_length(self) -> int | None:
+        """The language model's context (``max_position_embeddings`` of the text config), or None."""
+        cfg = self.model.config
+        text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        n = getattr(text, "max_position_embeddings", None)
+        return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
+
+    def check_context(self, n_tokens: int) -> None:
+        """Refuse (one line with the limit and the length) a prompt longer than the model's context,
+        before any prefill: past it the positions are ones the model never saw, and the work grows
+        with the square of the length."""
+        limit = self.context_length
+        if limit is not None and n_tokens > limit:
+            raise ZooError(f"the prompt is {n_tokens:,} tokens (the image's and the question's), over "
+                           f"the model's context of {limit:,} tokens (max_position_embeddings); shorten "
+                           "the question")
 
     @property
     def projector(self) -> nn.Module:

@@ -43,6 +43,29 @@ def eos_ids(model: nn.Module, eos_token_id: Any = None) -> frozenset[int]:
     return frozenset(int(e) for e in eos_token_id)
 
 
+# What zoo keeps of a checkpoint's generation config: the token ids (where to stop, what pads).
+# Everything else in it (sampling, beams, repetition / length penalties, bad words, n-gram blocks,
+# min_new_tokens, forced or suppressed tokens, ...) would change a greedy answer: it is dropped.
+GENERATION_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+# transformers' greedy settings, spelled out (in a passed config, a field left None is filled from
+# the model's generation config, which ``Adapter`` has already reduced to ``GENERATION_IDS``)
+GREEDY = dict(do_sample=False, num_beams=1, repetition_penalty=1.0, length_penalty=1.0,
+              no_repeat_ngram_size=0, min_length=0, temperature=1.0, top_k=50, top_p=1.0,
+              num_return_sequences=1, output_scores=False, return_dict_in_generate=False, use_cache=True)
+
+
+def greedy_config(source: Any = None, max_new_tokens: int | None = None, **ids: Any):
+    """A fresh ``GenerationConfig`` for pure greedy decoding: ``GREEDY``, the token ids
+    (``GENERATION_IDS``) of ``source`` (a checkpoint's generation config) unless given in ``ids``,
+    and ``max_new_tokens``. Nothing else of ``source`` is carried over."""
+    from transformers import GenerationConfig
+
+    kw = {k: getattr(source, k, None) for k in GENERATION_IDS} | ids
+    if max_new_tokens is not None:
+        kw["max_new_tokens"] = max_new_tokens
+    return GenerationConfig(**GREEDY, **{k: v for k, v in kw.items() if v is not None})
+
+
 def _rope_fn(attn: nn.Module, cos: Tensor):
     mod = sys.modules[type(attn).__module__]
     if cos.ndim == 4 and hasattr(mod, "apply_multimodal_rotary_pos_emb"):

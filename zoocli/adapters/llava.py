@@ -167,6 +167,7 @@ class LlavaAdapter(Adapter):
             self.processor,
             lambda text: [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}],
             question, lambda prompt: self.processor(images=image, text=prompt, return_tensors="pt"))
+        self.check_context(int(batch["input_ids"].shape[1]))
         inputs = {}
         for k, v in batch.items():
             if not isinstance(v, Tensor):
@@ -357,6 +358,8 @@ class LlavaAdapter(Adapter):
         Timings are the batch's (every row gets the same prefill / decode times)."""
         from transformers import LogitsProcessorList
 
+        from zoocli.adapters.decoder import greedy_config
+
         tok = self.processor.tokenizer
         pad = self.model.generation_config.pad_token_id
         if pad is None:
@@ -367,7 +370,7 @@ class LlavaAdapter(Adapter):
         clock.start()
         out = self.model.generate(
             inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
-            max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
+            generation_config=greedy_config(self.model.generation_config, max_new_tokens, pad_token_id=pad),
             logits_processor=LogitsProcessorList([clock]),
         )
         device_sync(self.device)

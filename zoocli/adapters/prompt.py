@@ -42,8 +42,18 @@ def prompt_batch(processor, conversation: Callable[[str], list], question: str,
                  encode: Callable[[str], Any]) -> dict:
     """The processor output for the chat prompt of ``conversation(question)``; ``encode(prompt)``
     runs the processor (with the image) on a prompt string. See the module docstring."""
-    render = lambda text: processor.apply_chat_template(  # noqa: E731
-        conversation(text), add_generation_prompt=True, tokenize=False)
+
+    def render(text: str) -> str:  # bounded in time: a template may loop over the question
+        from zoocli.adapters.checkpoint import TEMPLATE_SECONDS, TooSlow, time_limit
+
+        try:
+            with time_limit(TEMPLATE_SECONDS):
+                return processor.apply_chat_template(conversation(text), add_generation_prompt=True,
+                                                     tokenize=False)
+        except TooSlow:
+            raise ZooError(f"the model's chat template did not finish rendering this question in "
+                           f"{TEMPLATE_SECONDS:g} s ({len(text):,} characters); refused") from None
+
     if not any(s in question for s in control_strings(processor)):
         return encode(render(question))
     before, found, after = render(SENTINEL).partition(SENTINEL)

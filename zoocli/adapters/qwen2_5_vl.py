@@ -297,6 +297,7 @@ class Qwen25VLAdapter(Adapter):
             self.processor,
             lambda text: [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}],
             question, lambda prompt: self.processor(text=[prompt], images=[image], return_tensors="pt"))
+        self.check_context(int(batch["input_ids"].shape[1]))
         inputs = {k: v.to(self.device) for k, v in batch.items() if isinstance(v, Tensor)}
         q_ids = question_ids(self.processor.tokenizer, question)
         return Prepared(image, question, inputs, torch.tensor(q_ids, dtype=torch.long, device=self.device))
@@ -376,13 +377,12 @@ class Qwen25VLAdapter(Adapter):
 
     @torch.no_grad()
     def generate_batch(self, inputs: LLMInputs, max_new_tokens: int) -> list[Generation]:
-        """Greedy decoding (plain argmax: the checkpoint's sampling / repetition-penalty settings are off)."""
+        """Pure greedy decoding (``decoder.greedy_config``: of the checkpoint's generation config only the token ids)."""
         from transformers import LogitsProcessorList
 
-        gc = copy.deepcopy(self.model.generation_config)
-        gc.do_sample, gc.num_beams, gc.repetition_penalty = False, 1, 1.0
-        gc.temperature = gc.top_p = gc.top_k = None
-        gc.max_new_tokens = max_new_tokens
+        from zoocli.adapters.decoder import greedy_config
+
+        gc = greedy_config(self.model.generation_config, max_new_tokens)
 
         pos, mask = inputs.position_ids, inputs.attention_mask
         if pos is not None:

@@ -23,7 +23,7 @@ from typing import Annotated, Any
 import typer
 
 from zoocli.cli.console import console, err  # noqa: F401  (the consoles; cli.progress prints on them too)
-from zoocli.errors import UsageError, ZooError
+from zoocli.errors import UsageError, ZooError, is_out_of_memory
 from zoocli.process import INTERRUPTED, TERMINATED, Terminated, reader_gone, stdout_gone
 from zoocli.text import question_text  # noqa: F401  (re-exported for the commands)
 
@@ -86,15 +86,27 @@ def handle_errors(fn):
             if stdout_gone():  # `zoo methods | head -1`: the reader has what it wanted
                 reader_gone()
             fail(f"a connection closed under zoo (broken pipe: {e.strerror or e})")
-        except MemoryError:
-            fail("out of memory: try a smaller --keep or --m, --dtype bf16, or a smaller model")
-        except RuntimeError as e:
-            if "out of memory" in str(e).lower():
-                fail("out of memory on the device: try a smaller --keep or --m, --dtype bf16, "
-                     "or --device cpu")
+        except MemoryError as e:
+            fail(out_of_memory(e))
+        except RuntimeError as e:  # torch.OutOfMemoryError is one
+            if is_out_of_memory(e):
+                fail(out_of_memory(e))
             raise
 
     return wrapper
+
+
+def out_of_memory(e: BaseException) -> str:
+    """The one line for an allocation failure: what failed to allocate, no guess at which option
+    caused it (memory runs out while loading as well as while running)."""
+    import re
+
+    detail = re.sub(r"^\[enforce fail[^\]]*\]\s*(data\.\s*)?", "", " ".join(str(e).split()))
+    detail = ". ".join(detail.split(". ")[:2])[:200]  # what failed and how much it asked for
+    cuda = "cuda" in detail.lower() or type(e).__name__ == "OutOfMemoryError"
+    where = "on the GPU" if cuda else "in this process"
+    return (f"out of memory {where}{f' ({detail})' if detail else ''}: the model and this input "
+            f"need more memory than zoo can get; a smaller model or input, or --dtype bf16, needs less")
 
 
 # ------------------------------------------------------------------------- configuration file

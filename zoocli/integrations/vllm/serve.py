@@ -71,10 +71,10 @@ def curl_example(name: str, host: str, port: int, keep: str | None = None) -> st
 
 
 def run_server(cmd: list[str]) -> int:
-    """Run the server in the foreground until it exits or zoo is stopped (Ctrl-C, SIGINT, SIGTERM):
-    then the server gets SIGINT and 30 s to shut down, SIGKILL after. Returns its exit code."""
+    """Run the server in the foreground until it exits or zoo is stopped (Ctrl-C / SIGINT, or
+    SIGTERM, which ``zoocli.__main__`` turns into ``Terminated``, a ``KeyboardInterrupt``): then the
+    server gets SIGINT and 30 s to shut down, SIGKILL after. Returns its exit code."""
     proc = subprocess.Popen(cmd)
-    previous = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         return proc.wait()
     except KeyboardInterrupt:
@@ -86,8 +86,6 @@ def run_server(cmd: list[str]) -> int:
             proc.kill()
             proc.wait()
         raise
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def shown(cmd: list[str]) -> str:
