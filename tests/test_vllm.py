@@ -265,3 +265,36 @@ def test_zoo_serve_small_llava(tmp_path):
             rc = "killed"
         log.close()
     assert rc == 130, (tmp_path / "serve.log").read_text()[-2000:]
+
+
+@pytest.mark.slow
+def test_zoo_bench_engine_vllm_writes_rows_and_resumes(tmp_path):
+    """`zoo bench --engine vllm`: the unpruned row and every method x budget, with vLLM's TTFT and
+    per-round speed-ups, appended to --out; a rerun measures only the baseline again."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    image = Path(__file__).parent.parent / "sample_images" / "coffee_cup.jpg"
+    out = tmp_path / "bench.jsonl"
+    env = dict(os.environ, HOME=str(tmp_path), VLLM_CPU_KVCACHE_SPACE="1")
+    cmd = [sys.executable, "-m", "zoocli", "bench", "--engine", "vllm", "--model", "vllm-tiny-llava",
+           "--budgets", "8,4", "--methods", "zoo,divprune", "--repeats", "2", "--warmup", "0",
+           "--concurrency", "2", "--max-new-tokens", "2", "--images", str(image), "--dtype", "fp32",
+           "--out", str(out)]
+    first = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp_path, timeout=900)
+    assert first.returncode == 0, first.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["method"], r["budget"]) for r in rows][0] == ("none", "all")
+    assert {(r["method"], r["budget"]) for r in rows} == {("none", "all"), ("zoo", "8"), ("divprune", "8"),
+                                                           ("zoo", "4"), ("divprune", "4")}
+    full = rows[0]["prompt_tokens"]
+    for r in rows[1:]:
+        assert r["prompt_tokens"] == full - 16 + int(r["budget"])  # 16 visual tokens, `budget` kept
+        assert r["rounds"] == 2 and r["speedup"]["ttft"]["min"] <= r["speedup"]["ttft"]["median"]
+        assert r["ttft_ms"]["median"] > 0 and r["requests_per_s"]["median"] > 0
+    assert "ttft×" in first.stdout
+    second = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp_path, timeout=900)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert len(out.read_text().splitlines()) == len(rows)  # nothing measured twice

@@ -345,6 +345,28 @@ def bench_table(rows: Sequence[Mapping[str, Any]], spec: Any) -> Table:
     return keep_numbers(t)
 
 
+def vllm_bench_table(rows: Sequence[Mapping[str, Any]], spec: Any) -> Table:
+    """`zoo bench --engine vllm`: vLLM's request metrics per row, speed-ups per round."""
+    t = NumTable(title=(f"{spec.model} · vLLM {spec.vllm_version} · {spec.dtype} · {spec.concurrency} at once x "
+                        f"{spec.repeats} rounds (+{spec.warmup} warm-up)"),
+                 title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    for c in ("method", "budget", "prompt", "ttft ms", "p90", "req/s", "tok/s", "ttft×", "spread", "req/s×"):
+        t.add_column(c, justify="left" if c in ("method", "budget") else "right", no_wrap=True)
+    for r in rows:
+        sp = r.get("speedup")
+        t.add_row(r["method"], str(r["budget"]), f"{r['prompt_tokens']:.0f}", f"{r['ttft_ms']['median']:.0f}",
+                  f"{r['ttft_ms']['p90']:.0f}", f"{r['requests_per_s']['median']:.2f}",
+                  f"{r['output_tokens_per_s']['median']:.1f}",
+                  f"{sp['ttft']['median']:.2f}" if sp else "1.00",
+                  f"{sp['ttft']['min']:.2f}-{sp['ttft']['max']:.2f}" if sp else "",
+                  f"{sp['requests_per_s']['median']:.2f}" if sp else "1.00")
+    t.caption = ("prompt: prompt tokens per request; ttft: vLLM's first-token latency, median and p90 over "
+                 "every timed request; req/s, tok/s: per round, median; x: speed-up against the unpruned row, "
+                 "median of per-round ratios (spread: min-max). Every request encodes its own image (no cache "
+                 "hits) and generates exactly --max-new-tokens tokens.")
+    return keep_numbers(t)
+
+
 # ----------------------------------------------------------------------------- views of commands
 
 def compare_view(rows: Sequence[Mapping[str, Any]], results: Mapping[str, Any],

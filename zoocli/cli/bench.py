@@ -7,8 +7,10 @@ from typing import Annotated
 
 import typer
 
+from zoocli.errors import UsageError
+
 from zoocli.cli.common import (
-    MAX_NEW_TOKENS, MAX_REPEATS, BudgetsOpt, ConfigOpt, DeviceOpt, DtypeOpt, JsonOpt, MaxNewOpt,
+    MAX_BATCH, MAX_NEW_TOKENS, MAX_REPEATS, BudgetsOpt, ConfigOpt, DeviceOpt, DtypeOpt, JsonOpt, MaxNewOpt,
     MethodOptions, MethodsOpt, ModelOpt, RandomOpt, check_images, check_int, check_out_file,
     console, handle_errors, load_image, load_model, method_options, note, print_json,
     budget_key, method_key, question_text, split_list, unique, warn,
@@ -68,6 +70,9 @@ def bench(
     device: DeviceOpt = "auto", dtype: DtypeOpt = "auto", random_weights: RandomOpt = False,
     out: Annotated[Path | None, typer.Option(help=(
         "append one JSON line per finished row; rows already there are skipped"))] = None,
+    engine: Annotated[str, typer.Option(help=(
+        "hf (zoo's own path, per stage) | vllm (vLLM's engine with zoo's plugin: TTFT and throughput)"))] = "hf",
+    concurrency: Annotated[int, typer.Option(help="--engine vllm: requests sent at once per row")] = 8,
     json_out: JsonOpt = False,
     config: ConfigOpt = None,
 ) -> None:
@@ -86,6 +91,12 @@ def bench(
              or [str(p) for p in shipped_images()])
     imgs = [load_image(p) for p in paths]
     _check_out(out, (*paths, config))
+    if engine not in ("hf", "vllm"):
+        raise UsageError(f"--engine {engine!r}: choose hf or vllm")
+    if engine == "vllm":
+        check_int("--concurrency", concurrency, 1, MAX_BATCH)
+        return _bench_vllm(model, names, budget_list, paths, imgs, question, repeats, warmup, max_new_tokens,
+                           concurrency, opts, dtype, random_weights, out, json_out)
     with _locked(out):
         done = done_keys(out)  # also refuses a file that is not zoo's bench rows, before the model
         adapter = load_model(model, device, dtype, random_weights)
@@ -105,6 +116,55 @@ def bench(
         print_json(rows)
         return
     console.print(render.bench_table(rows, spec))
+    if out is not None:
+        note(f"appended {len(rows)} rows to {out}")
+
+
+def _bench_vllm(model, names, budgets, paths, imgs, question, repeats, warmup, max_new_tokens, concurrency,
+                opts, dtype, random_weights, out, json_out) -> None:
+    """`zoo bench --engine vllm` (``zoocli.integrations.vllm.bench``): one engine, rows per request."""
+    from zoocli import render
+    from zoocli.adapters import checkpoint_source
+    from zoocli.bench import append_row, done_keys, key_str
+    from zoocli.cli.progress import Steps, loading
+    from zoocli.integrations.vllm import bench as vb
+    from zoocli.integrations.vllm.serve import check_vllm
+    from zoocli.integrations.vllm.settings import ZooSettings, check_settings
+
+    if random_weights:
+        raise UsageError("--random-weights builds a model in zoo's process; vLLM loads checkpoints: "
+                         "serve an offline model (small-llava, small-qwen3-vl) or a checkpoint instead")
+    for name in names:
+        check_settings(ZooSettings(method=name), "--methods")
+    version = check_vllm()
+    with _locked(out):
+        done = done_keys(out)
+        with loading(model, False) as on_status:
+            source, model_type, meaningless = checkpoint_source(model, on_status=on_status)
+        if meaningless:
+            note(f"{model} has random weights: its answers mean nothing; token counts and timings are real")
+        spec = vb.VllmBenchSpec(model=model, methods=names, budgets=budgets, images=[Path(p).name for p in paths],
+                                question=question, repeats=repeats, warmup=warmup, max_new_tokens=max_new_tokens,
+                                concurrency=concurrency, seed=opts.seed, scope=opts.budget_scope, dtype=dtype,
+                                vllm_version=version)
+        plan = [r for r in spec.rows() if r[0] == "none" or key_str(spec.key(*r)) not in done]
+        if len(plan) == 1 and len(spec.rows()) > 1:
+            note(f"bench: every row is already in {out}: nothing to measure")
+            return
+        note(f"bench --engine vllm: {len(plan)} rows x {warmup + repeats} rounds x {concurrency} requests "
+             f"({len(plan) * (warmup + repeats) * concurrency} requests, {warmup} warm-up round(s) untimed)")
+        llm = vb.start_engine(source, model_type, dtype=dtype)
+        rows: list[dict] = []
+        with Steps("bench", len(plan) * (warmup + repeats), "row rounds") as steps:
+            for row in vb.run_bench(llm, vb.chat_prompt(source, question), imgs, spec, done, key_str,
+                                    progress=lambda what: steps.finished(what)):
+                rows.append(row)
+                if out is not None:
+                    append_row(out, row)
+    if json_out:
+        print_json(rows)
+        return
+    console.print(render.vllm_bench_table(rows, spec))
     if out is not None:
         note(f"appended {len(rows)} rows to {out}")
 
