@@ -38,6 +38,20 @@ def images(seed: int = 0):
     return {"wide": img(120, 48), "tall": img(44, 110)}
 
 
+def video_item(frames: int = 4):
+    """A random video with the metadata vLLM's Qwen processors require."""
+    import numpy as np
+
+    video = (np.random.default_rng(0).random((frames, 56, 84, 3)) * 255).astype(np.uint8)
+    meta = {"fps": 2.0, "total_num_frames": frames, "duration": frames / 2.0, "frames_indices": list(range(frames)),
+            "video_backend": "opencv", "do_sample_frames": False}
+    return [(video, meta)]
+
+
+VIDEO_PROMPT = ("<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>What happens?<|im_end|>\n"
+                "<|im_start|>assistant\n")
+
+
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("vllm-models")
@@ -122,6 +136,12 @@ def test_vllm_equals_zoo_hf_path(family, models_dir, monkeypatch):
             run(llm, prompt, [image], {"zoo_method": "fastv"})
         with pytest.raises(Exception, match="unknown zoo key"):
             run(llm, prompt, [image], {"zoo_kep": "3"})
+        if family == "qwen3_vl":  # videos are refused (their timestamp layout is not handled)
+            from vllm import SamplingParams
+
+            with pytest.raises(Exception, match="does not take videos"):
+                llm.generate([{"prompt": VIDEO_PROMPT, "multi_modal_data": {"video": video_item()}}],
+                             SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)
     finally:
         del llm
 
@@ -298,3 +318,24 @@ def test_zoo_bench_engine_vllm_writes_rows_and_resumes(tmp_path):
     second = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp_path, timeout=900)
     assert second.returncode == 0, second.stderr[-3000:]
     assert len(out.read_text().splitlines()) == len(rows)  # nothing measured twice
+
+
+@pytest.mark.slow
+def test_qwen2_5_vl_videos_pass_unpruned(models_dir, monkeypatch):
+    """A video on zoo's Qwen2.5-VL (EVS off) is not pruned: the same ids as stock vLLM."""
+    from vllm import LLM, SamplingParams
+
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    name, model_type, keep = FAMILIES["qwen2_5_vl"]
+    model_dir = str(ensure_offline_model(name, models_dir))
+    req = [{"prompt": VIDEO_PROMPT, "multi_modal_data": {"video": video_item()}}]
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
+    answers = []
+    for kw in ({}, {"hf_overrides": engine_overrides(model_type, ZooSettings(keep=keep))}):
+        llm = LLM(model=model_dir, dtype="float32", enforce_eager=True, max_model_len=2048, seed=0, **kw)
+        try:
+            out = llm.generate(req, params, use_tqdm=False)[0]
+            answers.append((len(out.prompt_token_ids), list(out.outputs[0].token_ids)))
+        finally:
+            del llm
+    assert answers[0] == answers[1]
