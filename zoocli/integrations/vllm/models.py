@@ -276,6 +276,13 @@ class ZooQwenMixin:
     def load_weights(self, weights: Iterable[tuple[str, Tensor]]) -> set[str]:
         return super().load_weights(self.zoo.kept.watch(weights))
 
+    def get_encoder_cudagraph_config(self):
+        """Encoder CUDA graphs off for every modality: their path bypasses ``embed_multimodal``,
+        where zoo selects (stock vLLM switches them off the same way when EVS is on)."""
+        import dataclasses
+
+        return dataclasses.replace(super().get_encoder_cudagraph_config(), modalities=[])
+
     def _zoo_images(self, image_input, specs) -> list[Tensor]:
         grid = image_input["image_grid_thw"]
         merge = self.visual.spatial_merge_size
