@@ -65,6 +65,7 @@ OFFLINE_MODELS: dict[str, tuple[str, str]] = {
     "vllm-tiny-llava-next": ("llava_next", "zoocli.adapters.offline_llava:build_vllm_tiny_llava_next"),
     "vllm-tiny-qwen2.5-vl": ("qwen2_5_vl", "zoocli.adapters.qwen2_5_vl:build_vllm_tiny"),
     "vllm-tiny-qwen3-vl": ("qwen3_vl", "zoocli.adapters.qwen3_vl:build_vllm_tiny"),
+    "vllm-tiny-llava-onevision": ("llava_onevision", "zoocli.adapters.llava_onevision:build_vllm_tiny"),
 }
 # offline name -> the most visual tokens one image can give it (checked against the builders'
 # configs by tests/test_figures_offline.py): for picking the offline model that fits a request
@@ -80,6 +81,7 @@ OFFLINE_MAX_TOKENS: dict[str, int] = {
     "tiny-qwen3-vl-moe": 24,  # tiny-qwen3-vl's processor  # the real image processor: max_pixels = 16,384 merged 32x32 tokens
     "small-llava-onevision": 3645,  # 27x27 per tile, base + up to 2x2 tiles (newlines not counted)
     "vllm-tiny-llava": 16, "vllm-tiny-llava-next": 80, "vllm-tiny-qwen2.5-vl": 24, "vllm-tiny-qwen3-vl": 24,
+    "vllm-tiny-llava-onevision": 184,  # base 16 + at most 168 (3x6 tiles; anyres_max_9 downsamples above 174)
 }
 # offline name -> about how long its one-time build takes in seconds (measured on 2 busy CPU
 # cores: `time python3 -c "...ensure_offline_model(name, tmpdir)"` less the ~8 s of imports; the
@@ -89,6 +91,7 @@ OFFLINE_BUILD_SECONDS: dict[str, int] = {
     "small-llava-next": 15, "tiny-qwen3-vl": 6, "tiny-llava-onevision": 5,
     "small-qwen3-vl": 15, "small-llava-onevision": 15, "tiny-qwen3-vl-moe": 6,
     "vllm-tiny-llava": 5, "vllm-tiny-llava-next": 5, "vllm-tiny-qwen2.5-vl": 6, "vllm-tiny-qwen3-vl": 6,
+    "vllm-tiny-llava-onevision": 5,
 }
 SLOW_STEP_S = 10  # a loading step expected to take longer is reported even off a terminal
 # shipped trained checkpoint -> (family, its directory under zoocli/data): loaded like a real
@@ -219,8 +222,10 @@ def ensure_offline_model(name: str, cache_dir: str | Path | None = None,
 def suggest_offline(family: str, n_tokens_needed: int) -> str | None:
     """The offline model of ``family`` (a ``config.model_type``) with the fewest visual tokens that
     still gives at least ``n_tokens_needed`` (a budget that really prunes needs fewer than that),
-    else the family's largest; None if the family has no offline model."""
-    mine = sorted((OFFLINE_MAX_TOKENS[n], n) for n, (fam, _) in OFFLINE_MODELS.items() if fam == family)
+    else the family's largest; None if the family has no offline model. The ``vllm-tiny-*`` models
+    (tiny models again, LLM heads for vLLM's CPU attention, for the vLLM tests) are never suggested."""
+    mine = sorted((OFFLINE_MAX_TOKENS[n], n) for n, (fam, _) in OFFLINE_MODELS.items()
+                  if fam == family and not n.startswith("vllm-"))
     if not mine:
         return None
     fits = [name for tokens, name in mine if tokens >= n_tokens_needed]
