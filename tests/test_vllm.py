@@ -6,6 +6,7 @@ equals zoo's unpruned path; per-request budgets; bad settings are one line."""
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -14,6 +15,8 @@ vllm = pytest.importorskip("vllm", reason="vLLM is not installed (scripts/vllm-c
 
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
+
+from vllm import SamplingParams  # noqa: E402
 
 from zoocli.adapters import ensure_offline_model, load_adapter  # noqa: E402
 from zoocli.integrations.vllm import ZooSettings, engine_overrides, kept_history  # noqa: E402
@@ -67,13 +70,11 @@ def start(model_dir, model_type, keep, **kw):
     from vllm import LLM
 
     return LLM(model=str(model_dir), dtype="float32", enforce_eager=True, max_model_len=2048, max_num_seqs=8,
-               limit_mm_per_prompt={"image": 2}, seed=0,
+               limit_mm_per_prompt={"image": 2, **({"video": 1} if model_type == "llava_onevision" else {})}, seed=0,
                hf_overrides=engine_overrides(model_type, ZooSettings(method="zoo", keep=keep)), **kw)
 
 
 def run(llm, prompt, imgs, mm_kwargs=None):
-    from vllm import SamplingParams
-
     req = {"prompt_token_ids": prompt, "multi_modal_data": {"image": imgs if len(imgs) > 1 else imgs[0]}}
     if mm_kwargs:
         req["mm_processor_kwargs"] = mm_kwargs
@@ -125,6 +126,20 @@ def test_vllm_equals_zoo_hf_path(family, models_dir, monkeypatch):
         assert history == [kept_a, kept_b]
         assert len(out.prompt_token_ids) == len(two) - 2 + len(kept_a) + len(kept_b) + fixed_a + fixed_b
         assert out.outputs[0].token_ids  # generated past both images
+        if model_type == "llava_onevision":  # a video passes unpruned (vLLM's own rows), beside a pruned image
+            video_id = adapter.model.config.video_token_id
+            vc = adapter.model.config.vision_config
+            frames, pooled = 4, math.ceil(vc.image_size // vc.patch_size / 2)
+            video = (torch.rand(frames, 48, 64, 3, generator=torch.Generator().manual_seed(2)) * 255).to(torch.uint8)
+            c = images(3)["wide"]  # a new image: not in the encoder cache
+            kept_c, _, prompt_c, fixed_c = hf_reference(adapter, c, "zoo", keep)
+            at = prompt_c.index(adapter.image_token_id)
+            both = prompt_c[:at + 1] + [video_id] + prompt_c[at + 1:]
+            req = {"prompt_token_ids": both, "multi_modal_data": {"image": c, "video": video.numpy()}}
+            out = llm.generate([req], SamplingParams(temperature=0, max_tokens=MAX_TOKENS), use_tqdm=False)[0]
+            assert llm.apply_model(kept_history)[0][-1] == kept_c
+            assert len(out.prompt_token_ids) == len(both) - 2 + len(kept_c) + fixed_c + frames * pooled ** 2 + 1
+            assert out.outputs[0].token_ids
         # a bad request setting is refused before the engine sees it
         with pytest.raises(Exception, match="does not run inside vLLM"):
             run(llm, prompt, [image], {"zoo_method": "fastv"})
@@ -132,3 +147,18 @@ def test_vllm_equals_zoo_hf_path(family, models_dir, monkeypatch):
             run(llm, prompt, [image], {"zoo_kep": "3"})
     finally:
         del llm
+
+
+def test_onevision_other_than_anyres_max_9_is_refused_in_one_line():
+    """vLLM's OneVision counts and merges with anyres_max_9 whatever the config says: zoo's class
+    refuses another value rather than serve other tokens than zoo's HF path."""
+    from types import SimpleNamespace
+
+    from zoocli.errors import UsageError
+    from zoocli.integrations.vllm.workarounds import check_onevision_aspect
+
+    check_onevision_aspect(SimpleNamespace(vision_aspect_ratio="anyres_max_9"))
+    check_onevision_aspect(SimpleNamespace())  # no such setting: transformers' default, anyres_max_9
+    with pytest.raises(UsageError, match=r"vision_aspect_ratio='anyres_max_1'.*anyres_max_9") as e:
+        check_onevision_aspect(SimpleNamespace(vision_aspect_ratio="anyres_max_1"))
+    assert "\n" not in str(e.value)

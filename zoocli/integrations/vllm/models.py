@@ -1,5 +1,6 @@
-"""zoo's vLLM model classes: vLLM's own LLaVA-1.5 / Qwen2.5-VL / Qwen3-VL (and Qwen3-VL-MoE) classes,
-subclassed so that each image keeps only the tokens zoo's method picks.
+"""zoo's vLLM model classes: vLLM's own LLaVA-1.5 / LLaVA-NeXT / LLaVA-OneVision / Qwen2.5-VL /
+Qwen3-VL (and Qwen3-VL-MoE) classes, subclassed so that each image keeps only the tokens zoo's
+method picks.
 
 How a request flows:
 1. The processor (API-server side) reads the engine's defaults (``hf_overrides`` -> config ``zoo``)
@@ -9,17 +10,22 @@ How a request flows:
    the image's cache hash through ``mm_processor_kwargs``).
 2. The model (worker side) runs vLLM's vision tower, takes the pre-projector tokens X (LLaVA: the
    tower's selected layer; Qwen: the merger's input, window order undone) and the projected
-   tokens Z, and runs zoo's own selection (``zoocli.pipeline.select_encoded``: ``token_sensitivity``,
+   tokens Z (LLaVA-NeXT / OneVision: per tile, then vLLM's own merge gives the LLM rows and, run on
+   indices / coordinates, which slot is a newline and which tile a candidate sits in), and runs
+   zoo's own selection (``zoocli.pipeline.select_encoded``: ``token_sensitivity``,
    the greedy, the fused Triton kernel on CUDA) with the projector rebuilt as transformers' own
-   module from the checkpoint's tensors, as zoo's HF path has it. It returns Z at the kept rows,
-   ascending.
+   module from the checkpoint's tensors, as zoo's HF path has it, over the same candidates and
+   scopes as zoo's adapters (NeXT / OneVision: the live patch rows in slot order, scopes "base" and
+   "crop k", the budget split per crop unless ``budget_scope`` is ``global``). It returns Z at the
+   kept rows, ascending (NeXT / OneVision: and every newline slot, in place).
 3. Qwen (M-RoPE): each kept row carries its original 3-D position and the unpruned text offset
    (``workarounds.media_positions``); the runner strips them and moves the text after the image to
    where it is unpruned. Qwen3-VL's deepstack rows are the same rows (vLLM concatenates them to the
    main features), so the same kept set prunes them.
 
-Videos pass unpruned on Qwen2.5-VL (with vLLM's EVS if the engine asks for it); Qwen3-VL videos
-are refused while zoo's plugin serves (their timestamp layout is not handled yet).
+Videos pass unpruned on Qwen2.5-VL (with vLLM's EVS if the engine asks for it) and LLaVA-OneVision
+(vLLM's own pooled rows); Qwen3-VL videos are refused while zoo's plugin serves (their timestamp
+layout is not handled yet).
 """
 
 from __future__ import annotations
@@ -150,6 +156,11 @@ class ProcessorMixin:
 
     zoo_takes_videos = True
 
+    def zoo_image_count(self, out) -> int:
+        """The images the HF processor returned (LLaVA: one ``pixel_values`` entry each)."""
+        pv = out.get("pixel_values")
+        return 0 if pv is None else len(pv)
+
     def _apply_hf_processor_main(self, mm_items, hf_kwargs):
         settings = self.zoo_settings(hf_kwargs)
         if not self.zoo_takes_videos and mm_items.get_count("video", strict=False):
@@ -212,9 +223,7 @@ def _llava_projector(config, tensors: dict[str, Tensor]) -> nn.Module:
 
 
 class ZooLlavaMultiModalProcessor(ProcessorMixin, LlavaMultiModalProcessor):
-    def zoo_image_count(self, out) -> int:
-        pv = out.get("pixel_values")
-        return 0 if pv is None else len(pv)
+    pass
 
 
 @MULTIMODAL_REGISTRY.register_processor(ZooLlavaMultiModalProcessor, info=LlavaProcessingInfo,
@@ -269,10 +278,6 @@ def anyres_counts(info, height: int, width: int) -> tuple[int, int]:
 
 class AnyresProcessorMixin(ProcessorMixin):
     """Each image's placeholders: its kept candidates plus every newline slot."""
-
-    def zoo_image_count(self, out) -> int:
-        pv = out.get("pixel_values")
-        return 0 if pv is None else len(pv)
 
     def zoo_kept_count(self, item, n_stock: int, settings: ZooSettings) -> int:
         height, width = (int(v) for v in item["image_sizes"].data.tolist())
