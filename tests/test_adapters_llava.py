@@ -239,7 +239,9 @@ def test_aliases_and_registries():
     assert MODEL_ALIASES["llava-next"] == "llava-hf/llava-v1.6-vicuna-7b-hf"
     assert set(OFFLINE_MODELS) == {"tiny-llava", "tiny-llava-next", "tiny-qwen2.5-vl", "small-llava",
                                    "small-llava-next", "tiny-qwen3-vl", "tiny-llava-onevision", "small-qwen3-vl",
-                                   "small-llava-onevision", "tiny-qwen3-vl-moe"}
+                                   "small-llava-onevision", "tiny-qwen3-vl-moe", "vllm-tiny-llava",
+                                   "vllm-tiny-llava-next", "vllm-tiny-qwen2.5-vl", "vllm-tiny-qwen3-vl",
+                                   "vllm-tiny-llava-onevision"}
     assert set(ADAPTERS) == {"llava", "llava_next", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "llava_onevision"}
     assert MODEL_ALIASES["qwen3-vl"] == "Qwen/Qwen3-VL-8B-Instruct"
     assert MODEL_ALIASES["llava-onevision"] == "llava-hf/llava-onevision-qwen2-7b-ov-hf"

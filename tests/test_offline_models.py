@@ -3,6 +3,8 @@ small-llava-next's real LLaVA-NeXT geometry, and suggest_offline."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from tests.conftest import make_image
@@ -17,9 +19,28 @@ def _llava_max_tokens(config) -> int:
     return side * side * (1 + tiles)
 
 
+def _anyres_max_tokens(config) -> int:
+    """LLaVA-OneVision: the base tile plus the largest unpadded stitched grid (one side full) after
+    anyres_max_N's downsampling (``ratio = sqrt(h*w / (N*P)) > 1.1`` -> ``(h // ratio, w // ratio)``)."""
+    vc = config.vision_config
+    side = vc.image_size // vc.patch_size
+    n_max = int(config.vision_aspect_ratio.removeprefix("anyres_max_"))
+    best = 0
+    for h, w in config.image_grid_pinpoints:
+        ch, cw = h // vc.image_size * side, w // vc.image_size * side
+        for rows, cols in [(ch, c) for c in range(1, cw + 1)] + [(r, cw) for r in range(1, ch + 1)]:
+            ratio = math.sqrt(rows * cols / (n_max * side * side))
+            if ratio > 1.1:
+                rows, cols = int(rows // ratio), int(cols // ratio)
+            best = max(best, rows * cols)
+    return side * side + best
+
+
 @pytest.mark.parametrize("name,kw", [("tiny-llava", {}), ("tiny-llava-next", {"next_": True}),
                                      ("small-llava", {"small": True}),
-                                     ("small-llava-next", {"next_": True, "small": True})])
+                                     ("small-llava-next", {"next_": True, "small": True}),
+                                     ("vllm-tiny-llava", {"vllm": True}),
+                                     ("vllm-tiny-llava-next", {"next_": True, "vllm": True})])
 def test_declared_token_counts_match_the_llava_configs(name, kw):
     from zoocli.adapters.llava import build_tokenizer
     from zoocli.adapters.offline_llava import tiny_llava_config
@@ -42,6 +63,9 @@ def test_declared_token_counts_of_tiny_qwen3_vl_and_tiny_llava_onevision():
     assert OFFLINE_MAX_TOKENS["tiny-qwen3-vl"] == OFFLINE_MAX_TOKENS["tiny-qwen3-vl-moe"] == ip["max_pixels"] // (side * side)
     assert OFFLINE_MAX_TOKENS["tiny-llava-onevision"] == _llava_max_tokens(tiny_config(build_tokenizer()))
     assert OFFLINE_MAX_TOKENS["small-llava-onevision"] == _llava_max_tokens(tiny_config(build_tokenizer(), small=True))
+    for name, kw in (("tiny-llava-onevision", {}), ("small-llava-onevision", {"small": True}),
+                     ("vllm-tiny-llava-onevision", {"vllm": True})):
+        assert OFFLINE_MAX_TOKENS[name] == _anyres_max_tokens(tiny_config(build_tokenizer(), **kw)), name
     from zoocli.adapters.qwen3_vl import REAL_IMAGE_PROCESSOR as real
 
     assert OFFLINE_MAX_TOKENS["small-qwen3-vl"] == real["max_pixels"] // (side * side) == 16384
@@ -80,6 +104,7 @@ def test_small_llava_next_builds_and_gives_2880_tokens_on_a_square_image(zoo_mod
     ("llava_next", 64, "tiny-llava-next"), ("llava_next", 81, "small-llava-next"),
     ("llava_next", 640, "small-llava-next"), ("llava_next", 10_000, "small-llava-next"),
     ("qwen2_5_vl", 8, "tiny-qwen2.5-vl"), ("qwen2_5_vl", 64, "tiny-qwen2.5-vl"),
+    ("llava_onevision", 100, "small-llava-onevision"),  # not vllm-tiny-llava-onevision (184): a vLLM test model
 ])
 def test_suggest_offline_picks_the_smallest_that_fits_else_the_largest(family, n, want):
     assert suggest_offline(family, n) == want

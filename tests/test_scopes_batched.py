@@ -82,7 +82,7 @@ def test_llava_next_crops_as_one_batch_equal_the_per_crop_loop(tiny_llava_next, 
     want = []
     for s, q in zip(scopes, quotas):
         if q:
-            inp = prune_inputs(get_method(method), adapter, enc.prepared, enc.encoded, s.index, s.grid, 3, {})
+            inp = prune_inputs(get_method(method), enc.encoded, adapter.projector, s.index, s.grid, 3, {}, s.cells)
             want.append(s.index[select(method, inp, q, **opts).idx])
     assert torch.equal(sel.kept, torch.sort(torch.cat(want)).values)
     assert sel.per_scope == quotas

@@ -6,6 +6,7 @@ equals zoo's unpruned path; per-request budgets; bad settings are one line."""
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -15,6 +16,8 @@ vllm = pytest.importorskip("vllm", reason="vLLM is not installed (scripts/vllm-c
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from vllm import SamplingParams  # noqa: E402
+
 from zoocli.adapters import ensure_offline_model, load_adapter  # noqa: E402
 from zoocli.integrations.vllm import ZooSettings, engine_overrides, kept_history  # noqa: E402
 from zoocli.pipeline import encode_image, parse_keep, select_tokens  # noqa: E402
@@ -23,6 +26,9 @@ QUESTION = "What is in the picture?"
 MAX_TOKENS = 6
 FAMILIES = {  # offline model, model_type, default keep
     "llava": ("vllm-tiny-llava", "llava", "8"),
+    "llava_next": ("vllm-tiny-llava-next", "llava_next", "9"),  # base + crops: the per-crop budget split
+    # wide: 3x6 tiles, anyres_max_9 downsamples the stitched grid (candidates are bilinear mixes); tall: 2x1
+    "llava_onevision": ("vllm-tiny-llava-onevision", "llava_onevision", "30"),
     "qwen2_5_vl": ("vllm-tiny-qwen2.5-vl", "qwen2_5_vl", "6"),
     "qwen3_vl": ("vllm-tiny-qwen3-vl", "qwen3_vl", "6"),
 }
@@ -57,33 +63,32 @@ def models_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("vllm-models")
 
 
-def hf_reference(adapter, image, method: str, keep: str):
-    """zoo's HF path: (kept candidate rows, greedy ids, prompt ids with one placeholder per image)."""
+def hf_reference(adapter, image, method: str, keep: str, scope: str = "crop"):
+    """zoo's HF path: (kept candidate rows, greedy ids, prompt ids with one placeholder per image,
+    the image's LLM slots that are never candidates: LLaVA-NeXT / OneVision's newlines)."""
     enc = encode_image(adapter, image, QUESTION)
     k = enc.n if method == "none" else parse_keep(keep, enc.n)[0]
     if method == "none":
         kept = torch.arange(enc.n)
     else:
-        kept = select_tokens(adapter, enc.prepared, enc.encoded, method, k).kept.cpu()
+        kept = select_tokens(adapter, enc.prepared, enc.encoded, method, k, scope=scope).kept.cpu()
     inputs = adapter.build_inputs(enc.prepared, enc.encoded, kept.to(adapter.device))
     gen = adapter.generate(inputs, MAX_TOKENS)
     ids = enc.prepared.inputs["input_ids"][0].tolist()
     image_id = adapter.image_token_id
     prompt = [t for i, t in enumerate(ids) if t != image_id or (i == 0 or ids[i - 1] != image_id)]
-    return kept.tolist(), gen.ids, prompt
+    return kept.tolist(), gen.ids, prompt, enc.encoded.n_llm_visual - enc.n
 
 
 def start(model_dir, model_type, keep, **kw):
     from vllm import LLM
 
     return LLM(model=str(model_dir), dtype="float32", enforce_eager=True, max_model_len=2048, max_num_seqs=8,
-               limit_mm_per_prompt={"image": 2}, seed=0,
+               limit_mm_per_prompt={"image": 2, **({"video": 1} if model_type == "llava_onevision" else {})}, seed=0,
                hf_overrides=engine_overrides(model_type, ZooSettings(method="zoo", keep=keep)), **kw)
 
 
 def run(llm, prompt, imgs, mm_kwargs=None):
-    from vllm import SamplingParams
-
     req = {"prompt_token_ids": prompt, "multi_modal_data": {"image": imgs if len(imgs) > 1 else imgs[0]}}
     if mm_kwargs:
         req["mm_processor_kwargs"] = mm_kwargs
@@ -104,24 +109,28 @@ def test_vllm_equals_zoo_hf_path(family, models_dir, monkeypatch):
     try:
         for shape, image in images().items():
             for method in ("zoo", "divprune", "none"):
-                kept, ids, prompt = hf_reference(adapter, image, method, keep)
+                kept, ids, prompt, fixed = hf_reference(adapter, image, method, keep)
                 out, history = run(llm, prompt, [image], {"zoo_method": method} if method != "zoo" else None)
                 assert history == [kept], (family, shape, method)
                 assert list(out.outputs[0].token_ids[:len(ids)]) == ids, (family, shape, method)
-                full = len(prompt) - 1 + (len(kept) if method != "none" else len(kept))
-                assert len(out.prompt_token_ids) == full
+                assert len(out.prompt_token_ids) == len(prompt) - 1 + len(kept) + fixed, (family, shape, method)
         # a per-request budget on the same image: its own kept count, and the cached default is untouched
         image = images()["wide"]
-        kept_default, _, prompt = hf_reference(adapter, image, "zoo", keep)
-        kept_small, ids_small, _ = hf_reference(adapter, image, "zoo", "3")
+        kept_default, _, prompt, fixed = hf_reference(adapter, image, "zoo", keep)
+        kept_small, ids_small, _, _ = hf_reference(adapter, image, "zoo", "3")
         out, history = run(llm, prompt, [image], {"zoo_keep": "3"})
         assert history == [kept_small] and list(out.outputs[0].token_ids[:len(ids_small)]) == ids_small
         out, history = run(llm, prompt, [image])
-        assert len(out.prompt_token_ids) == len(prompt) - 1 + len(kept_default)
+        assert len(out.prompt_token_ids) == len(prompt) - 1 + len(kept_default) + fixed
+        if len(encode_image(adapter, image, QUESTION).encoded.scopes) > 1:  # base + crops: one global budget
+            kept_global, ids_global, _, _ = hf_reference(adapter, image, "zoo", keep, scope="global")
+            out, history = run(llm, prompt, [image], {"zoo_budget_scope": "global"})
+            assert history == [kept_global] and list(out.outputs[0].token_ids[:len(ids_global)]) == ids_global
+            assert kept_global != kept_default  # the split per crop did matter
         # two images in one request (new ones: the encoder cache holds the others): each keeps its own picks
         a, b = images(1)["wide"], images(1)["tall"]
-        kept_a, _, prompt_a = hf_reference(adapter, a, "zoo", keep)
-        kept_b, _, _ = hf_reference(adapter, b, "zoo", keep)
+        kept_a, _, prompt_a, fixed_a = hf_reference(adapter, a, "zoo", keep)
+        kept_b, _, _, fixed_b = hf_reference(adapter, b, "zoo", keep)
         at = prompt_a.index(adapter.image_token_id)
         vs = getattr(adapter.model.config, "vision_start_token_id", None)
         qwen = vs is not None and prompt_a[at - 1] == vs  # <|vision_start|><|image_pad|><|vision_end|>
@@ -129,8 +138,22 @@ def test_vllm_equals_zoo_hf_path(family, models_dir, monkeypatch):
         two = prompt_a[:hi] + prompt_a[lo:hi] + prompt_a[hi:]  # the image block twice
         out, history = run(llm, two, [a, b])
         assert history == [kept_a, kept_b]
-        assert len(out.prompt_token_ids) == len(two) - 2 + len(kept_a) + len(kept_b)
+        assert len(out.prompt_token_ids) == len(two) - 2 + len(kept_a) + len(kept_b) + fixed_a + fixed_b
         assert out.outputs[0].token_ids  # generated past both images
+        if model_type == "llava_onevision":  # a video passes unpruned (vLLM's own rows), beside a pruned image
+            video_id = adapter.model.config.video_token_id
+            vc = adapter.model.config.vision_config
+            frames, pooled = 4, math.ceil(vc.image_size // vc.patch_size / 2)
+            video = (torch.rand(frames, 48, 64, 3, generator=torch.Generator().manual_seed(2)) * 255).to(torch.uint8)
+            c = images(3)["wide"]  # a new image: not in the encoder cache
+            kept_c, _, prompt_c, fixed_c = hf_reference(adapter, c, "zoo", keep)
+            at = prompt_c.index(adapter.image_token_id)
+            both = prompt_c[:at + 1] + [video_id] + prompt_c[at + 1:]
+            req = {"prompt_token_ids": both, "multi_modal_data": {"image": c, "video": video.numpy()}}
+            out = llm.generate([req], SamplingParams(temperature=0, max_tokens=MAX_TOKENS), use_tqdm=False)[0]
+            assert llm.apply_model(kept_history)[0][-1] == kept_c
+            assert len(out.prompt_token_ids) == len(both) - 2 + len(kept_c) + fixed_c + frames * pooled ** 2 + 1
+            assert out.outputs[0].token_ids
         # a bad request setting is refused before the engine sees it
         with pytest.raises(Exception, match="does not run inside vLLM"):
             run(llm, prompt, [image], {"zoo_method": "fastv"})
@@ -339,3 +362,18 @@ def test_qwen2_5_vl_videos_pass_unpruned(models_dir, monkeypatch):
         finally:
             del llm
     assert answers[0] == answers[1]
+
+
+def test_onevision_other_than_anyres_max_9_is_refused_in_one_line():
+    """vLLM's OneVision counts and merges with anyres_max_9 whatever the config says: zoo's class
+    refuses another value rather than serve other tokens than zoo's HF path."""
+    from types import SimpleNamespace
+
+    from zoocli.errors import UsageError
+    from zoocli.integrations.vllm.workarounds import check_onevision_aspect
+
+    check_onevision_aspect(SimpleNamespace(vision_aspect_ratio="anyres_max_9"))
+    check_onevision_aspect(SimpleNamespace())  # no such setting: transformers' default, anyres_max_9
+    with pytest.raises(UsageError, match=r"vision_aspect_ratio='anyres_max_1'.*anyres_max_9") as e:
+        check_onevision_aspect(SimpleNamespace(vision_aspect_ratio="anyres_max_1"))
+    assert "\n" not in str(e.value)

@@ -40,11 +40,18 @@ def available_backends(device) -> list[str]:
     return out
 
 
+def _interpreted() -> bool:
+    """Whether Triton runs its CPU interpreter (asked only for triton rows: importing the kernel
+    module needs triton, which may not be installed)."""
+    from zoocli.greedy_triton import interpreted
+
+    return interpreted()
+
+
 def selection_bench(device="cpu", repeats: int = 5, warmup: int = 1, shapes=None, backends=None,
                     seed: int = 0, progress=None) -> list[dict]:
     """Rows (JSON-able dicts) of shape x backend: ops / syncs / launches per call, median / min /
     max ms, and whether the picks equal the torch backend's."""
-    from zoocli.greedy_triton import interpreted
     from zoocli.methods.zoo import zoo_select
 
     shapes = SHAPES if shapes is None else shapes
@@ -79,7 +86,7 @@ def selection_bench(device="cpu", repeats: int = 5, warmup: int = 1, shapes=None
                 "device": str(dev), "ops": c.ops, "syncs": c.syncs, "launches": c.launches,
                 "ops_per_step": round(c.ops / k, 2),
                 "same_picks": bool(torch.equal(picks[be].cpu(), picks["torch"].cpu())),
-                "interpreted": be == "triton" and dev.type == "cpu" and interpreted(),
+                "interpreted": be == "triton" and dev.type == "cpu" and _interpreted(),
                 **{f"{key}_ms": v for key, v in summarize(times[be]).items()},
             })
         done(name)

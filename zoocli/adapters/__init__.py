@@ -65,6 +65,7 @@ OFFLINE_MODELS: dict[str, tuple[str, str]] = {
     "vllm-tiny-llava-next": ("llava_next", "zoocli.adapters.offline_llava:build_vllm_tiny_llava_next"),
     "vllm-tiny-qwen2.5-vl": ("qwen2_5_vl", "zoocli.adapters.qwen2_5_vl:build_vllm_tiny"),
     "vllm-tiny-qwen3-vl": ("qwen3_vl", "zoocli.adapters.qwen3_vl:build_vllm_tiny"),
+    "vllm-tiny-llava-onevision": ("llava_onevision", "zoocli.adapters.llava_onevision:build_vllm_tiny"),
 }
 # the vllm-tiny-* models are the tiny ones with vLLM-ready LLM heads: never suggested in their place
 VLLM_TEST_MODELS = frozenset(n for n in OFFLINE_MODELS if n.startswith("vllm-"))
@@ -82,6 +83,7 @@ OFFLINE_MAX_TOKENS: dict[str, int] = {
     "tiny-qwen3-vl-moe": 24,  # tiny-qwen3-vl's processor  # the real image processor: max_pixels = 16,384 merged 32x32 tokens
     "small-llava-onevision": 3645,  # 27x27 per tile, base + up to 2x2 tiles (newlines not counted)
     "vllm-tiny-llava": 16, "vllm-tiny-llava-next": 80, "vllm-tiny-qwen2.5-vl": 24, "vllm-tiny-qwen3-vl": 24,
+    "vllm-tiny-llava-onevision": 184,  # base 16 + at most 168 (3x6 tiles; anyres_max_9 downsamples above 174)
 }
 # offline name -> about how long its one-time build takes in seconds (measured on 2 busy CPU
 # cores: `time python3 -c "...ensure_offline_model(name, tmpdir)"` less the ~8 s of imports; the
@@ -91,6 +93,7 @@ OFFLINE_BUILD_SECONDS: dict[str, int] = {
     "small-llava-next": 15, "tiny-qwen3-vl": 6, "tiny-llava-onevision": 5,
     "small-qwen3-vl": 15, "small-llava-onevision": 15, "tiny-qwen3-vl-moe": 6,
     "vllm-tiny-llava": 5, "vllm-tiny-llava-next": 5, "vllm-tiny-qwen2.5-vl": 6, "vllm-tiny-qwen3-vl": 6,
+    "vllm-tiny-llava-onevision": 5,
 }
 SLOW_STEP_S = 10  # a loading step expected to take longer is reported even off a terminal
 # shipped trained checkpoint -> (family, its directory under zoocli/data): loaded like a real

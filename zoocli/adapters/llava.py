@@ -446,18 +446,9 @@ class LlavaNextAdapter(LlavaAdapter):
         slot_src[slot_row >= 0] = torch.arange(rows.numel(), device=rows.device)
 
         side = vc.image_size // vc.patch_size
-        tile, within = rows // p, rows % p
-        cells = torch.stack([within // side, within % side], dim=1)
         h, w = (int(v) for v in image_size.tolist())
         nph, npw = get_anyres_image_grid_shape(image_size, cfg.image_grid_pinpoints, vc.image_size)
-        boxes = self._tile_boxes(h, w, nph, npw)
-        scopes = []
-        for k in range(t):
-            idx = (tile == k).nonzero().squeeze(1)
-            if k > 0 and idx.numel() == 0:
-                continue  # a tile that only covered padding
-            scopes.append(Scope("base" if k == 0 else f"crop {k}", idx, (side, side), cells[idx],
-                                (0.0, 0.0, float(w), float(h)) if k == 0 else boxes[k - 1]))
+        scopes = tile_scopes(rows, t, p, side, (0.0, 0.0, float(w), float(h)), self._tile_boxes(h, w, nph, npw))
         return Encoded(vision=vision, features=features, scopes=scopes, n_llm_visual=int(slot_row.numel()),
                        state={"slot_src": slot_src, "slot_row": slot_row, "newline": inner.image_newline,
                               "n_tiles": t, "tile_grid": (nph, npw), **stash})
@@ -492,6 +483,23 @@ class LlavaNextAdapter(LlavaAdapter):
 
 # ----------------------------------------------------------------------------------------------
 # helpers
+
+
+def tile_scopes(rows: Tensor, t: int, p: int, side: int, image_box, tile_boxes=None) -> list[Scope]:
+    """LLaVA-NeXT's scopes: ``rows`` [N] are the candidates' X rows (tile * p + patch, in LLM slot
+    order); "base" holds tile 0's, "crop k" tile k's (a tile that only covered padding has none and
+    no scope); cells are (row, col) in the tile's side x side grid. ``tile_boxes``: each crop's area
+    in image pixels (None: the whole image's, for a caller that draws nothing)."""
+    tile, within = rows // p, rows % p
+    cells = torch.stack([within // side, within % side], dim=1)
+    scopes = []
+    for k in range(t):
+        idx = (tile == k).nonzero().squeeze(1)
+        if k > 0 and idx.numel() == 0:
+            continue  # a tile that only covered padding
+        box = image_box if k == 0 or tile_boxes is None else tile_boxes[k - 1]
+        scopes.append(Scope("base" if k == 0 else f"crop {k}", idx, (side, side), cells[idx], box))
+    return scopes
 
 
 def _feature_layer_input(hidden_states, feature_layer) -> tuple[int, Tensor] | None:

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from zoocli.adapters.base import Adapter, Encoded, Scope
 from zoocli.adapters.llava import LlavaNextAdapter
-from zoocli.adapters.qwen2_5_vl import QWEN_SPECIAL_TOKENS
+from zoocli.adapters.qwen2_5_vl import QWEN_SPECIAL_TOKENS, write_video_processor_config
 from zoocli.adapters.random_init import init_on, round_up
 
 # llava-hf/llava-onevision-qwen2-7b-ov-hf's chat template (Qwen2 turns, images before the text)
@@ -183,11 +183,8 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         packed = pack(feats, inner.image_newline)  # [S, D]: the stock LLM tokens
         vision = pack(x, None)  # [N, Dv]: the same layout on X, no newlines
         # stitched (row, col) of every X row (base: its own tile's), newline slots -> -1
-        k = torch.arange(t, device=x.device).view(t, 1)
-        q = torch.arange(p, device=x.device).view(1, p)
-        gi, gj = torch.div(k - 1, npw, rounding_mode="floor").clamp(min=0), (k - 1).clamp(min=0) % npw
-        coords = torch.stack([(gi * side + q // side).expand(t, p), (gj * side + q % side).expand(t, p)], dim=-1)
-        coords = pack(coords.to(torch.float64), torch.full((2,), -1.0, dtype=torch.float64, device=x.device))
+        coords = pack(stitched_coords(t, p, side, npw, x.device), torch.full((2,), -1.0, dtype=torch.float64,
+                                                                              device=x.device))
         is_nl = coords[:, 0] < -0.5
         features = packed[~is_nl]
         if features.shape[0] != vision.shape[0]:
@@ -195,24 +192,43 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         slot_src = torch.full((packed.shape[0],), -1, dtype=torch.long, device=x.device)
         slot_src[~is_nl] = torch.arange(vision.shape[0], device=x.device)
 
-        cand = coords[~is_nl]  # [N, 2] stitched (row, col), fractional where downsampled
-        n_base = p  # the base tile comes first, whole, and is never downsampled
-        ry, rx = cand[:, 0].floor().long(), cand[:, 1].floor().long()
-        crop = torch.zeros(cand.shape[0], dtype=torch.long, device=x.device)
-        crop[n_base:] = 1 + (ry[n_base:] // side).clamp(0, nph - 1) * npw + (rx[n_base:] // side).clamp(0, npw - 1)
-        cells = torch.stack([ry % side, rx % side], dim=1)
         h, w = (int(v) for v in image_size.tolist())
-        boxes = self._tile_boxes(h, w, nph, npw)
-        scopes = []
-        for c in range(1 + nph * npw):
-            idx = (crop == c).nonzero().squeeze(1)
-            if c > 0 and idx.numel() == 0:
-                continue  # a tile that only covered padding
-            scopes.append(Scope("base" if c == 0 else f"crop {c}", idx, (side, side), cells[idx],
-                                (0.0, 0.0, float(w), float(h)) if c == 0 else boxes[c - 1]))
+        scopes = coord_scopes(coords[~is_nl], p, side, nph, npw, (0.0, 0.0, float(w), float(h)),
+                              self._tile_boxes(h, w, nph, npw))
         return Encoded(vision=vision, features=features, scopes=scopes, n_llm_visual=int(packed.shape[0]),
                        state={"slot_src": slot_src, "newline": inner.image_newline, "n_tiles": t,
                               "tile_grid": (nph, npw)})
+
+
+def stitched_coords(t: int, p: int, side: int, npw: int, device) -> Tensor:
+    """[t, p, 2] float64: the (row, col) every tile's patch has in the stitched grid of the anyres
+    tiles (tile 0, the base image, its own grid's), to run through the library's packing."""
+    k = torch.arange(t, device=device).view(t, 1)
+    q = torch.arange(p, device=device).view(1, p)
+    gi, gj = torch.div(k - 1, npw, rounding_mode="floor").clamp(min=0), (k - 1).clamp(min=0) % npw
+    coords = torch.stack([(gi * side + q // side).expand(t, p), (gj * side + q % side).expand(t, p)], dim=-1)
+    return coords.to(torch.float64)
+
+
+def coord_scopes(cand: Tensor, n_base: int, side: int, nph: int, npw: int, image_box,
+                 tile_boxes=None) -> list[Scope]:
+    """LLaVA-OneVision's scopes from the candidates' stitched (row, col) ``cand`` [N, 2] (the base
+    tile's ``n_base`` first, whole; fractional where anyres_max downsampled): "base", then "crop k"
+    for the tile each candidate's floored coordinates fall in (none for a tile that only covered
+    padding); cells are the coordinates within the tile. ``tile_boxes``: each crop's area in image
+    pixels (None: the whole image's, for a caller that draws nothing)."""
+    ry, rx = cand[:, 0].floor().long(), cand[:, 1].floor().long()
+    crop = torch.zeros(cand.shape[0], dtype=torch.long, device=cand.device)
+    crop[n_base:] = 1 + (ry[n_base:] // side).clamp(0, nph - 1) * npw + (rx[n_base:] // side).clamp(0, npw - 1)
+    cells = torch.stack([ry % side, rx % side], dim=1)
+    scopes = []
+    for c in range(1 + nph * npw):
+        idx = (crop == c).nonzero().squeeze(1)
+        if c > 0 and idx.numel() == 0:
+            continue  # a tile that only covered padding
+        box = image_box if c == 0 or tile_boxes is None else tile_boxes[c - 1]
+        scopes.append(Scope("base" if c == 0 else f"crop {c}", idx, (side, side), cells[idx], box))
+    return scopes
 
 
 def _set_ids(config, tok) -> None:
@@ -226,10 +242,14 @@ def _set_generation_ids(gc, tok) -> None:
     gc.bos_token_id, gc.eos_token_id, gc.pad_token_id = None, tok.eos_token_id, tok.pad_token_id
 
 
-def tiny_config(tokenizer, second: bool = False, small: bool = False):
+def tiny_config(tokenizer, second: bool = False, small: bool = False, vllm: bool = False):
     """tiny: SigLIP 56 px / patch 14 (4x4 tokens per tile), 2+2 layers, pinpoints up to 2x2 tiles
     (anyres_max_9 never downsamples there). ``second``: other sizes and anyres_max_1, so the stitched
-    grid of any multi-tile image is bilinearly downsampled."""
+    grid of any multi-tile image is bilinearly downsampled. ``vllm``: the tiny model with 2 LLM heads
+    of 32 (vLLM's CPU attention takes head_dim >= 32) and, besides the small pinpoints, 3x6 / 6x3
+    tiles, so a wide image (120x48 px) takes 3x6 tiles and anyres_max_9 downsamples its stitched grid
+    (10x24 -> 7x18) while a tall one (44x110 px) takes 2x1 and does not: both layouts under vLLM's own
+    anyres_max_9 (it ignores the config's ``vision_aspect_ratio``)."""
     from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
 
     vocab = round_up(len(tokenizer), 64)
@@ -246,22 +266,27 @@ def tiny_config(tokenizer, second: bool = False, small: bool = False):
     else:
         vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                     num_attention_heads=2, image_size=56, patch_size=14)
-        text = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                           num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=4096, initializer_range=0.3)
+        heads = dict(num_attention_heads=2, num_key_value_heads=1) if vllm else \
+            dict(num_attention_heads=4, num_key_value_heads=2)
+        text = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, **heads,
+                           vocab_size=vocab, max_position_embeddings=4096, initializer_range=0.3)
     s = vision.image_size
+    pinpoints = [[s, s], [s, 2 * s], [2 * s, s], [2 * s, 2 * s], [s, 3 * s], [3 * s, s]]
+    if vllm:
+        pinpoints = pinpoints[:4] + [[3 * s, 6 * s], [6 * s, 3 * s]]
     config = LlavaOnevisionConfig(
         vision_config=vision, text_config=text, vision_feature_layer=-1, vision_feature_select_strategy="full",
         vision_aspect_ratio="anyres_max_1" if second else "anyres_max_9", tie_word_embeddings=False,
-        image_grid_pinpoints=[[s, s], [s, 2 * s], [2 * s, s], [2 * s, 2 * s], [s, 3 * s], [3 * s, s]],
+        image_grid_pinpoints=pinpoints,
     )
     _set_ids(config, tokenizer)
     return config
 
 
-def build_tiny(out_dir: Path, second: bool = False, small: bool = False) -> None:
+def build_tiny(out_dir: Path, second: bool = False, small: bool = False, vllm: bool = False) -> None:
     """Write a tiny (or ``small``) random LLaVA-OneVision checkpoint (seed 0) and its processor to ``out_dir``."""
     tok = build_tokenizer()
-    config = tiny_config(tok, second=second, small=small)
+    config = tiny_config(tok, second=second, small=small, vllm=vllm)
     torch.manual_seed(0)
     model = LlavaOnevisionAdapter.model_class()(config).eval()
     _set_generation_ids(model.generation_config, tok)
@@ -269,13 +294,28 @@ def build_tiny(out_dir: Path, second: bool = False, small: bool = False) -> None
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir, safe_serialization=True)
     processor.save_pretrained(out_dir)
+    vc = config.vision_config
     for name in ("processor_config.json", "tokenizer_config.json"):  # name the stock class, like real checkpoints
         if (p := out_dir / name).is_file() and (cfg := json.loads(p.read_text())).get("processor_class"):
             cfg["processor_class"] = "LlavaOnevisionProcessor"
+            if name == "processor_config.json":  # and its settings, which the stock processor (vLLM's) reads
+                cfg.setdefault("num_image_tokens", (vc.image_size // vc.patch_size) ** 2)
+                cfg.setdefault("vision_feature_select_strategy", config.vision_feature_select_strategy)
+                cfg.setdefault("vision_aspect_ratio", config.vision_aspect_ratio)
             p.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    s = vc.image_size  # the stock processor (vLLM's) loads a video processor too
+    write_video_processor_config(out_dir, "LlavaOnevisionVideoProcessor",
+                                 {"size": {"height": s, "width": s}, "image_mean": SIGLIP_MEAN, "image_std": SIGLIP_STD},
+                                 "LlavaOnevisionProcessor")
 
 
 def build_small(out_dir: Path) -> None:
     """``small-llava-onevision``: 384-px SigLIP tiles (729 tokens each), pinpoints up to 2x2 tiles (base +
     4 tiles = 3,645 tokens + newlines; anyres_max_9 never downsamples there), a ~100M Qwen2 LLM."""
     build_tiny(out_dir, small=True)
+
+
+def build_vllm_tiny(out_dir: Path) -> None:
+    """``vllm-tiny-llava-onevision``: tiny-llava-onevision with an LLM vLLM's CPU attention takes
+    (head_dim 32) and large pinpoints where anyres_max_9 downsamples (``tiny_config``)."""
+    build_tiny(out_dir, vllm=True)

@@ -480,11 +480,11 @@ def build_vllm_tiny(out_dir: Path) -> None:
 
 
 def write_video_processor_config(out_dir: Path, video_class: str, image_kwargs: dict, processor_class: str) -> None:
-    """``video_preprocessor_config.json``: the video processor the stock Qwen processors load (the
+    """``video_preprocessor_config.json``: the video processor the stock Qwen / OneVision processors load (the
     image processor's geometry; zoo prunes images only). Written as JSON: instantiating a video
     processor needs torchvision, which zoo does not install."""
-    cfg = {k: image_kwargs[k] for k in ("patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std")
-           if k in image_kwargs}
+    cfg = {k: image_kwargs[k] for k in ("patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std",
+                                        "size") if k in image_kwargs}
     cfg.update(video_processor_type=video_class, processor_class=processor_class)
     if "min_pixels" in image_kwargs:
         cfg["size"] = {"shortest_edge": image_kwargs["min_pixels"], "longest_edge": image_kwargs["max_pixels"]}

@@ -1,5 +1,6 @@
-"""zoo's vLLM model classes: vLLM's own LLaVA-1.5 / Qwen2.5-VL / Qwen3-VL (and Qwen3-VL-MoE) classes,
-subclassed so that each image keeps only the tokens zoo's method picks.
+"""zoo's vLLM model classes: vLLM's own LLaVA-1.5 / LLaVA-NeXT / LLaVA-OneVision / Qwen2.5-VL /
+Qwen3-VL (and Qwen3-VL-MoE) classes, subclassed so that each image keeps only the tokens zoo's
+method picks.
 
 How a request flows:
 1. The processor (API-server side) reads the engine's defaults (``hf_overrides`` -> config ``zoo``)
@@ -9,17 +10,22 @@ How a request flows:
    the image's cache hash through ``mm_processor_kwargs``).
 2. The model (worker side) runs vLLM's vision tower, takes the pre-projector tokens X (LLaVA: the
    tower's selected layer; Qwen: the merger's input, window order undone) and the projected
-   tokens Z, and runs zoo's own selection (``zoocli.pipeline.select_encoded``: ``token_sensitivity``,
+   tokens Z (LLaVA-NeXT / OneVision: per tile, then vLLM's own merge gives the LLM rows and, run on
+   indices / coordinates, which slot is a newline and which tile a candidate sits in), and runs
+   zoo's own selection (``zoocli.pipeline.select_encoded``: ``token_sensitivity``,
    the greedy, the fused Triton kernel on CUDA) with the projector rebuilt as transformers' own
-   module from the checkpoint's tensors, as zoo's HF path has it. It returns Z at the kept rows,
-   ascending.
+   module from the checkpoint's tensors, as zoo's HF path has it, over the same candidates and
+   scopes as zoo's adapters (NeXT / OneVision: the live patch rows in slot order, scopes "base" and
+   "crop k", the budget split per crop unless ``budget_scope`` is ``global``). It returns Z at the
+   kept rows, ascending (NeXT / OneVision: and every newline slot, in place).
 3. Qwen (M-RoPE): each kept row carries its original 3-D position and the unpruned text offset
    (``workarounds.media_positions``); the runner strips them and moves the text after the image to
    where it is unpruned. Qwen3-VL's deepstack rows are the same rows (vLLM concatenates them to the
    main features), so the same kept set prunes them.
 
-Videos pass unpruned on Qwen2.5-VL (with vLLM's EVS if the engine asks for it); Qwen3-VL videos
-are refused while zoo's plugin serves (their timestamp layout is not handled yet).
+Videos pass unpruned on Qwen2.5-VL (with vLLM's EVS if the engine asks for it) and LLaVA-OneVision
+(vLLM's own pooled rows); Qwen3-VL videos are refused while zoo's plugin serves (their timestamp
+layout is not handled yet).
 """
 
 from __future__ import annotations
@@ -31,12 +37,24 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
 
 from vllm.model_executor.models.llava import (
     LlavaDummyInputsBuilder,
     LlavaForConditionalGeneration,
     LlavaMultiModalProcessor,
     LlavaProcessingInfo,
+)
+from vllm.model_executor.models.llava_next import (
+    LlavaNextForConditionalGeneration,
+    LlavaNextMultiModalProcessor,
+    LlavaNextProcessingInfo,
+)
+from vllm.model_executor.models.llava_onevision import (
+    LlavaOnevisionDummyInputsBuilder,
+    LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionMultiModalProcessor,
+    LlavaOnevisionProcessingInfo,
 )
 from vllm.model_executor.models.qwen2_5_vl import (
     Qwen2_5_VLDummyInputsBuilder,
@@ -51,6 +69,7 @@ from vllm.model_executor.models.qwen3_vl import (
     Qwen3VLProcessingInfo,
 )
 from vllm.model_executor.models.qwen3_vl_moe import Qwen3VLMoeForConditionalGeneration, Qwen3VLMoeProcessingInfo
+from vllm.model_executor.models.vision import get_num_selected_vision_tokens
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import MultiModalFieldConfig
 from vllm.multimodal.processing import PromptReplacement
@@ -137,6 +156,11 @@ class ProcessorMixin:
 
     zoo_takes_videos = True
 
+    def zoo_image_count(self, out) -> int:
+        """The images the HF processor returned (LLaVA: one ``pixel_values`` entry each)."""
+        pv = out.get("pixel_values")
+        return 0 if pv is None else len(pv)
+
     def _apply_hf_processor_main(self, mm_items, hf_kwargs):
         settings = self.zoo_settings(hf_kwargs)
         if not self.zoo_takes_videos and mm_items.get_count("video", strict=False):
@@ -161,13 +185,18 @@ class ProcessorMixin:
 
         def image_replacement(item_idx: int, stock):
             ids = list(stock(item_idx) if callable(stock) else stock)
-            if SETTINGS_FIELD not in out_mm_kwargs["image"][item_idx]:  # embeddings given: nothing to prune
+            item = out_mm_kwargs["image"][item_idx]
+            if SETTINGS_FIELD not in item:  # embeddings given: nothing to prune
                 return ids
-            return ids[:settings.keep_for(len(ids))]
+            return ids[:self.zoo_kept_count(item, len(ids), settings)]
 
         return [PromptReplacement(modality="image", target=u.target,
                                   replacement=partial(image_replacement, stock=u.replacement))
                 if u.modality == "image" else u for u in updates]
+
+    def zoo_kept_count(self, item, n_stock: int, settings: ZooSettings) -> int:
+        """The placeholders one image keeps: here every stock placeholder is a candidate."""
+        return settings.keep_for(n_stock)
 
 
 def _rename_clip(weights: Iterable[tuple[str, Tensor]]):
@@ -194,9 +223,7 @@ def _llava_projector(config, tensors: dict[str, Tensor]) -> nn.Module:
 
 
 class ZooLlavaMultiModalProcessor(ProcessorMixin, LlavaMultiModalProcessor):
-    def zoo_image_count(self, out) -> int:
-        pv = out.get("pixel_values")
-        return 0 if pv is None else len(pv)
+    pass
 
 
 @MULTIMODAL_REGISTRY.register_processor(ZooLlavaMultiModalProcessor, info=LlavaProcessingInfo,
@@ -227,6 +254,177 @@ class ZooLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             rows, cols = (side, side) if side * side == xi.shape[0] else (1, xi.shape[0])
             out.append(z[self.zoo.kept_rows(spec, xi, z, grid_scope(rows, cols, z.device))])
         return out
+
+
+# ----------------------------------------------------------------------------------------------
+# LLaVA-NeXT and LLaVA-OneVision (anyres: a base tile, then the image's tiles stitched into one
+# grid, unpadded, a newline slot after every stitched row)
+
+
+def anyres_counts(info, height: int, width: int) -> tuple[int, int]:
+    """(candidates, newline slots) of one ``height`` x ``width`` image, from vLLM's own processing
+    info (the stock placeholder count is their sum): the base tile's tokens plus the unpadded
+    stitched grid's (OneVision: after anyres_max_9's downsampling), and one newline per stitched row."""
+    cfg = info.get_hf_config()
+    enc = info.get_vision_encoder_info()
+    base = get_num_selected_vision_tokens(enc.get_num_image_tokens(image_width=width, image_height=height),
+                                          cfg.vision_feature_select_strategy)
+    nph, npw = get_anyres_image_grid_shape((height, width), cfg.image_grid_pinpoints, enc.get_image_size())
+    unpadded, newlines = info._get_num_unpadded_features(
+        original_height=height, original_width=width, npatches=enc.get_patch_grid_length(),
+        num_patch_height=nph, num_patch_width=npw)
+    return base + unpadded, newlines
+
+
+class AnyresProcessorMixin(ProcessorMixin):
+    """Each image's placeholders: its kept candidates plus every newline slot."""
+
+    def zoo_kept_count(self, item, n_stock: int, settings: ZooSettings) -> int:
+        height, width = (int(v) for v in item["image_sizes"].data.tolist())
+        n, newlines = anyres_counts(self.info, height, width)
+        if n + newlines != n_stock:
+            raise RuntimeError(f"{n} candidates + {newlines} newlines, but {n_stock} stock placeholders "
+                               f"for a {width}x{height} image")
+        return settings.keep_for(n) + newlines
+
+
+class ZooAnyresMixin:
+    """The model side of zoo's LLaVA-NeXT / OneVision. Per image: the tiles through vLLM's tower
+    (X, pre-projector) and projector (Z), the stock LLM rows from vLLM's own merge of Z, the slot
+    layout from the same merge run on tile-row indices / stitched coordinates (``zoo_layout``),
+    zoo's selection over the candidates (the non-newline slots, in slot order) with scopes "base",
+    "crop k" as zoo's adapters have them, and the LLM rows at the kept candidates and every newline."""
+
+    def load_weights(self, weights: Iterable[tuple[str, Tensor]]) -> set[str]:
+        return super().load_weights(self.zoo.kept.watch(_rename_clip(weights)))
+
+    def _zoo_images(self, image_input, specs) -> list[Tensor]:
+        sizes = image_input.get("image_sizes") if image_input["type"] == "pixel_values" else None
+        if sizes is None or specs is None:  # embeddings given, or no sizes: the stock rows
+            return list(self._process_image_input(image_input))
+        pv = image_input["pixel_values"]
+        per_image = list(pv.unbind(0)) if isinstance(pv, Tensor) else list(pv)
+        xs = self._image_pixels_to_features(self.vision_tower, torch.cat(per_image))
+        out = []
+        for x, size, spec in zip(xs.split([len(v) for v in per_image]), sizes,
+                                 settings_rows(specs, len(per_image))):
+            z = self.multi_modal_projector(x)  # [T, P, D]
+            merged, cand_slot, vision, scopes = self.zoo_layout(size, x, z)
+            kept = self.zoo.kept_rows(spec, vision, merged[cand_slot], scopes)
+            keep_slot = torch.ones(merged.shape[0], dtype=torch.bool, device=merged.device)
+            keep_slot[cand_slot] = False
+            keep_slot[cand_slot[kept.to(cand_slot.device)]] = True
+            out.append(merged[keep_slot])
+        return out
+
+    def _zoo_grid(self, size) -> tuple[int, int, int]:
+        """(tokens per tile side, stitched tile rows, tile cols) of an image of ``size`` (H, W)."""
+        vc = self.config.vision_config
+        nph, npw = get_anyres_image_grid_shape(tuple(int(v) for v in size.tolist()),
+                                               self.config.image_grid_pinpoints, vc.image_size)
+        return vc.image_size // vc.patch_size, nph, npw
+
+
+def _projector(path: str):
+    """Build transformers' projector class ``module:Class`` for a config from checkpoint tensors."""
+
+    def build(config, tensors: dict[str, Tensor]) -> nn.Module:
+        import importlib
+
+        module, name = path.split(":")
+        proj = getattr(importlib.import_module(module), name)(config)
+        proj.load_state_dict(tensors)
+        return proj
+
+    return build
+
+
+class ZooLlavaNextMultiModalProcessor(AnyresProcessorMixin, LlavaNextMultiModalProcessor):
+    pass
+
+
+@MULTIMODAL_REGISTRY.register_processor(ZooLlavaNextMultiModalProcessor, info=LlavaNextProcessingInfo,
+                                        dummy_inputs=LlavaDummyInputsBuilder)
+class ZooLlavaNextForConditionalGeneration(ZooAnyresMixin, LlavaNextForConditionalGeneration):
+    """vLLM's LLaVA-NeXT keeping zoo's picks among each image's live patch rows (newlines kept)."""
+
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.zoo = Selector(vllm_config, "multi_modal_projector.", _projector(
+            "transformers.models.llava_next.modeling_llava_next:LlavaNextMultiModalProjector"))
+
+    def embed_multimodal(self, **kwargs: object):
+        specs = kwargs.pop(SETTINGS_FIELD, None)
+        image_input = self._parse_and_validate_image_input(**kwargs)
+        if image_input is None:
+            return []
+        return self._zoo_images(image_input, specs)
+
+    def zoo_layout(self, size, x: Tensor, z: Tensor):
+        """NeXT's merge is a gather (reshape, unpad) plus newlines: it is run on the tile-row index
+        + 1 and on its negative, so a slot where both agree is a newline, any other holds that row."""
+        from zoocli.adapters.llava import tile_scopes
+
+        t, p = x.shape[:2]
+        merged = self._merge_image_patch_embeddings(size, z, strategy="spatial_unpad")
+        index = torch.zeros(t, p, z.shape[-1], dtype=torch.float32, device=z.device)
+        index[..., 0] = torch.arange(1, t * p + 1, dtype=torch.float32, device=z.device).view(t, p)
+        a = self._merge_image_patch_embeddings(size, index, strategy="spatial_unpad")
+        b = self._merge_image_patch_embeddings(size, -index, strategy="spatial_unpad")
+        cand_slot = (a != b).any(dim=1).nonzero().squeeze(1)
+        rows = a[cand_slot, 0].round().long() - 1  # X row (tile * p + patch) of each candidate
+        side, _, _ = self._zoo_grid(size)
+        scopes = tile_scopes(rows, t, p, side, (0.0, 0.0, 0.0, 0.0))
+        return merged, cand_slot, x.reshape(t * p, -1)[rows], scopes
+
+
+class ZooLlavaOnevisionMultiModalProcessor(AnyresProcessorMixin, LlavaOnevisionMultiModalProcessor):
+    pass
+
+
+@MULTIMODAL_REGISTRY.register_processor(ZooLlavaOnevisionMultiModalProcessor, info=LlavaOnevisionProcessingInfo,
+                                        dummy_inputs=LlavaOnevisionDummyInputsBuilder)
+class ZooLlavaOnevisionForConditionalGeneration(ZooAnyresMixin, LlavaOnevisionForConditionalGeneration):
+    """vLLM's LLaVA-OneVision keeping zoo's picks among each image's slots other than the newlines
+    (where anyres_max_9 downsamples, a candidate is a bilinear mix, as in zoo's adapter). Videos
+    pass unpruned."""
+
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        workarounds.check_onevision_aspect(self.config)
+        self.zoo = Selector(vllm_config, "multi_modal_projector.", _projector(
+            "transformers.models.llava_onevision.modeling_llava_onevision:LlavaOnevisionMultiModalProjector"))
+
+    def embed_multimodal(self, **kwargs: object):
+        specs = kwargs.pop(SETTINGS_FIELD, None)
+        out: list[Tensor] = []
+        for modality, mm_input in self._parse_and_validate_multimodal_inputs(**kwargs).items():
+            if modality == "image":
+                out.extend(self._zoo_images(mm_input, specs))
+            elif modality == "video":  # unpruned, vLLM's own rows
+                out.extend(self._process_video_pixels(mm_input))
+        return tuple(out)
+
+    def zoo_layout(self, size, x: Tensor, z: Tensor):
+        """As zoo's adapter: vLLM's merge run on Z (the stock rows), on X without newlines (the
+        candidates' pre-projector rows, mixed as Z's where downsampled) and on the stitched (row,
+        col) of every patch with a (-1, -1) newline (which slot is a newline, which crop a candidate
+        sits in)."""
+        from zoocli.adapters.llava_onevision import coord_scopes, stitched_coords
+
+        t, p = x.shape[:2]
+        side, nph, npw = self._zoo_grid(size)
+        merge = partial(self._merge_image_patch_embeddings, size, strategy="spatial_unpad")
+        merged = merge(z, image_newline=self.image_newline)
+        vision = merge(x, image_newline=None)
+        marker = torch.full((2,), -1.0, dtype=torch.float64, device=x.device)
+        coords = merge(stitched_coords(t, p, side, npw, x.device), image_newline=marker)
+        cand_slot = (coords[:, 0] > -0.5).nonzero().squeeze(1)
+        if cand_slot.numel() != vision.shape[0] or coords.shape[0] != merged.shape[0]:
+            raise RuntimeError(f"{cand_slot.numel()} candidate slots, {vision.shape[0]} packed X rows, "
+                               f"{merged.shape[0]} LLM rows")
+        scopes = coord_scopes(coords[cand_slot], p, side, nph, npw, (0.0, 0.0, 0.0, 0.0))
+        return merged, cand_slot, vision, scopes
 
 
 # ----------------------------------------------------------------------------------------------

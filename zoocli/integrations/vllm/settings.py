@@ -39,6 +39,8 @@ SPEC_BYTES = 512  # the settings travel to the model as a fixed-size byte field 
 # model_type -> (zoo's vLLM architecture, the stock vLLM architecture it subclasses)
 ARCHITECTURES: dict[str, tuple[str, str]] = {
     "llava": ("ZooLlavaForConditionalGeneration", "LlavaForConditionalGeneration"),
+    "llava_next": ("ZooLlavaNextForConditionalGeneration", "LlavaNextForConditionalGeneration"),
+    "llava_onevision": ("ZooLlavaOnevisionForConditionalGeneration", "LlavaOnevisionForConditionalGeneration"),
     "qwen2_5_vl": ("ZooQwen2_5_VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"),
     "qwen3_vl": ("ZooQwen3VLForConditionalGeneration", "Qwen3VLForConditionalGeneration"),
     "qwen3_vl_moe": ("ZooQwen3VLMoeForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration"),

@@ -25,6 +25,12 @@ was read unchanged in vLLM 0.33.0 but not run there. Another version is refused 
 5. ``normal_mode`` - vLLM runs the model under ``torch.inference_mode``; zoo's sensitivity caches
    key on ``tensor._version``, which inference tensors do not have: selection runs under
    ``torch.inference_mode(False)`` on clones.
+6. ``check_onevision_aspect`` - vLLM's LLaVA-OneVision ignores the config's ``vision_aspect_ratio``:
+   ``LlavaOnevisionProcessingInfo._get_num_unpadded_features`` counts placeholders with a literal 9
+   and ``_process_image_input`` calls ``_merge_image_patch_embeddings`` with its default
+   ``"anyres_max_9"``, where transformers (and zoo's HF path) use the config's value. Every llava-hf
+   OneVision checkpoint says ``anyres_max_9``; another value is refused at engine start rather than
+   served with other tokens than zoo's HF path.
 """
 
 from __future__ import annotations
@@ -145,3 +151,17 @@ def normal_mode(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
 
     return run
+
+
+# -- 6. LLaVA-OneVision's anyres_max ---------------------------------------------------------------
+
+VLLM_ONEVISION_ASPECT = "anyres_max_9"  # what vLLM 0.32's OneVision code uses, whatever the config says
+
+
+def check_onevision_aspect(config) -> None:
+    """Refuse (one line) a OneVision config whose ``vision_aspect_ratio`` vLLM would not honour."""
+    aspect = getattr(config, "vision_aspect_ratio", VLLM_ONEVISION_ASPECT)
+    if aspect != VLLM_ONEVISION_ASPECT:
+        raise UsageError(f"this LLaVA-OneVision checkpoint says vision_aspect_ratio={aspect!r}, but vLLM "
+                         f"{vllm_version()} always uses {VLLM_ONEVISION_ASPECT!r} (its token count and merge "
+                         "ignore the config): serve it with zoo's HF path (zoo ask / zoo bench)")
