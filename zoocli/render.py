@@ -430,13 +430,19 @@ def selection_table(rows: Sequence[Mapping[str, Any]], *, repeats: int, warmup: 
     for col in ("shape", "backend", "ATen ops", "host syncs", "launches", "median ms", "same picks"):
         t.add_column(col, justify="left" if col in ("shape", "backend") else "right")
     for r in rows:
+        if r.get("unavailable"):
+            t.add_row(r["shape"], r["backend"], "-", "-", "-", "-", "-")
+            continue
         interp = r["interpreted"]
         t.add_row(r["shape"], r["backend"] + ("*" if interp else ""), str(r["ops"]), str(r["syncs"]),
                   str(r["launches"]), f"({r['median_ms']:.0f})" if interp else f"{r['median_ms']:.2f}",
                   "yes" if r["same_picks"] else "NO")
     t.caption = ("ATen ops: dispatched per call, each a kernel launch or host work on a GPU; "
                  "launches: zoo's fused kernels")
-    if any(r["interpreted"] for r in rows):
+    for be, why in dict((r["backend"], r["unavailable"]) for r in rows if r.get("unavailable")).items():
+        t.caption += f"\n{be}: {why}" + (" (`pip install triton`; the torch backend gives the same picks)"
+                                          if why == "triton not installed" else "")
+    if any(r.get("interpreted") for r in rows):
         t.caption += ("\n*: Triton's CPU interpreter running the GPU kernel: its counts are a GPU's, "
                       "its times (in brackets) mean nothing")
     return keep_numbers(t)
