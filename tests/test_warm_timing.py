@@ -5,10 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from cli_helpers import run, run_json
 from zoocli.pipeline import RunResult, run_warm
 
 CUP = str(Path(__file__).resolve().parent.parent / "sample_images" / "coffee_cup.jpg")
+pytestmark = pytest.mark.usefixtures("offline_models")  # tiny-llava is built in the session's tmp dir
+
 ASK = ["ask", CUP, "what?", "--model", "tiny-llava", "--keep", "5", "--max-new-tokens", "2"]
 
 
