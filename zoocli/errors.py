@@ -23,3 +23,13 @@ class UnknownNameError(UsageError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return self.args[0]
+
+
+def is_allocation_failure(e: BaseException) -> bool:
+    """Whether ``e`` is a failed memory allocation: Python's ``MemoryError``, torch's
+    ``OutOfMemoryError`` (CUDA), or the CPU allocator's ``RuntimeError`` ("can't allocate memory")."""
+    if isinstance(e, MemoryError):
+        return True
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text
+                                            or "cannot allocate memory" in text)

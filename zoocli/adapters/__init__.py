@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from zoocli.errors import UnknownNameError, UsageError, ZooError
+from zoocli.errors import UnknownNameError, UsageError, ZooError, is_allocation_failure
 from zoocli.lazy import torch
 
 MODEL_ALIASES: dict[str, str] = {
@@ -238,12 +238,52 @@ def _alias_family(model: str) -> str | None:
         return None
 
 
+def known_models() -> list[str]:
+    """Every model name zoo knows: the aliases, the shipped model, the offline models."""
+    return [*MODEL_ALIASES, *SHIPPED_MODELS, *OFFLINE_MODELS]
+
+
+def looks_like_a_checkpoint(model: str) -> bool:
+    """An HF id (``org/name``) or a path that exists: zoo tries to load it rather than calling it
+    an unknown name."""
+    return "/" in model or Path(model).expanduser().exists()
+
+
+def check_model_name(model: str) -> None:
+    """A ``UsageError`` for a name that is no alias, shipped or offline model, HF id (``org/name``)
+    or existing path, with the closest known names (``--model demo-lava`` -> demo-llava)."""
+    import difflib
+
+    if model in MODEL_ALIASES or model in SHIPPED_MODELS or model in OFFLINE_MODELS or looks_like_a_checkpoint(model):
+        return
+    known = known_models()
+    close = difflib.get_close_matches(model.lower(), known, n=3, cutoff=0.6)
+    guess = f"did you mean {' or '.join(close)}? " if close else ""
+    raise UsageError(f"unknown model '{model}': {guess}known: {', '.join(known)}; or an HF id (org/name) "
+                     "or a checkpoint directory (`zoo models` lists them)")
+
+
+QUICK_MODEL = "demo-llava"  # offline, trained here: the model an error points a newcomer at
+
+
 def _not_available(model: str) -> ZooError:
-    hint = family_hint(_alias_family(model))
+    """A one-line error for a model that is neither in the local Hugging Face cache nor
+    downloadable now: what it is (the default? which HF id?), how to get its weights, and what
+    runs offline instead (demo-llava, which answers; the offline model of its family, for timing)."""
+    repo = MODEL_ALIASES.get(model)
+    family = _alias_family(model)
+    hint = family_hint(family)
+    if repo is not None:
+        what = f"model '{model}'{' (the default --model)' if model == DEFAULT_MODEL else ''} is {repo} on the Hugging Face Hub"
+        get = (f"get its weights with `huggingface-cli download {repo}` (or run once online); "
+               f"offline, try --model {QUICK_MODEL} (trained here, real answers about shapes)")
+        rest = f", {hint.removesuffix(')')}; random weights)" if hint else ""
+        return ZooError(f"{what}, not in the local cache and cannot be downloaded (offline?); {get}{rest}, "
+                        f"or --random-weights (full size, random weights, for timing)")
     others = ", ".join(OFFLINE_MODELS)
-    lead = f"{hint}, another offline model ({others})" if hint else f"an offline model: {others}"
-    return ZooError(f"model '{model}' is not in the local cache and cannot be downloaded (offline?); "
-                    f"try {lead}, or --random-weights")
+    return ZooError(f"model '{model}' is not in the local cache and cannot be downloaded (offline?); get it with "
+                    f"`huggingface-cli download {model}` (or run once online); offline, try --model {QUICK_MODEL} "
+                    f"(trained here, real answers about shapes) or an offline model with random weights: {others}")
 
 
 def _quiet_transformers() -> None:
@@ -273,12 +313,33 @@ def load_adapter(
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     _quiet_transformers()
+    try:
+        return _load(model, dev, dt, random_weights, cache_dir, status)
+    except (MemoryError, RuntimeError) as e:
+        if not is_allocation_failure(e):
+            raise
+        smaller = family_hint(_family_of(model)) or f"--model {QUICK_MODEL}"
+        bf16 = " --dtype bf16," if dt == torch.float32 else ""
+        raise ZooError(f"out of memory on {dev} while loading {model} ({_one_line(e)[:120]}); "
+                       f"try{bf16} a device with more free memory, or {smaller}") from None
+
+
+def _family_of(model: str) -> str | None:
+    if model in OFFLINE_MODELS:
+        return OFFLINE_MODELS[model][0]
+    if model in SHIPPED_MODELS:
+        return SHIPPED_MODELS[model][0]
+    return _alias_family(model)
+
+
+def _load(model: str, dev, dt, random_weights: bool, cache_dir, status: StatusFn):
     if random_weights:
         return _load_random(model, dev, dt, status)
     if model in SHIPPED_MODELS:
         return _load_shipped(model, dev, dt)
     if model in OFFLINE_MODELS:
         return _load_offline(model, cache_dir, dev, dt, status)
+    check_model_name(model)
     return _load_checkpoint(model, dev, dt, status)
 
 
@@ -456,6 +517,6 @@ def _one_line(e: BaseException) -> str:
 
 __all__ = [
     "ADAPTERS", "DEFAULT_MODEL", "MODEL_ALIASES", "OFFLINE_MODELS", "RANDOM_CONFIGS", "SHIPPED_MODELS", "adapter_class",
-    "default_cache_dir", "ensure_offline_model", "load_adapter", "load_random_config", "resolve_device",
+    "check_model_name", "default_cache_dir", "known_models", "ensure_offline_model", "load_adapter", "load_random_config", "resolve_device",
     "resolve_dtype", "shipped_model_dir", "suggest_offline",
 ]

@@ -22,7 +22,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from zoocli.errors import UsageError, ZooError
+from zoocli.errors import UsageError, ZooError, is_allocation_failure
 from zoocli.process import INTERRUPTED, reader_gone, stdout_gone
 
 
@@ -101,7 +101,7 @@ def handle_errors(fn):
         except MemoryError:
             fail("out of memory: try a smaller --keep or --m, --dtype bf16, or a smaller model")
         except RuntimeError as e:
-            if "out of memory" in str(e).lower():
+            if is_allocation_failure(e):
                 fail("out of memory on the device: try a smaller --keep or --m, --dtype bf16, "
                      "or --device cpu")
             raise
