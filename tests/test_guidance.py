@@ -90,3 +90,19 @@ def test_allocation_failure_while_loading_is_one_line(monkeypatch):
     assert "\n" not in str(e.value)
     res = run("ask", CUP, "q", "--model", "demo-llava", code=1)
     one_line_error(res, "out of memory on cpu while loading demo-llava", "--dtype bf16")
+
+
+@pytest.mark.parametrize("command,usage", [
+    ("ask", "[OPTIONS] IMAGE QUESTION"), ("compare", "[OPTIONS] [IMAGE] [QUESTION]"),
+    ("score", "[OPTIONS] [IMAGE] [QUESTION]"), ("eval", "[OPTIONS] [DATA]..."), ("bench", "[OPTIONS]"),
+])
+def test_usage_lines_are_clean(command, usage):
+    out = run(command, "--help").stdout
+    line = next(x for x in out.splitlines() if "Usage:" in x)
+    assert line.strip().endswith(f"{command} {usage}"), line
+    assert "{" not in out and "<bool>" not in out
+
+
+def test_root_help_shows_no_bool_type():
+    out = run("--help").stdout
+    assert "<bool>" not in out and "--version" in out

@@ -315,12 +315,20 @@ SAMPLE_IMAGE = "two_cats_couch_remotes.jpg"  # `zoo compare` / `zoo score` witho
 SAMPLE_QUESTION = "How many remote controls are on the couch?"
 
 
-def sample_example() -> tuple[Path, str]:
-    """(the shipped sample image, its question): what `compare` and `score` run without an image."""
-    path = next((p for p in shipped_images() if p.name == SAMPLE_IMAGE), None)
-    if path is None:
-        raise UsageError(f"the shipped sample image {SAMPLE_IMAGE} is missing; give an image")
-    return path, SAMPLE_QUESTION
+# a model that knows only its own world gets a sample from it: demo-llava answers about shapes
+SAMPLE_FOR_MODEL: dict[str, tuple[str, str]] = {
+    "demo-llava": ("shapes/shapes_1.png", "What color is the circle?"),
+}
+
+
+def sample_example(model: str | None = None) -> tuple[Path, str]:
+    """(the shipped sample image, its question): what `compare` and `score` run without an image;
+    for demo-llava a shapes image and a question it can answer."""
+    rel, question = SAMPLE_FOR_MODEL.get(model or "", (SAMPLE_IMAGE, SAMPLE_QUESTION))
+    path = Path(__file__).resolve().parent.parent / "sample_images" / rel
+    if not path.is_file():
+        raise UsageError(f"the shipped sample image sample_images/{rel} is missing; give an image")
+    return path, question
 
 
 def shipped_images() -> list[Path]:

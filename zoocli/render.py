@@ -15,6 +15,8 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from zoocli.text import plural, shown
+
 KEPT, DROPPED, ABSENT = "█", "·", " "
 RAMP = " ▁▂▃▄▅▆▇█"
 MAX_GRID_COLS = 48
@@ -195,7 +197,7 @@ def heat_panel(scopes, values, lo, hi):
 
 
 def answer_panel(result: Mapping[str, Any]) -> Panel:
-    text = Text(result["answer"] or "(empty answer)")
+    text = Text(shown(result["answer"]) or "(empty answer)")
     if result.get("meaningless"):
         text.append("\nrandom weights: this answer is meaningless", style="yellow")
     kept, total = result["n_llm_visual_kept"], result["n_llm_visual_full"]
@@ -238,7 +240,7 @@ def timings_table(timings_ms: Mapping[str, float], new_tokens: int | None = None
                 what = "LLM prefill incl. the in-LLM pruning (to first-token logits)"
             t.add_row(key, f"{timings_ms[key]:.1f}", what)
     if new_tokens:
-        t.caption = f"{new_tokens} new tokens"
+        t.caption = plural(new_tokens, "new token")
     return t
 
 
@@ -293,7 +295,7 @@ IN_LLM_NOTE = ("* in-LLM method (prunes inside the LLM): select = its scoring, w
 
 def _short(text: str, limit: int = 60) -> str:
     """One line of at most ``limit`` characters (full answers are in --json)."""
-    text = " ".join(text.split())
+    text = shown(" ".join(text.split()))
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
@@ -359,7 +361,7 @@ def compare_view(rows: Sequence[Mapping[str, Any]], results: Mapping[str, Any],
 
 
 def top_tokens_table(top: Sequence[Mapping[str, Any]]) -> Table:
-    t = NumTable(title=f"top {len(top)} tokens", title_justify="left")
+    t = NumTable(title=f"top {plural(len(top), 'token')}", title_justify="left")
     for col in ("rank", "token", "scope", "row", "col", "sensitivity"):
         t.add_column(col, justify="right")
     for r, tok in enumerate(top, 1):
@@ -368,13 +370,21 @@ def top_tokens_table(top: Sequence[Mapping[str, Any]]) -> Table:
     return keep_numbers(t)
 
 
+def estimator_label(out: Mapping[str, Any]) -> str:
+    """``exact``, or ``fd, m=64, h=0.01`` (``rank 16``): only the settings the estimator uses."""
+    parts = [out.get("estimator") or "exact"]
+    parts += [f"{key}={out[key]:g}" for key in ("m", "h") if out.get(key) is not None]
+    if out.get("rank"):
+        parts.append(f"rank {out['rank']}")
+    return ", ".join(parts)
+
+
 def score_view(out: Mapping[str, Any], scopes, values: Sequence[float]) -> list[RenderableType]:
     """`zoo score`: the heatmap, the statistics line, the top tokens, the norm and encoder Spearmans."""
     st = out["stats"]
     views: list[RenderableType] = [
         heat_panel(scopes, values, st["min"], st["max"]),
-        Text(f"sensitivity over {len(values)} tokens (m={out['m']}, h={out['h']}, "
-             f"{out['estimator']}): min {st['min']:.4g} · median {st['median']:.4g} · "
+        Text(f"sensitivity over {plural(len(values), 'token')} ({estimator_label(out)}): min {st['min']:.4g} · median {st['median']:.4g} · "
              f"max {st['max']:.4g}"),
         top_tokens_table(out["top"]),
     ]
@@ -387,13 +397,28 @@ def score_view(out: Mapping[str, Any], scopes, values: Sequence[float]) -> list[
     return views
 
 
-def models_table(rows: Iterable[Sequence[str]]) -> Table:
-    """`zoo models`: (name, HF id or family, source) rows."""
-    t = Table(title="models", title_justify="left")
-    for col in ("name", "HF id / family", "source"):
-        t.add_column(col)
-    for r in rows:
-        t.add_row(*r)
+def size_text(n_bytes: int | None) -> str:
+    """``4.2 MB``, ``13.5 GB`` (decimal units, as disks are sold); ``-`` for None."""
+    if n_bytes is None:
+        return "-"
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n_bytes >= scale:
+            return f"{n_bytes / scale:.1f} {unit}"
+    return f"{n_bytes} B"
+
+
+def models_table(rows: Sequence[Mapping[str, Any]]) -> Table:
+    """`zoo models`: ``zoocli.adapters.catalog`` rows, one section per source; the default marked."""
+    t = Table(title="models (* the default --model)", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    for col, just in (("name", "left"), ("HF id / family", "left"), ("tokens", "right"), ("on disk", "right")):
+        t.add_column(col, justify=just, no_wrap=col != "HF id / family", overflow="fold")
+    for i, r in enumerate(rows):
+        t.add_row(r["name"] + (" *" if r["default"] else ""), r["target"], r["visual_tokens"],
+                  size_text(r["size_bytes"]) if r["cached"] else "no",
+                  end_section=i + 1 < len(rows) and rows[i + 1]["source"] != r["source"])
+    t.caption = ("aliases: weights from the Hugging Face Hub (on disk: in its cache); demo-llava: "
+                 "shipped, trained here (shapes world only); tiny-/small-: built offline on first use "
+                 "(seconds), random weights. tokens: visual tokens per image (a range: by image size).")
     return t
 
 

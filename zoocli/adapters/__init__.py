@@ -83,6 +83,13 @@ OFFLINE_BUILD_SECONDS: dict[str, int] = {
     "small-llava-next": 15, "tiny-qwen3-vl": 6, "tiny-llava-onevision": 5,
     "small-qwen3-vl": 15, "small-llava-onevision": 15, "tiny-qwen3-vl-moe": 6,
 }
+# alias -> visual tokens per image, as `zoo models` shows them (README's table: the real processors'
+# settings, counted with zoo's processors on blank images)
+ALIAS_TOKENS: dict[str, str] = {
+    "llava-1.5": "576", "llava-1.5-13b": "576", "llava-next": "≤2,880",
+    "qwen2.5-vl": "4-16,384", "qwen3-vl": "64-16,384", "qwen3-vl-2b": "64-16,384",
+    "llava-onevision": "2,929-8,073",
+}
 SLOW_STEP_S = 10  # a loading step expected to take longer is reported even off a terminal
 # shipped trained checkpoint -> (family, its directory under zoocli/data): loaded like a real
 # checkpoint, no download, meaningful answers (demo-llava: trained on the synthetic world of zoocli.demo)
@@ -110,6 +117,54 @@ _DTYPES = {  # name -> torch dtype attribute (resolved when used: importing this
 
 def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "zoo" / "models"
+
+
+def _tree_bytes(root: Path) -> int:
+    """Bytes of the regular files under ``root`` (symlinks not followed: an HF snapshot's links
+    point at its blobs, counted once)."""
+    total = 0
+    for dirpath, _dirs, files in os.walk(root):
+        for f in files:
+            p = Path(dirpath) / f
+            if p.is_file() and not p.is_symlink():
+                total += p.stat().st_size
+    return total
+
+
+def catalog() -> list[dict[str, Any]]:
+    """What `zoo models` lists: every known model with its HF id or family, where it comes from,
+    whether it is the default, its visual tokens per image, whether it is on this machine and its
+    size on disk there (bytes; None when not). Reads directories only (no torch, no Hub)."""
+    rows = []
+    hub = None
+    try:
+        from huggingface_hub import constants
+
+        hub = Path(constants.HF_HUB_CACHE)
+    except ImportError:
+        pass
+    for name, repo in MODEL_ALIASES.items():
+        d = hub / ("models--" + repo.replace("/", "--")) if hub is not None else None
+        here = d is not None and (d / "snapshots").is_dir() and any((d / "snapshots").iterdir())
+        rows.append({"name": name, "target": repo, "source": "Hugging Face", "default": name == DEFAULT_MODEL,
+                     "visual_tokens": ALIAS_TOKENS.get(name, "?"), "cached": here,
+                     "size_bytes": _tree_bytes(d / "blobs") if here else None})
+    for name, (family, sub) in SHIPPED_MODELS.items():
+        d = shipped_model_dir(name)
+        here = (d / "config.json").is_file()
+        rows.append({"name": name, "target": family, "source": "shipped, trained (shapes world only)",
+                     "default": False, "visual_tokens": "144", "cached": here,
+                     "size_bytes": _tree_bytes(d) if here else None})
+    root = default_cache_dir()
+    for name, (family, _) in OFFLINE_MODELS.items():
+        d = root / name
+        here = (d / ".zoo-offline-version").is_file()
+        n = OFFLINE_MAX_TOKENS[name]
+        fixed = family == "llava"  # one fixed grid; the others depend on the image size
+        rows.append({"name": name, "target": family, "source": "built offline, random weights", "default": False,
+                     "visual_tokens": f"{n:,}" if fixed else f"≤{n:,}", "cached": here,
+                     "size_bytes": _tree_bytes(d) if here else None})
+    return rows
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:

@@ -54,7 +54,7 @@ def ask(
     if json_out:
         d = res.as_dict()
         d.pop("scopes")
-        print_json(d)
+        print_json({"image": image, "question": question, **d})
         return
     for renderable in render.ask_view(res.as_dict(), res.scopes, res.timings_ms, res.new_tokens):
         console.print(renderable)

@@ -37,7 +37,7 @@ def compare(
     from zoocli.compare import compare_rows, run_compare
     from zoocli.pipeline import check_family
 
-    image, question = with_sample(image, question)
+    image, question = with_sample(image, question, model)
     names = split_list(methods, "--methods")
     question, parsed, zoo = early_checks(question, keep, names, max_new_tokens, overlay, opts)
     img = load_image(image)
@@ -72,15 +72,15 @@ def compare(
     console.print(render.warm_note(int(not no_warmup)), highlight=False)
 
 
-def with_sample(image: str | None, question: str | None) -> tuple[str, str]:
-    """No image: the shipped sample image and its question, said on stderr; an image needs a
-    question."""
+def with_sample(image: str | None, question: str | None, model: str | None = None) -> tuple[str, str]:
+    """No image: the shipped sample image and its question (for ``model``: demo-llava gets a
+    shapes image), said on stderr; an image needs a question."""
     from zoocli.errors import UsageError
 
     if image is None:
         from zoocli.bench import sample_example
 
-        path, sample_q = sample_example()
+        path, sample_q = sample_example(model)
         question = sample_q if question is None else question
         note(f"no image given: using the shipped sample {path.name}, question {question!r}")
         return str(path), question

@@ -38,7 +38,7 @@ def score(
     if image is None:
         from zoocli.cli.compare import with_sample
 
-        image, question = with_sample(image, question)
+        image, question = with_sample(image, question, model)
     q = question_text(question) if question is not None else "Describe the image."
     zoo = opts.zoo()
     check_int("--top", top, 0, MAX_TOP)
@@ -47,8 +47,8 @@ def score(
     adapter = load_model(model, device, dtype, random_weights)
     check_images(adapter, [image], [img])
     scored = score_image(adapter, img, q, seed=opts.seed, zoo=zoo)
-    out = {"model": adapter.model_id, "n_visual_tokens": len(scored.values), "m": opts.m,
-           "h": opts.h, "seed": opts.seed, "estimator": opts.estimator, "rank": opts.rank,
+    out = {"model": adapter.model_id, "n_visual_tokens": len(scored.values), "m": zoo.get("m"),
+           "h": zoo.get("h"), "seed": opts.seed, "estimator": zoo.get("estimator") or "exact", "rank": zoo.get("rank"),
            **summary(scored.values, scored.layout, top), **norm_agreement(scored)}
     if vs_encoder:
         from zoocli.cli.progress import Steps
