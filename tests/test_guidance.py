@@ -106,3 +106,48 @@ def test_usage_lines_are_clean(command, usage):
 def test_root_help_shows_no_bool_type():
     out = run("--help").stdout
     assert "<bool>" not in out and "--version" in out
+
+
+def test_answers_are_shown_escaped_and_raw_in_json():
+    from zoocli.render import answer_panel, compare_table
+    from zoocli.text import plural, shown
+
+    assert shown("red\x03\ufffd\ufffd\ufffd\u202e") == "red\\x03\\ufffd x3\\u202e"
+    assert shown("a\nb\tc é 中 \ufffd") == "a\nb\tc é 中 \ufffd"  # text, a lone U+FFFD kept
+    assert plural(1, "new token") == "1 new token" and plural(3, "new token") == "3 new tokens"
+    from rich.console import Console
+
+    def text(r):
+        c = Console(width=120, record=True, color_system=None)
+        c.print(r)
+        return c.export_text()
+
+    res = {"answer": "red\x03\ufffd\ufffd", "method": "zoo", "kept_indices": [1], "n_visual_tokens": 4,
+           "n_llm_visual_kept": 1, "n_llm_visual_full": 4, "model": "m"}
+    assert "red\\x03\\ufffd x2" in text(answer_panel(res)) and "\x03" not in text(answer_panel(res))
+
+
+def test_models_marks_the_default_and_shows_tokens_and_disk():
+    from cli_helpers import run_json
+
+    rows = {r["name"]: r for r in run_json("models")}
+    assert rows["llava-1.5"]["default"] and sum(r["default"] for r in rows.values()) == 1
+    assert rows["llava-1.5"]["visual_tokens"] == "576" and rows["demo-llava"]["visual_tokens"] == "144"
+    assert rows["demo-llava"]["cached"] and rows["demo-llava"]["size_bytes"] > 1_000_000
+    out = run("models").stdout
+    assert "llava-1.5 *" in out and "default" in out
+
+
+def test_ask_json_names_its_image_and_question():
+    from cli_helpers import run_json
+
+    d = run_json("ask", CUP, "What is it?", "--model", "tiny-llava", "--keep", "4", "--max-new-tokens", "1")
+    assert d["image"] == CUP and d["question"] == "What is it?"
+
+
+def test_demo_llava_default_sample_is_a_shapes_image():
+    from zoocli.bench import sample_example
+
+    path, q = sample_example("demo-llava")
+    assert path.parent.name == "shapes" and path.is_file() and "circle" in q
+    assert sample_example("tiny-llava")[0].name == "two_cats_couch_remotes.jpg"
