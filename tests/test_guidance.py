@@ -3,6 +3,7 @@ model that is not available says what it is, how to get it and what runs offline
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -151,3 +152,68 @@ def test_demo_llava_default_sample_is_a_shapes_image():
     path, q = sample_example("demo-llava")
     assert path.parent.name == "shapes" and path.is_file() and "circle" in q
     assert sample_example("tiny-llava")[0].name == "two_cats_couch_remotes.jpg"
+
+
+# ---- long work says what it will do (issue 24)
+
+BENCH = ["bench", "--model", "tiny-llava", "--budgets", "8,4", "--methods", "zoo,divprune", "--images", CUP,
+         "--max-new-tokens", "2"]
+
+
+def test_bench_prints_its_plan_and_a_line_per_repeat_off_a_terminal():
+    res = run(*BENCH, "--repeats", "2", "--warmup", "1")
+    err = res.stderr.splitlines()
+    plan = [ln for ln in err if ln.startswith("bench: plan: ")]
+    assert plan == ["bench: plan: 5 rows (the unpruned row + 2 methods x 2 budgets) x 1 image x 3 repeats "
+                    "(1 warm-up + 2 timed) = 15 model runs, 2 new tokens each; a time estimate after the first repeat"]
+    reps = [ln for ln in err if ln.startswith("bench: repeat ")]
+    assert [ln.split(" done ")[0] for ln in reps] == ["bench: repeat 1/3", "bench: repeat 2/3", "bench: repeat 3/3"]
+    assert "(warm-up)" in reps[0] and "(timed)" in reps[1] and ", eta " in reps[0] and ", eta" not in reps[2]
+    assert err.index(plan[0]) < err.index(reps[0])
+    # the offline model's timings are real, its words are not
+    assert "random weights" in res.stdout
+
+
+def test_bench_on_an_offline_model_on_cpu_chooses_a_small_budget_of_work_and_says_so():
+    res = run("bench", "--model", "tiny-llava", "--budgets", "4", "--methods", "divprune", "--device", "cpu",
+              "--json")
+    said = [ln for ln in res.stderr.splitlines() if "offline model on CPU" in ln]
+    assert said == ["bench: tiny-llava is an offline model on CPU: 1 image (two_cats_couch_remotes.jpg), "
+                    "3 repeats, 4 new tokens by default, to finish in minutes (give --images, --repeats, "
+                    "--max-new-tokens to choose)"]
+    rows = json.loads(res.stdout)
+    assert rows[0]["key"]["repeats"] == 3 and rows[0]["key"]["images"] == ["two_cats_couch_remotes.jpg"]
+    assert rows[0]["key"]["max_new_tokens"] == 4
+    # what the user gives is kept, and only the rest is chosen
+    res = run("bench", "--model", "tiny-llava", "--budgets", "4", "--methods", "divprune", "--device", "cpu",
+              "--repeats", "1", "--json")
+    assert "1 image (two_cats_couch_remotes.jpg), 4 new tokens by default" in res.stderr
+    assert json.loads(res.stdout)[0]["key"]["repeats"] == 1
+
+
+def test_bench_defaults_stay_for_real_models():
+    from zoocli.cli.bench import quick_defaults
+
+    assert quick_defaults("tiny-llava", "cpu", False) and quick_defaults("demo-llava", "cpu", False)
+    assert not quick_defaults("llava-1.5", "cpu", False) and not quick_defaults("tiny-llava", "cuda", False)
+    assert not quick_defaults("llava-1.5", "cpu", True)
+
+
+def test_eval_lines_off_a_terminal_come_every_tenth_or_30_s(monkeypatch):
+    from zoocli.cli import progress
+
+    lines = []
+    monkeypatch.setattr(progress.err, "print", lambda text, **kw: lines.append(text))
+    with progress.Steps("eval", 1000, "predictions", log_rate=(0.10, 30.0)) as steps:
+        for _ in range(1000):
+            steps.finished("x")
+    # the first unit (the run is alive), then every 100th
+    assert [ln.split(" predictions")[0] for ln in lines] == ["eval: 1/1000"] + [f"eval: {i}/1000" for i in range(100, 1001, 100)]
+    assert ", eta " in lines[0] and lines[-1].startswith("eval: 1000/1000") and "eta" not in lines[-1]
+    clock = iter(range(0, 10**6, 40))  # 40 s per prediction: every one is 30 s after the last line
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: float(next(clock)))
+    lines.clear()
+    with progress.Steps("eval", 1000, "predictions", log_rate=(0.10, 30.0)) as steps:
+        for _ in range(5):
+            steps.finished("x")
+    assert len(lines) == 5

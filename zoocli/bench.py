@@ -185,11 +185,13 @@ def bench_rows(
     adapter, images: Sequence[Any], spec: BenchSpec, skip: set[str] | None = None,
     progress: Callable[[str], None] | None = None,
     row_done: Callable[[str, str], None] | None = None,
+    round_done: Callable[[int, int], None] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Measure the baseline and every (budget, method) not in ``skip``, interleaved (module
     docstring); yield each row once it is finished (during the last round). ``progress(what)``
     after every model run; ``row_done(method, budget)`` when a row's last run is done (the
-    baseline too, also when --out already holds it and it is not yielded)."""
+    baseline too, also when --out already holds it and it is not yielded); ``round_done(i, n)``
+    when round i of n (1-based; warm-up rounds first) is done."""
     skip = skip or set()
     for name in spec.methods:
         check_family(adapter, parse_method_spec(name)[0])
@@ -222,6 +224,8 @@ def bench_rows(
                 yield _build(method, budget, reps[(method, budget)], reps[(BASELINE, "all")],
                              spec, adapter, cfg, n_llm, dims)
             pending = []
+        if round_done:
+            round_done(rnd + 1, len(orders))
 
 
 def _repeat_ms(runs: list[dict], stage: str) -> float:
@@ -237,19 +241,36 @@ def _build(method, budget, row_reps, base_reps, spec, adapter, cfg, n_llm, dims)
     name = parse_method_spec(method)[0]
     _add_flops(row, runs, cfg, n_llm, dims, name, spec.method_options(method))
     row["key"] = spec.key(method, budget)
-    base_ttft = [_repeat_ms(rep, "ttft") for rep in base_reps]
-    noise = summarize(base_ttft)
-    row["baseline_ttft_spread"] = (noise["max"] - noise["min"]) / noise["median"] if noise["median"] else 0.0
+    row["baseline_ttft_spread"] = relative_spread([_repeat_ms(rep, "ttft") for rep in base_reps])
     row["noisy"] = row["baseline_ttft_spread"] > NOISE_LIMIT
     if method != BASELINE:
-        spread = {}
-        for s in SPEEDUP_STAGES:
-            ratios = [speedup(_repeat_ms(b, s), _repeat_ms(r, s)) for b, r in zip(base_reps, row_reps)]
-            row[f"speedup_{s}"] = statistics.median(ratios)
-            spread[s] = {"min": min(ratios), "max": max(ratios)}
-        row["speedup_spread"] = spread
-        row["speedup_spread_kind"] = "min-max of per-repeat ratios"
+        row.update(repeat_speedups([{s: _repeat_ms(rep, s) for s in SPEEDUP_STAGES} for rep in base_reps],
+                                   [{s: _repeat_ms(rep, s) for s in SPEEDUP_STAGES} for rep in row_reps],
+                                   SPEEDUP_STAGES))
     return row
+
+
+def relative_spread(values: Sequence[float]) -> float:
+    """(max - min) / median of repeated measurements (0 for one, or a zero median): above
+    ``NOISE_LIMIT`` for the baseline, the machine was too noisy to trust the speed-ups."""
+    st = summarize(list(values))
+    return (st["max"] - st["min"]) / st["median"] if st["median"] else 0.0
+
+
+def repeat_speedups(base: Sequence[dict[str, float]], ms: Sequence[dict[str, float]],
+                    stages: Sequence[str]) -> dict[str, Any]:
+    """Speed-ups from interleaved repeats: per stage the median of the per-repeat ratios (baseline
+    / method, the same repeat), with their min-max (``speedup_spread``). ``base`` and ``ms``: one
+    dict of stage times per repeat, in repeat order."""
+    out: dict[str, Any] = {}
+    spread = {}
+    for s in stages:
+        ratios = [speedup(b[s], r[s]) for b, r in zip(base, ms, strict=True)]
+        out[f"speedup_{s}"] = statistics.median(ratios)
+        spread[s] = {"min": min(ratios), "max": max(ratios)}
+    out["speedup_spread"] = spread
+    out["speedup_spread_kind"] = "min-max of per-repeat ratios"
+    return out
 
 
 def _run_once(adapter, img, spec: BenchSpec, method: str, budget: str, cfg) -> dict[str, Any]:

@@ -316,9 +316,10 @@ def warm_note(warmup_runs: int) -> str:
     return "timings: cold run (--no-warmup), one-time costs (caches, first kernel calls) included"
 
 
-def bench_table(rows: Sequence[Mapping[str, Any]], spec: Any) -> Table:
-    t = NumTable(title=(f"{spec.model} · {spec.device} {spec.dtype} · {len(spec.images)} image(s) x "
-                     f"{spec.repeats} repeats, median ms (warm-up {spec.warmup} excluded)"),
+def bench_table(rows: Sequence[Mapping[str, Any]], spec: Any, meaningless: bool = False) -> Table:
+    weights = " · random weights" if meaningless or spec.random_weights else ""
+    t = NumTable(title=(f"{spec.model}{weights} · {spec.device} {spec.dtype} · {plural(len(spec.images), 'image')} x "
+                     f"{plural(spec.repeats, 'repeat')}, median ms (warm-up {spec.warmup} excluded)"),
               title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     cols = ["method", "budget", "tokens", "select", "prefill", "ttft", "e2e", "ttft×", "spread",
             "e2e×", "sel/ttft"]
@@ -344,6 +345,8 @@ def bench_table(rows: Sequence[Mapping[str, Any]], spec: Any) -> Table:
                       "(max-min over median, > 10%) over repeats; treat the speed-ups with care.")
     if in_llm:
         t.caption += "\n" + IN_LLM_NOTE
+    if meaningless or spec.random_weights:
+        t.caption += "\nrandom weights: the timings are real; what the model generates is meaningless"
     return keep_numbers(t)
 
 
