@@ -359,8 +359,8 @@ def test_compare_and_score_without_an_image_use_the_shipped_sample_and_say_so():
               "--max-new-tokens", "2", "--json")
     assert f"using the shipped sample {SAMPLE_IMAGE}" in res.stderr
     assert json.loads(res.stdout)["question"] == SAMPLE_QUESTION
-    assert "compare: 1/3 methods done (none)" in res.stderr  # progress off a terminal
-    assert "compare: 3/3 methods done (zoo)" in res.stderr
+    assert "compare: 1/9 runs done (none)" in res.stderr  # progress off a terminal: 3 methods x 3 runs
+    assert "compare: 9/9 runs done (" in res.stderr
     res = run("score", "--model", "tiny-llava", "--json")
     assert SAMPLE_IMAGE in res.stderr and json.loads(res.stdout)["n_visual_tokens"] == 16
     one_line_error(run("compare", CUP, code=2), "QUESTION")

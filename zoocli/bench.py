@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import random
-import statistics
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,12 +30,11 @@ from typing import Any
 from zoocli.errors import UsageError, ZooError
 from zoocli.methods import parse_method_spec
 from zoocli.pipeline import check_family, encode_image, parse_keep, run_method
-from zoocli.compare import BASELINE, speedup
+from zoocli.compare import BASELINE, NOISE_LIMIT, relative_spread, repeat_speedups
 from zoocli.timing import peak_memory_mb, reset_peak_memory, summarize
 
 STAGES = ("preprocess", "vision", "selection", "prefill", "ttft", "decode", "e2e")
 SPEEDUP_STAGES = ("prefill", "ttft", "e2e")
-NOISE_LIMIT = 0.10  # baseline TTFT (max - min) / median over repeats above this: a noisy machine
 
 
 @dataclass
@@ -248,29 +246,6 @@ def _build(method, budget, row_reps, base_reps, spec, adapter, cfg, n_llm, dims)
                                    [{s: _repeat_ms(rep, s) for s in SPEEDUP_STAGES} for rep in row_reps],
                                    SPEEDUP_STAGES))
     return row
-
-
-def relative_spread(values: Sequence[float]) -> float:
-    """(max - min) / median of repeated measurements (0 for one, or a zero median): above
-    ``NOISE_LIMIT`` for the baseline, the machine was too noisy to trust the speed-ups."""
-    st = summarize(list(values))
-    return (st["max"] - st["min"]) / st["median"] if st["median"] else 0.0
-
-
-def repeat_speedups(base: Sequence[dict[str, float]], ms: Sequence[dict[str, float]],
-                    stages: Sequence[str]) -> dict[str, Any]:
-    """Speed-ups from interleaved repeats: per stage the median of the per-repeat ratios (baseline
-    / method, the same repeat), with their min-max (``speedup_spread``). ``base`` and ``ms``: one
-    dict of stage times per repeat, in repeat order."""
-    out: dict[str, Any] = {}
-    spread = {}
-    for s in stages:
-        ratios = [speedup(b[s], r[s]) for b, r in zip(base, ms, strict=True)]
-        out[f"speedup_{s}"] = statistics.median(ratios)
-        spread[s] = {"min": min(ratios), "max": max(ratios)}
-    out["speedup_spread"] = spread
-    out["speedup_spread_kind"] = "min-max of per-repeat ratios"
-    return out
 
 
 def _run_once(adapter, img, spec: BenchSpec, method: str, budget: str, cfg) -> dict[str, Any]:

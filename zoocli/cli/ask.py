@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from zoocli.cli.common import (
+    WarmRepeatsOpt, warm_repeats,
     ConfigOpt, DeviceOpt, DtypeOpt, ImageArg, JsonOpt, KeepOpt, MaxNewOpt, MethodOptions, ModelOpt,
     NoWarmupOpt, QuestionArg, RandomOpt, check_images, console, early_checks, handle_errors,
     load_image, load_model, method_options, print_json, save_png, warn,
@@ -28,6 +29,7 @@ def ask(
     max_new_tokens: MaxNewOpt = 64,
     overlay: Annotated[Path | None, typer.Option(help="write a PNG with dropped patches dimmed")] = None,
     no_warmup: NoWarmupOpt = False,
+    repeats: WarmRepeatsOpt = None,
     json_out: JsonOpt = False,
     config: ConfigOpt = None,
 ) -> None:
@@ -37,11 +39,12 @@ def ask(
 
     question, [(name, extra)], zoo = early_checks(  # name: "fastv" from "fastv:K=3"
         question, keep, [method], max_new_tokens, overlay, opts)
+    repeats = warm_repeats(repeats, no_warmup)
     img = load_image(image)
     adapter = load_model(model, device, dtype, random_weights)
     check_images(adapter, [image], [img])
     warnings: list[str] = []
-    res = run_one_warm(adapter, img, question, name, keep, warmup=not no_warmup,
+    res = run_one_warm(adapter, img, question, name, keep, warmup=not no_warmup, repeats=repeats,
                        scope=opts.budget_scope, seed=opts.seed, options={**zoo, **extra},
                        max_new_tokens=max_new_tokens, warnings=warnings)
     for w in warnings:
@@ -58,4 +61,4 @@ def ask(
         return
     for renderable in render.ask_view(res.as_dict(), res.scopes, res.timings_ms, res.new_tokens):
         console.print(renderable)
-    console.print(render.warm_note(res.warmup_runs), highlight=False)
+    console.print(render.warm_note(res.warmup_runs, repeats), highlight=False)

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from zoocli.cli.common import (
+    WarmRepeatsOpt, warm_repeats,
     ConfigOpt, DeviceOpt, DtypeOpt, JsonOpt, KeepOpt, MaxNewOpt, MethodOptions, MethodsOpt,
     ModelOpt, NoWarmupOpt, RandomOpt, check_images, console, early_checks, handle_errors,
     load_image, load_model, method_options, note, print_json, save_png, split_list, warn,
@@ -29,6 +30,7 @@ def compare(
     max_new_tokens: MaxNewOpt = 64,
     overlay: Annotated[Path | None, typer.Option(help="write a contact sheet of the overlays (PNG)")] = None,
     no_warmup: NoWarmupOpt = False,
+    repeats: WarmRepeatsOpt = None,
     json_out: JsonOpt = False,
     config: ConfigOpt = None,
 ) -> None:
@@ -40,6 +42,7 @@ def compare(
     image, question = with_sample(image, question, model)
     names = split_list(methods, "--methods")
     question, parsed, zoo = early_checks(question, keep, names, max_new_tokens, overlay, opts)
+    repeats = warm_repeats(repeats, no_warmup)
     img = load_image(image)
     adapter = load_model(model, device, dtype, random_weights)
     check_images(adapter, [image], [img])
@@ -49,9 +52,9 @@ def compare(
     from zoocli.cli.progress import Steps
 
     warnings: list[str] = []
-    with Steps("compare", len({"none", *names}), "methods") as steps:
+    with Steps("compare", len({"none", *names}) * repeats, "runs") as steps:
         enc, k, results = run_compare(
-            adapter, img, question, specs, keep, warmup=not no_warmup, scope=opts.budget_scope,
+            adapter, img, question, specs, keep, warmup=not no_warmup, repeats=repeats, scope=opts.budget_scope,
             seed=opts.seed, options=zoo, max_new_tokens=max_new_tokens, warnings=warnings,
             on_warm=lambda: steps.note("compare: warm-up pass done (untimed, left out of the figures)"),
             on_done=lambda spec: steps.finished(spec))
@@ -69,7 +72,7 @@ def compare(
         return
     for renderable in render.compare_view(rows, results, adapter.meaningless):
         console.print(renderable)
-    console.print(render.warm_note(int(not no_warmup)), highlight=False)
+    console.print(render.warm_note(int(not no_warmup), repeats), highlight=False)
 
 
 def with_sample(image: str | None, question: str | None, model: str | None = None) -> tuple[str, str]:
