@@ -79,7 +79,7 @@ def test_keep_more_than_tokens_is_clamped_with_a_warning():
         (["ask", CUP, "q", "--h", "0"], 2, "--h must be a positive number"),
         (["ask", CUP, "q", "--h", "nan"], 2, "--h must be a positive number"),
         (["ask", CUP, "q", "--method", "fastestv"], 2, "known:"),
-        (["ask", CUP, "q", "--model", "no-such-family-xyz"], 1, "no-such-family-xyz"),
+        (["ask", CUP, "q", "--model", "no-such-family-xyz"], 2, "unknown model 'no-such-family-xyz'"),
         (["ask", CUP, "q", "--model", "tiny-llava", "--dtype", "fp8"], 2, "fp8"),
     ],
 )

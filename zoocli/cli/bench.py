@@ -129,11 +129,12 @@ def bench(
     question = question_text(question)
     given = [p for spec in (images or []) for p in split_list(spec, "--images")]
     small = quick_defaults(model, device, random_weights)
+    chose = ""  # said once the input is checked, before the model loads
     if small and not (given and repeats is not None and max_new_tokens is not None):
         chosen = small_work(model, given, repeats, max_new_tokens)
         given, repeats, max_new_tokens = chosen["images"], chosen["repeats"], chosen["max_new_tokens"]
-        note(f"bench: {model} is an offline model on CPU: {chosen['said']} by default, to finish in "
-             "minutes (give --images, --repeats, --max-new-tokens to choose)")
+        chose = (f"bench: {model} is an offline model on CPU: {chosen['said']} by default, to finish in "
+                 "minutes (give --images, --repeats, --max-new-tokens to choose)")
     repeats = DEFAULT_REPEATS if repeats is None else repeats
     max_new_tokens = DEFAULT_NEW_TOKENS if max_new_tokens is None else max_new_tokens
     paths = given or [str(p) for p in shipped_images()]
@@ -141,6 +142,8 @@ def bench(
     _check_out(out)
     with _locked(out):
         done = done_keys(out)  # also refuses a file that is not zoo's bench rows, before the model
+        if chose:
+            note(chose)
         adapter = load_model(model, device, dtype, random_weights)
         check_images(adapter, paths, imgs)
         spec = BenchSpec(model=adapter.model_id, methods=names, budgets=budget_list,
