@@ -68,10 +68,13 @@ def test_bench_kernel_without_triton_says_so(monkeypatch, part):
     assert "triton: triton not installed" in res.output and "tiny 2x40>5" in res.output
 
 
-def test_triton_not_installed_is_reported_as_such():
-    if importlib.util.find_spec("triton") is not None:
-        pytest.skip("triton is installed here")
+def test_available_backends_match_what_is_installed():
+    """Without triton: 'triton not installed'; with it (tests run its CPU interpreter, conftest.py):
+    both backends."""
     from zoocli.selection_bench import available_backends, unavailable_backends
 
-    assert unavailable_backends("cpu") == {"triton": "triton not installed"}
-    assert available_backends("cpu") == ["torch"]
+    if importlib.util.find_spec("triton") is None:
+        assert unavailable_backends("cpu") == {"triton": "triton not installed"}
+        assert available_backends("cpu") == ["torch"]
+    else:
+        assert unavailable_backends("cpu") == {} and available_backends("cpu") == ["torch", "triton"]
