@@ -37,9 +37,11 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def offline_models(zoo_model_cache, monkeypatch):
-    """Commands that load an offline model by name build it in the session cache dir."""
+    """Commands that load an offline model by name build it in the session cache dir: for every
+    test (autouse), so no test builds or reads a model in the user's ~/.cache/zoo. Tests that run
+    zoo in a subprocess set HOME to their tmp_path for the same reason."""
     import zoocli.adapters
 
     monkeypatch.setattr(zoocli.adapters, "default_cache_dir", lambda: zoo_model_cache)

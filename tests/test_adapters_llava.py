@@ -309,8 +309,8 @@ def test_not_cached_hf_id_is_one_line_error(monkeypatch, tmp_path):
     msg = str(info.value)
     assert "\n" not in msg
     assert msg.startswith("model 'zoo-test-nonexistent/no-such-model' is not in the local cache")
-    assert ", ".join(OFFLINE_MODELS) + ", or --random-weights" in msg
-    assert "tiny-llava, tiny-llava-next, tiny-qwen2.5-vl, small-llava, small-llava-next" in msg
+    assert "random weights: " + ", ".join(OFFLINE_MODELS) in msg and "--model demo-llava" in msg
+    assert "huggingface-cli download zoo-test-nonexistent/no-such-model" in msg
 
 
 def test_random_weights_needs_an_alias():

@@ -101,8 +101,10 @@ def test_score_view_lines():
            "spearman_encoder_vs_projector": 0.25}
     layout = [dict(SCOPES[0], kept=[False, False])]
     views = render.score_view(out, layout, [0.5, 2.0])
-    assert _text(views[1]) == "sensitivity over 2 tokens (m=8, h=0.01, fd): min 0.5 · median 1 · max 2\n"
-    assert "top 1 tokens" in _text(views[2])
+    assert _text(views[1]) == "sensitivity over 2 tokens (fd, m=8, h=0.01): min 0.5 · median 1 · max 2\n"
+    assert "top 1 token" in _text(views[2]) and "top 1 tokens" not in _text(views[2])
+    exact = render.score_view(dict(out, m=None, h=None, estimator="exact"), layout, [0.5, 2.0])
+    assert _text(exact[1]) == "sensitivity over 2 tokens (exact): min 0.5 · median 1 · max 2\n"  # no None
     assert _text(views[3]) == "Spearman(encoder-input sensitivity, projector sensitivity) = 0.250\n"
 
 

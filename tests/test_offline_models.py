@@ -123,9 +123,9 @@ def test_not_cached_alias_points_at_its_familys_offline_model_with_enough_tokens
     from zoocli.adapters import _not_available
 
     msg = str(_not_available(alias))
-    assert f"try --model {want} (offline, same " in msg and "--random-weights" in msg
+    assert f"--model {want} (offline, same " in msg and "--random-weights" in msg
     assert "\n" not in msg
-    assert "try an offline model: tiny-llava," in str(_not_available("someone/some-vlm"))
+    assert "an offline model with random weights: tiny-llava," in str(_not_available("someone/some-vlm"))
 
 
 def test_too_big_random_model_points_at_its_familys_offline_model(monkeypatch):

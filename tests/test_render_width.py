@@ -27,7 +27,8 @@ def _compare_rows():
                                     ("sparsevlm", "in_llm")]):
         rows.append({"method": m, "stage": stage, "kept": 64, "total": 2880, "answer": LONG,
                      "selection_ms": 1234.5 + i, "prefill_ms": 98765.4, "e2e_ms": 123456.7,
-                     "speedup_e2e": 12.34, "jaccard_vs_zoo": 0.876})
+                     "speedup_e2e": 12.34, "jaccard_vs_zoo": 0.876, "repeats": 3,
+                     "speedup_spread": {"e2e": {"min": 12.01, "max": 13.5}}})
     return rows
 
 
@@ -48,8 +49,8 @@ def _tables():
                  for m, b in (("none", None), ("zoo", 64)) for d in ("textvqa", "pope", "mean")]
     return {
         "compare": (render.compare_table(_compare_rows()),
-                    ["select", "prefill", "e2e", "speed-up", "Jaccard"],
-                    ["64/2880", "1234.5", "98765.4", "123456.7", "12.34x", "0.88"]),
+                    ["select", "prefill", "e2e", "speed-up", "spread", "Jaccard"],
+                    ["64/2880", "1234.5", "98765.4", "123456.7", "12.34x", "12.01-13.50", "0.88"]),
         "bench": (render.bench_table(_bench_rows(), SPEC),
                   ["tokens", "select", "prefill", "ttft", "e2e", "ttft×", "e2e×", "sel/ttft"],
                   ["2880", "12345.6", "3.21", "4.56", "12.3%"]),

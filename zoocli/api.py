@@ -159,13 +159,14 @@ def _answer(run, question: str, spec: str, budget: str, warnings: list[str]) -> 
 
 def ask(adapter, image, question: str, keep: int | str = 64, method: str = "zoo", *,
         seed: int = 0, budget_scope: str = "crop", options: Mapping[str, Any] | None = None,
-        max_new_tokens: int = 64, warmup: bool = False) -> Answer:
+        max_new_tokens: int = 64, warmup: bool = False, repeats: int = 1) -> Answer:
     """Answer ``question`` about ``image`` keeping ``keep`` visual tokens chosen by ``method``.
 
     ``budget_scope``: ``"crop"`` (split over LLaVA-NeXT's crops) or ``"global"``. ``options``:
     defaults for the method's options (what `zoo`'s ``--estimator`` / ``--m`` ... flags give;
     the spec's own options win). ``warmup``: one untimed run first, so ``timings_ms`` are warm
-    (`zoo ask` does this; the answer is the same either way)."""
+    (`zoo ask` does this; the answer is the same either way). ``repeats``: timed runs;
+    ``timings_ms`` are their per-stage medians, ``run.repeat_ms`` each one's."""
     from zoocli.pipeline import check_family, run_one_warm
 
     question = question_text(question)
@@ -175,7 +176,7 @@ def ask(adapter, image, question: str, keep: int | str = 64, method: str = "zoo"
     adapter.check_image(img.size)
     check_family(adapter, name)
     warnings: list[str] = []
-    run = run_one_warm(adapter, img, question, name, budget, warmup=warmup, scope=budget_scope,
+    run = run_one_warm(adapter, img, question, name, budget, warmup=warmup, repeats=repeats, scope=budget_scope,
                        seed=seed, options={**(options or {}), **extra},
                        max_new_tokens=max_new_tokens, warnings=warnings)
     return _answer(run, question, spec, budget, warnings)
@@ -184,12 +185,13 @@ def ask(adapter, image, question: str, keep: int | str = 64, method: str = "zoo"
 def compare_methods(adapter, image, question: str, methods: str | Sequence[str] = ("divprune", "zoo"),
                     keep: int | str = 64, *, seed: int = 0, budget_scope: str = "crop",
                     options: Mapping[str, Any] | None = None, max_new_tokens: int = 64,
-                    warmup: bool = False, on_warm: Callable[[], None] | None = None,
+                    warmup: bool = False, repeats: int = 1, on_warm: Callable[[], None] | None = None,
                     on_done: Callable[[str], None] | None = None) -> Comparison:
     """Run the unpruned baseline and each of ``methods`` (specs, a list or comma-separated) on
     ``image`` encoded once, at the same budget. ``warmup``: the whole pass runs once untimed
     first (`zoo compare` does this); ``on_warm()`` after it, ``on_done(spec)`` after each timed
-    run. Other arguments as ``ask``."""
+    run. ``repeats``: timed passes, in `zoo bench`'s interleaved order; timings are per-stage
+    medians and the rows' speed-ups medians of per-pass ratios. Other arguments as ``ask``."""
     from zoocli.compare import BASELINE, compare_rows, run_compare
     from zoocli.pipeline import check_family
 
@@ -201,7 +203,8 @@ def compare_methods(adapter, image, question: str, methods: str | Sequence[str] 
     for name, _ in specs.values():
         check_family(adapter, name)
     warnings: list[str] = []
-    enc, k, runs = run_compare(adapter, img, question, specs, budget, warmup=warmup, scope=budget_scope,
+    enc, k, runs = run_compare(adapter, img, question, specs, budget, warmup=warmup, repeats=repeats,
+                               scope=budget_scope,
                                seed=seed, options=dict(options or {}), max_new_tokens=max_new_tokens,
                                warnings=warnings, on_warm=on_warm, on_done=on_done)
     rows = compare_rows(runs, {s: p[0] for s, p in specs.items()} | {BASELINE: BASELINE})

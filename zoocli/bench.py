@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import random
-import statistics
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,12 +30,11 @@ from typing import Any
 from zoocli.errors import UsageError, ZooError
 from zoocli.methods import parse_method_spec
 from zoocli.pipeline import check_family, encode_image, parse_keep, run_method
-from zoocli.compare import BASELINE, speedup
+from zoocli.compare import BASELINE, NOISE_LIMIT, relative_spread, repeat_speedups
 from zoocli.timing import peak_memory_mb, reset_peak_memory, summarize
 
 STAGES = ("preprocess", "vision", "selection", "prefill", "ttft", "decode", "e2e")
 SPEEDUP_STAGES = ("prefill", "ttft", "e2e")
-NOISE_LIMIT = 0.10  # baseline TTFT (max - min) / median over repeats above this: a noisy machine
 
 
 @dataclass
@@ -185,11 +183,13 @@ def bench_rows(
     adapter, images: Sequence[Any], spec: BenchSpec, skip: set[str] | None = None,
     progress: Callable[[str], None] | None = None,
     row_done: Callable[[str, str], None] | None = None,
+    round_done: Callable[[int, int], None] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Measure the baseline and every (budget, method) not in ``skip``, interleaved (module
     docstring); yield each row once it is finished (during the last round). ``progress(what)``
     after every model run; ``row_done(method, budget)`` when a row's last run is done (the
-    baseline too, also when --out already holds it and it is not yielded)."""
+    baseline too, also when --out already holds it and it is not yielded); ``round_done(i, n)``
+    when round i of n (1-based; warm-up rounds first) is done."""
     skip = skip or set()
     for name in spec.methods:
         check_family(adapter, parse_method_spec(name)[0])
@@ -222,6 +222,8 @@ def bench_rows(
                 yield _build(method, budget, reps[(method, budget)], reps[(BASELINE, "all")],
                              spec, adapter, cfg, n_llm, dims)
             pending = []
+        if round_done:
+            round_done(rnd + 1, len(orders))
 
 
 def _repeat_ms(runs: list[dict], stage: str) -> float:
@@ -237,18 +239,12 @@ def _build(method, budget, row_reps, base_reps, spec, adapter, cfg, n_llm, dims)
     name = parse_method_spec(method)[0]
     _add_flops(row, runs, cfg, n_llm, dims, name, spec.method_options(method))
     row["key"] = spec.key(method, budget)
-    base_ttft = [_repeat_ms(rep, "ttft") for rep in base_reps]
-    noise = summarize(base_ttft)
-    row["baseline_ttft_spread"] = (noise["max"] - noise["min"]) / noise["median"] if noise["median"] else 0.0
+    row["baseline_ttft_spread"] = relative_spread([_repeat_ms(rep, "ttft") for rep in base_reps])
     row["noisy"] = row["baseline_ttft_spread"] > NOISE_LIMIT
     if method != BASELINE:
-        spread = {}
-        for s in SPEEDUP_STAGES:
-            ratios = [speedup(_repeat_ms(b, s), _repeat_ms(r, s)) for b, r in zip(base_reps, row_reps)]
-            row[f"speedup_{s}"] = statistics.median(ratios)
-            spread[s] = {"min": min(ratios), "max": max(ratios)}
-        row["speedup_spread"] = spread
-        row["speedup_spread_kind"] = "min-max of per-repeat ratios"
+        row.update(repeat_speedups([{s: _repeat_ms(rep, s) for s in SPEEDUP_STAGES} for rep in base_reps],
+                                   [{s: _repeat_ms(rep, s) for s in SPEEDUP_STAGES} for rep in row_reps],
+                                   SPEEDUP_STAGES))
     return row
 
 
@@ -315,12 +311,20 @@ SAMPLE_IMAGE = "two_cats_couch_remotes.jpg"  # `zoo compare` / `zoo score` witho
 SAMPLE_QUESTION = "How many remote controls are on the couch?"
 
 
-def sample_example() -> tuple[Path, str]:
-    """(the shipped sample image, its question): what `compare` and `score` run without an image."""
-    path = next((p for p in shipped_images() if p.name == SAMPLE_IMAGE), None)
-    if path is None:
-        raise UsageError(f"the shipped sample image {SAMPLE_IMAGE} is missing; give an image")
-    return path, SAMPLE_QUESTION
+# a model that knows only its own world gets a sample from it: demo-llava answers about shapes
+SAMPLE_FOR_MODEL: dict[str, tuple[str, str]] = {
+    "demo-llava": ("shapes/shapes_1.png", "What color is the circle?"),
+}
+
+
+def sample_example(model: str | None = None) -> tuple[Path, str]:
+    """(the shipped sample image, its question): what `compare` and `score` run without an image;
+    for demo-llava a shapes image and a question it can answer."""
+    rel, question = SAMPLE_FOR_MODEL.get(model or "", (SAMPLE_IMAGE, SAMPLE_QUESTION))
+    path = Path(__file__).resolve().parent.parent / "sample_images" / rel
+    if not path.is_file():
+        raise UsageError(f"the shipped sample image sample_images/{rel} is missing; give an image")
+    return path, question
 
 
 def shipped_images() -> list[Path]:

@@ -33,3 +33,6 @@ def is_out_of_memory(e: BaseException) -> bool:
     ``RuntimeError`` of an allocator (``DefaultCPUAllocator: can't allocate memory``)."""
     return isinstance(e, MemoryError) or (isinstance(e, RuntimeError)
                                           and any(m in str(e).lower() for m in _OOM_MARKERS))
+
+
+is_allocation_failure = is_out_of_memory  # the name the loaders use

@@ -37,7 +37,7 @@ from typing import Any
 
 from lmms_eval.api.model import lmms
 
-from zoocli.errors import UsageError
+from zoocli.errors import UsageError, ZooError
 
 MODEL_ID = "zoo"
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -214,6 +215,8 @@ class RunResult:
     warmup_runs: int = 0  # untimed runs before this one (``run_warm``)
     first_call_ms: dict[str, float] | None = None  # the first (warm-up) run's timings, one-time costs included
     answer_ids: list[int] = field(default_factory=list)  # the answer's token ids (EOS cut), for exact comparisons
+    # every timed run's timings when the run was repeated (``run_warm``); timings_ms: their medians
+    repeat_ms: list[dict[str, float]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -271,25 +274,40 @@ def run_one(
                       max_new_tokens=max_new_tokens)
 
 
-def run_warm(run, warmup: bool = True) -> RunResult:
-    """``run()`` once untimed, then again timed: the timed run is warm, so one-time costs (caches
-    such as the exact estimator's M matrix or the SVD factor, the first call of each kernel) never
-    show up in its selection time. The warm-up run's own timings, those costs included, are kept
-    apart in ``first_call_ms``. ``warmup=False``: one cold run, ``first_call_ms`` None."""
+def median_timings(runs: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """Per stage, the median over repeated runs' timings (the stages of the first run)."""
+    import statistics
+
+    return {k: statistics.median(r[k] for r in runs if k in r) for k in runs[0]}
+
+
+def run_warm(run, warmup: bool = True, repeats: int = 1) -> RunResult:
+    """``run()`` once untimed, then ``repeats`` times timed: the timed runs are warm, so one-time
+    costs (caches such as the exact estimator's M matrix or the SVD factor, the first call of each
+    kernel) never show up in their selection time. The result is the first timed run's (greedy
+    decoding: every run answers the same) with ``timings_ms`` the per-stage medians over the timed
+    runs and ``repeat_ms`` each one's timings. The warm-up run's own timings, those costs
+    included, are kept apart in ``first_call_ms``. ``warmup=False``: the first timed run is cold,
+    ``first_call_ms`` None."""
     first = run() if warmup else None
-    res = run()
+    timed = [run() for _ in range(repeats)]
+    res = timed[0]
+    res.repeat_ms = [dict(r.timings_ms) for r in timed]
+    res.timings_ms = median_timings(res.repeat_ms)
     res.warmup_runs = int(warmup)
     res.first_call_ms = None if first is None else dict(first.timings_ms)
     return res
 
 
 def run_one_warm(adapter: Adapter, image, question: str, method_name: str, keep_spec: str | int = "64",
-                 *, warmup: bool = True, warnings: list[str] | None = None, **kw) -> RunResult:
+                 *, warmup: bool = True, repeats: int = 1, warnings: list[str] | None = None,
+                 **kw) -> RunResult:
     """``run_one`` timed warm (``run_warm``): one untimed warm-up run (image encode included)
-    first. Keeps ``run_one``'s keywords; ``warnings`` are collected from the timed run only."""
-    calls = iter([None] * int(warmup) + [warnings])
+    first, then ``repeats`` timed runs. Keeps ``run_one``'s keywords; ``warnings`` are collected
+    from the first timed run only."""
+    calls = iter([None] * int(warmup) + [warnings] + [None] * (repeats - 1))
     return run_warm(lambda: run_one(adapter, image, question, method_name, keep_spec,
-                                    warnings=next(calls), **kw), warmup)
+                                    warnings=next(calls), **kw), warmup, repeats)
 
 
 def check_family(adapter: Adapter, method_name: str) -> Method:

@@ -15,6 +15,8 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from zoocli.text import plural, shown
+
 KEPT, DROPPED, ABSENT = "█", "·", " "
 RAMP = " ▁▂▃▄▅▆▇█"
 MAX_GRID_COLS = 48
@@ -195,7 +197,7 @@ def heat_panel(scopes, values, lo, hi):
 
 
 def answer_panel(result: Mapping[str, Any]) -> Panel:
-    text = Text(result["answer"] or "(empty answer)")
+    text = Text(shown(result["answer"]) or "(empty answer)")
     if result.get("meaningless"):
         text.append("\nrandom weights: this answer is meaningless", style="yellow")
     kept, total = result["n_llm_visual_kept"], result["n_llm_visual_full"]
@@ -208,7 +210,8 @@ def ask_view(result: Mapping[str, Any], scopes, timings_ms: Mapping[str, float],
              new_tokens: int | None) -> list[RenderableType]:
     """`zoo ask`: the answer, the kept-token grids, the timings."""
     return [answer_panel(result), grids_panel(scopes),
-            timings_table(timings_ms, new_tokens, in_llm=result.get("stage") == "in_llm")]
+            timings_table(timings_ms, new_tokens, in_llm=result.get("stage") == "in_llm",
+                          repeat_ms=result.get("repeat_ms"))]
 
 
 TIMING_ROWS = [
@@ -224,11 +227,19 @@ TIMING_ROWS = [
 
 
 def timings_table(timings_ms: Mapping[str, float], new_tokens: int | None = None,
-                  in_llm: bool = False) -> Table:
-    """``in_llm``: the method prunes inside the LLM, so its selection is part of the prefill."""
-    t = Table(title="timings", title_justify="left")
+                  in_llm: bool = False, repeat_ms: Sequence[Mapping[str, float]] | None = None) -> Table:
+    """``in_llm``: the method prunes inside the LLM, so its selection is part of the prefill.
+    ``repeat_ms``: every timed run's timings (``timings_ms`` their medians): a min-max column, and
+    a warning when the end-to-end time spreads too much to trust."""
+    from zoocli.compare import NOISE_LIMIT, relative_spread
+
+    reps = list(repeat_ms or [])
+    many = len(reps) > 1
+    t = Table(title=f"timings (median of {len(reps)} runs)" if many else "timings", title_justify="left")
     t.add_column("stage")
     t.add_column("ms", justify="right")
+    if many:
+        t.add_column("min-max", justify="right")
     t.add_column("what")
     for key, what in TIMING_ROWS:
         if key in timings_ms:
@@ -236,9 +247,17 @@ def timings_table(timings_ms: Mapping[str, float], new_tokens: int | None = None
                 what = "token scoring inside the LLM (already counted in prefill)"
             elif in_llm and key == "prefill":
                 what = "LLM prefill incl. the in-LLM pruning (to first-token logits)"
-            t.add_row(key, f"{timings_ms[key]:.1f}", what)
-    if new_tokens:
-        t.caption = f"{new_tokens} new tokens"
+            cells = [key, f"{timings_ms[key]:.1f}"]
+            if many:
+                vals = [r[key] for r in reps if key in r]
+                cells.append(f"{min(vals):.1f}-{max(vals):.1f}")
+            t.add_row(*cells, what)
+    notes = [plural(new_tokens, "new token")] if new_tokens else []
+    if many and (spread := relative_spread([r["e2e"] for r in reps if "e2e" in r])) > NOISE_LIMIT:
+        notes.append(f"NOISY: end to end spread {100 * spread:.0f}% (max-min over median, > "
+                     f"{100 * NOISE_LIMIT:.0f}%) over the runs; treat these times with care")
+    if notes:
+        t.caption = "\n".join(notes)
     return t
 
 
@@ -262,23 +281,41 @@ def methods_table(methods: Iterable[Any]) -> Table:
 
 
 def compare_table(rows: Sequence[Mapping[str, Any]], meaningless: bool = False) -> Table:
-    t = NumTable(title="methods on the same image (encoded once)", title_justify="left",
+    t = NumTable(title="methods on the same image (encoded once per round of runs)", title_justify="left",
                  box=box.SIMPLE_HEAD, pad_edge=False)
     for col, just in (("method", "left"), ("kept", "right"), ("answer", "left"),
                       ("select ms", "right"), ("prefill ms", "right"), ("e2e ms", "right"),
-                      ("speed-up", "right"), ("Jaccard vs zoo", "right")):
+                      ("speed-up", "right"), ("spread", "right"), ("Jaccard vs zoo", "right")):
         answer = col == "answer"
         t.add_column(col, justify=just, no_wrap=True, overflow="ellipsis",
                      max_width=32 if answer else None, min_width=6 if answer else None)
-    in_llm = False
+    in_llm = wide = False
     for r in rows:
         jac = "-" if r["jaccard_vs_zoo"] is None else f"{r['jaccard_vs_zoo']:.2f}"
         mark = IN_LLM_MARK if r.get("stage") == "in_llm" else ""
         in_llm |= bool(mark)
+        sp = (r.get("speedup_spread") or {}).get("e2e")
+        spread = ""
+        if sp and r.get("repeats", 1) > 1 and r["method"] != "none":
+            spread = f"{sp['min']:.2f}-{sp['max']:.2f}"
+            if r["speedup_e2e"] and (sp["max"] - sp["min"]) / r["speedup_e2e"] > WIDE_SPREAD:
+                spread += WIDE_MARK
+                wide = True
         t.add_row(r["method"] + mark, f"{r['kept']}/{r['total']}", _short(r["answer"]) or "(empty)",
                   f"{r['selection_ms']:.1f}{mark}", f"{r['prefill_ms']:.1f}", f"{r['e2e_ms']:.1f}",
-                  f"{r['speedup_e2e']:.2f}x", jac)
-    notes = [IN_LLM_NOTE] if in_llm else []
+                  f"{r['speedup_e2e']:.2f}x", spread, jac)
+    reps = rows[0].get("repeats", 1) if rows else 1
+    notes = [f"ms: median of {reps} interleaved runs; speed-up: end to end, median of the per-run ratios "
+             f"against the unpruned run of the same round; spread: their min-max"
+             if reps > 1 else "one run: the speed-up is one ratio (--repeats 3 or `zoo bench` for a spread)"]
+    if wide:
+        notes.append(f"{WIDE_MARK} too wide to trust: the ratios spread by more than {100 * WIDE_SPREAD:.0f}% "
+                     "of their median (a busy machine, or too little work: try --repeats 5 or `zoo bench`)")
+    if rows and rows[0].get("noisy"):
+        notes.append(f"NOISY MACHINE: the unpruned end-to-end time spread {100 * rows[0]['baseline_e2e_spread']:.0f}% "
+                     "(max-min over median, > 10%) over the runs; treat the speed-ups with care")
+    if in_llm:
+        notes.append(IN_LLM_NOTE)
     if meaningless:
         notes.append("random weights: answers are meaningless; timings are real")
     if notes:
@@ -287,13 +324,15 @@ def compare_table(rows: Sequence[Mapping[str, Any]], meaningless: bool = False) 
 
 
 IN_LLM_MARK = "*"
+WIDE_MARK = "?"
+WIDE_SPREAD = 0.20  # a speed-up whose per-run ratios spread by more than this share of their median
 IN_LLM_NOTE = ("* in-LLM method (prunes inside the LLM): select = its scoring, which runs inside the "
                "prefill and is already counted in prefill and ttft; kept = visual tokens after its last stage")
 
 
 def _short(text: str, limit: int = 60) -> str:
     """One line of at most ``limit`` characters (full answers are in --json)."""
-    text = " ".join(text.split())
+    text = shown(" ".join(text.split()))
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
@@ -307,16 +346,24 @@ def _spread(row: Mapping[str, Any]) -> str:
     return f"{sp['min']:.2f}-{sp['max']:.2f}" if sp else ""
 
 
-def warm_note(warmup_runs: int) -> str:
+def warm_note(warmup_runs: int, repeats: int = 1) -> str:
     """One line under `zoo ask` / `zoo compare`: how the timings were taken."""
+    runs = "run" if repeats == 1 else f"median of {repeats} runs (--repeats)"
     if warmup_runs:
-        return ("timings: warm run, one warm-up run excluded (one-time costs: first_call_ms in --json)")
-    return "timings: cold run (--no-warmup), one-time costs (caches, first kernel calls) included"
+        return (f"timings: warm {runs}, one warm-up run excluded (one-time costs: first_call_ms in --json; "
+                "every run's timings: repeat_ms)" if repeats > 1 else
+                "timings: warm run, one warm-up run excluded (one-time costs: first_call_ms in --json)")
+    if repeats == 1:
+        return "timings: cold run (--no-warmup), one-time costs (caches, first kernel calls) included"
+    return (f"timings: {runs}, the first cold (--no-warmup): one-time costs (caches, first kernel calls) "
+            "included there")
 
 
-def bench_table(rows: Sequence[Mapping[str, Any]], spec: Any) -> Table:
-    t = NumTable(title=(f"{spec.model} · {spec.device} {spec.dtype} · {len(spec.images)} image(s) x "
-                     f"{spec.repeats} repeats, median ms (warm-up {spec.warmup} excluded)"),
+def bench_table(rows: Sequence[Mapping[str, Any]], spec: Any, meaningless: bool = False) -> Table:
+    meaningless = meaningless or getattr(spec, "random_weights", False)
+    weights = " · random weights" if meaningless else ""
+    t = NumTable(title=(f"{spec.model}{weights} · {spec.device} {spec.dtype} · {plural(len(spec.images), 'image')} x "
+                     f"{plural(spec.repeats, 'repeat')}, median ms (warm-up {spec.warmup} excluded)"),
               title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     cols = ["method", "budget", "tokens", "select", "prefill", "ttft", "e2e", "ttft×", "spread",
             "e2e×", "sel/ttft"]
@@ -342,6 +389,8 @@ def bench_table(rows: Sequence[Mapping[str, Any]], spec: Any) -> Table:
                       "(max-min over median, > 10%) over repeats; treat the speed-ups with care.")
     if in_llm:
         t.caption += "\n" + IN_LLM_NOTE
+    if meaningless:
+        t.caption += "\nrandom weights: the timings are real; what the model generates is meaningless"
     return keep_numbers(t)
 
 
@@ -381,7 +430,7 @@ def compare_view(rows: Sequence[Mapping[str, Any]], results: Mapping[str, Any],
 
 
 def top_tokens_table(top: Sequence[Mapping[str, Any]]) -> Table:
-    t = NumTable(title=f"top {len(top)} tokens", title_justify="left")
+    t = NumTable(title=f"top {plural(len(top), 'token')}", title_justify="left")
     for col in ("rank", "token", "scope", "row", "col", "sensitivity"):
         t.add_column(col, justify="right")
     for r, tok in enumerate(top, 1):
@@ -390,13 +439,21 @@ def top_tokens_table(top: Sequence[Mapping[str, Any]]) -> Table:
     return keep_numbers(t)
 
 
+def estimator_label(out: Mapping[str, Any]) -> str:
+    """``exact``, or ``fd, m=64, h=0.01`` (``rank 16``): only the settings the estimator uses."""
+    parts = [out.get("estimator") or "exact"]
+    parts += [f"{key}={out[key]:g}" for key in ("m", "h") if out.get(key) is not None]
+    if out.get("rank"):
+        parts.append(f"rank {out['rank']}")
+    return ", ".join(parts)
+
+
 def score_view(out: Mapping[str, Any], scopes, values: Sequence[float]) -> list[RenderableType]:
     """`zoo score`: the heatmap, the statistics line, the top tokens, the norm and encoder Spearmans."""
     st = out["stats"]
     views: list[RenderableType] = [
         heat_panel(scopes, values, st["min"], st["max"]),
-        Text(f"sensitivity over {len(values)} tokens (m={out['m']}, h={out['h']}, "
-             f"{out['estimator']}): min {st['min']:.4g} · median {st['median']:.4g} · "
+        Text(f"sensitivity over {plural(len(values), 'token')} ({estimator_label(out)}): min {st['min']:.4g} · median {st['median']:.4g} · "
              f"max {st['max']:.4g}"),
         top_tokens_table(out["top"]),
     ]
@@ -409,13 +466,28 @@ def score_view(out: Mapping[str, Any], scopes, values: Sequence[float]) -> list[
     return views
 
 
-def models_table(rows: Iterable[Sequence[str]]) -> Table:
-    """`zoo models`: (name, HF id or family, source) rows."""
-    t = Table(title="models", title_justify="left")
-    for col in ("name", "HF id / family", "source"):
-        t.add_column(col)
-    for r in rows:
-        t.add_row(*r)
+def size_text(n_bytes: int | None) -> str:
+    """``4.2 MB``, ``13.5 GB`` (decimal units, as disks are sold); ``-`` for None."""
+    if n_bytes is None:
+        return "-"
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n_bytes >= scale:
+            return f"{n_bytes / scale:.1f} {unit}"
+    return f"{n_bytes} B"
+
+
+def models_table(rows: Sequence[Mapping[str, Any]]) -> Table:
+    """`zoo models`: ``zoocli.adapters.catalog`` rows, one section per source; the default marked."""
+    t = Table(title="models (* the default --model)", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    for col, just in (("name", "left"), ("HF id / family", "left"), ("tokens", "right"), ("on disk", "right")):
+        t.add_column(col, justify=just, no_wrap=col != "HF id / family", overflow="fold")
+    for i, r in enumerate(rows):
+        t.add_row(r["name"] + (" *" if r["default"] else ""), r["target"], r["visual_tokens"],
+                  size_text(r["size_bytes"]) if r["cached"] else "no",
+                  end_section=i + 1 < len(rows) and rows[i + 1]["source"] != r["source"])
+    t.caption = ("aliases: weights from the Hugging Face Hub (on disk: in its cache); demo-llava: "
+                 "shipped, trained here (shapes world only); tiny-/small-: built offline on first use "
+                 "(seconds), random weights. tokens: visual tokens per image (a range: by image size).")
     return t
 
 
@@ -452,13 +524,19 @@ def selection_table(rows: Sequence[Mapping[str, Any]], *, repeats: int, warmup: 
     for col in ("shape", "backend", "ATen ops", "host syncs", "launches", "median ms", "same picks"):
         t.add_column(col, justify="left" if col in ("shape", "backend") else "right")
     for r in rows:
+        if r.get("unavailable"):
+            t.add_row(r["shape"], r["backend"], "-", "-", "-", "-", "-")
+            continue
         interp = r["interpreted"]
         t.add_row(r["shape"], r["backend"] + ("*" if interp else ""), str(r["ops"]), str(r["syncs"]),
                   str(r["launches"]), f"({r['median_ms']:.0f})" if interp else f"{r['median_ms']:.2f}",
                   "yes" if r["same_picks"] else "NO")
     t.caption = ("ATen ops: dispatched per call, each a kernel launch or host work on a GPU; "
                  "launches: zoo's fused kernels")
-    if any(r["interpreted"] for r in rows):
+    for be, why in dict((r["backend"], r["unavailable"]) for r in rows if r.get("unavailable")).items():
+        t.caption += f"\n{be}: {why}" + (" (`pip install triton`; the torch backend gives the same picks)"
+                                          if why == "triton not installed" else "")
+    if any(r.get("interpreted") for r in rows):
         t.caption += ("\n*: Triton's CPU interpreter running the GPU kernel: its counts are a GPU's, "
                       "its times (in brackets) mean nothing")
     return keep_numbers(t)

@@ -28,16 +28,27 @@ SHAPES = (
 )
 
 
-def available_backends(device) -> list[str]:
+BACKENDS = ("torch", "triton")
+
+
+def unavailable_backends(device) -> dict[str, str]:
+    """The backends that cannot run on ``device`` here, each with why (``triton`` is optional)."""
+    import importlib.util
+
     from zoocli.greedy import resolve_backend
 
-    out = ["torch"]
+    if importlib.util.find_spec("triton") is None:
+        return {"triton": "triton not installed"}
     try:
         resolve_backend("triton", device)
-        out.append("triton")
-    except ValueError:
-        pass
-    return out
+    except ValueError as e:
+        return {"triton": str(e).removeprefix("select backend 'triton' ").split("; use ")[0]}
+    return {}
+
+
+def available_backends(device) -> list[str]:
+    skip = unavailable_backends(device)
+    return [be for be in BACKENDS if be not in skip]
 
 
 def _interpreted() -> bool:
@@ -51,12 +62,20 @@ def _interpreted() -> bool:
 def selection_bench(device="cpu", repeats: int = 5, warmup: int = 1, shapes=None, backends=None,
                     seed: int = 0, progress=None) -> list[dict]:
     """Rows (JSON-able dicts) of shape x backend: ops / syncs / launches per call, median / min /
-    max ms, and whether the picks equal the torch backend's."""
+    max ms, and whether the picks equal the torch backend's. A backend that cannot run here
+    (Triton not installed, or no CUDA and no interpreter) gets a row per shape that says why
+    (``unavailable``) and holds no numbers."""
     from zoocli.methods.zoo import zoo_select
 
     shapes = SHAPES if shapes is None else shapes
     dev = torch.device(device)
+    skipped = {} if backends else unavailable_backends(dev)
     backends = list(backends or available_backends(dev))
+    interpreted = False
+    if "triton" in backends:
+        from zoocli.greedy_triton import interpreted as _interp
+
+        interpreted = _interp()
     timer = Timer(sync=lambda: device_sync(dev))
     done = progress or (lambda stage: None)
     rows = []
@@ -86,8 +105,11 @@ def selection_bench(device="cpu", repeats: int = 5, warmup: int = 1, shapes=None
                 "device": str(dev), "ops": c.ops, "syncs": c.syncs, "launches": c.launches,
                 "ops_per_step": round(c.ops / k, 2),
                 "same_picks": bool(torch.equal(picks[be].cpu(), picks["torch"].cpu())),
-                "interpreted": be == "triton" and dev.type == "cpu" and _interpreted(),
+                "interpreted": be == "triton" and dev.type == "cpu" and interpreted,
                 **{f"{key}_ms": v for key, v in summarize(times[be]).items()},
             })
+        for be, why in skipped.items():
+            rows.append({"shape": name, "scopes": b, "tokens": n, "dim": dim, "k": k, "backend": be,
+                         "device": str(dev), "unavailable": why})
         done(name)
     return rows

@@ -9,6 +9,9 @@ output; every other character, including markup- or token-like text, is kept as 
 
 from __future__ import annotations
 
+import re
+import unicodedata
+
 
 def user_text(s: str) -> str:
     """``s`` with every undecodable byte (lone surrogate) replaced by U+FFFD; other text unchanged."""
@@ -31,3 +34,25 @@ def question_text(q: str) -> str:
     if not isinstance(q, str) or not q.strip():
         raise UsageError("the question is empty")
     return user_text(q.strip())
+
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """``1 new token``, ``2 new tokens`` (``many``: an irregular plural)."""
+    return f"{n} {word if n == 1 else (many or word + 's')}"
+
+
+_FFFD_RUN = re.compile("\ufffd{2,}")
+
+
+def shown(s: str) -> str:
+    """``s`` as a table or panel shows it: control and format characters (a raw 0x03, a
+    right-to-left override) escaped as ``\\x03`` / ``\\u202e``, a run of replacement characters
+    (what a model's undecodable bytes become) as ``\\ufffd x12``; newlines and tabs kept. The
+    raw text stays in --json."""
+    out = []
+    for c in s:
+        if c in "\n\t" or unicodedata.category(c) not in ("Cc", "Cf", "Cs", "Co", "Cn"):
+            out.append(c)
+        else:
+            out.append(c.encode("unicode_escape", "backslashreplace").decode("ascii"))
+    return _FFFD_RUN.sub(lambda m: f"\\ufffd x{len(m.group(0))}", "".join(out))

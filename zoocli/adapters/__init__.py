@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from zoocli.errors import UnknownNameError, UsageError, ZooError, is_out_of_memory
+from zoocli.errors import UnknownNameError, UsageError, ZooError, is_allocation_failure, is_out_of_memory
 from zoocli.lazy import torch
 
 MODEL_ALIASES: dict[str, str] = {
@@ -95,6 +95,13 @@ OFFLINE_BUILD_SECONDS: dict[str, int] = {
     "vllm-tiny-llava": 5, "vllm-tiny-llava-next": 5, "vllm-tiny-qwen2.5-vl": 6, "vllm-tiny-qwen3-vl": 6,
     "vllm-tiny-llava-onevision": 5,
 }
+# alias -> visual tokens per image, as `zoo models` shows them (README's table: the real processors'
+# settings, counted with zoo's processors on blank images)
+ALIAS_TOKENS: dict[str, str] = {
+    "llava-1.5": "576", "llava-1.5-13b": "576", "llava-next": "≤2,880",
+    "qwen2.5-vl": "4-16,384", "qwen3-vl": "64-16,384", "qwen3-vl-2b": "64-16,384",
+    "llava-onevision": "2,929-8,073",
+}
 SLOW_STEP_S = 10  # a loading step expected to take longer is reported even off a terminal
 # shipped trained checkpoint -> (family, its directory under zoocli/data): loaded like a real
 # checkpoint, no download, meaningful answers (demo-llava: trained on the synthetic world of zoocli.demo)
@@ -122,6 +129,54 @@ _DTYPES = {  # name -> torch dtype attribute (resolved when used: importing this
 
 def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "zoo" / "models"
+
+
+def _tree_bytes(root: Path) -> int:
+    """Bytes of the regular files under ``root`` (symlinks not followed: an HF snapshot's links
+    point at its blobs, counted once)."""
+    total = 0
+    for dirpath, _dirs, files in os.walk(root):
+        for f in files:
+            p = Path(dirpath) / f
+            if p.is_file() and not p.is_symlink():
+                total += p.stat().st_size
+    return total
+
+
+def catalog() -> list[dict[str, Any]]:
+    """What `zoo models` lists: every known model with its HF id or family, where it comes from,
+    whether it is the default, its visual tokens per image, whether it is on this machine and its
+    size on disk there (bytes; None when not). Reads directories only (no torch, no Hub)."""
+    rows = []
+    hub = None
+    try:
+        from huggingface_hub import constants
+
+        hub = Path(constants.HF_HUB_CACHE)
+    except ImportError:
+        pass
+    for name, repo in MODEL_ALIASES.items():
+        d = hub / ("models--" + repo.replace("/", "--")) if hub is not None else None
+        here = d is not None and (d / "snapshots").is_dir() and any((d / "snapshots").iterdir())
+        rows.append({"name": name, "target": repo, "source": "Hugging Face", "default": name == DEFAULT_MODEL,
+                     "visual_tokens": ALIAS_TOKENS.get(name, "?"), "cached": here,
+                     "size_bytes": _tree_bytes(d / "blobs") if here else None})
+    for name, (family, sub) in SHIPPED_MODELS.items():
+        d = shipped_model_dir(name)
+        here = (d / "config.json").is_file()
+        rows.append({"name": name, "target": family, "source": "shipped, trained (shapes world only)",
+                     "default": False, "visual_tokens": "144", "cached": here,
+                     "size_bytes": _tree_bytes(d) if here else None})
+    root = default_cache_dir()
+    for name, (family, _) in OFFLINE_MODELS.items():
+        d = root / name
+        here = (d / ".zoo-offline-version").is_file()
+        n = OFFLINE_MAX_TOKENS[name]
+        fixed = family == "llava"  # one fixed grid; the others depend on the image size
+        rows.append({"name": name, "target": family, "source": "built offline, random weights", "default": False,
+                     "visual_tokens": f"{n:,}" if fixed else f"≤{n:,}", "cached": here,
+                     "size_bytes": _tree_bytes(d) if here else None})
+    return rows
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -257,12 +312,52 @@ def _alias_family(model: str) -> str | None:
         return None
 
 
+def known_models() -> list[str]:
+    """Every model name zoo knows: the aliases, the shipped model, the offline models."""
+    return [*MODEL_ALIASES, *SHIPPED_MODELS, *OFFLINE_MODELS]
+
+
+def looks_like_a_checkpoint(model: str) -> bool:
+    """An HF id (``org/name``) or a path that exists: zoo tries to load it rather than calling it
+    an unknown name."""
+    return "/" in model or Path(model).expanduser().exists()
+
+
+def check_model_name(model: str) -> None:
+    """A ``UsageError`` for a name that is no alias, shipped or offline model, HF id (``org/name``)
+    or existing path, with the closest known names (``--model demo-lava`` -> demo-llava)."""
+    import difflib
+
+    if model in MODEL_ALIASES or model in SHIPPED_MODELS or model in OFFLINE_MODELS or looks_like_a_checkpoint(model):
+        return
+    known = known_models()
+    close = difflib.get_close_matches(model.lower(), known, n=3, cutoff=0.6)
+    guess = f"did you mean {' or '.join(close)}? " if close else ""
+    raise UsageError(f"unknown model '{model}': {guess}known: {', '.join(known)}; or an HF id (org/name) "
+                     "or a checkpoint directory (`zoo models` lists them)")
+
+
+QUICK_MODEL = "demo-llava"  # offline, trained here: the model an error points a newcomer at
+
+
 def _not_available(model: str, why: str = "offline?") -> ZooError:
-    hint = family_hint(_alias_family(model))
+    """A one-line error for a model that is neither in the local Hugging Face cache nor
+    downloadable now: what it is (the default? which HF id?), how to get its weights, and what
+    runs offline instead (demo-llava, which answers; the offline model of its family, for timing)."""
+    repo = MODEL_ALIASES.get(model)
+    family = _alias_family(model)
+    hint = family_hint(family)
+    if repo is not None:
+        what = f"model '{model}'{' (the default --model)' if model == DEFAULT_MODEL else ''} is {repo} on the Hugging Face Hub"
+        get = (f"get its weights with `huggingface-cli download {repo}` (or run once online); "
+               f"offline, try --model {QUICK_MODEL} (trained here, real answers about shapes)")
+        rest = f", {hint.removesuffix(')')}; random weights)" if hint else ""
+        return ZooError(f"{what}, not in the local cache and cannot be downloaded ({why}); {get}{rest}, "
+                        f"or --random-weights (full size, random weights, for timing)")
     others = ", ".join(OFFLINE_MODELS)
-    lead = f"{hint}, another offline model ({others})" if hint else f"an offline model: {others}"
-    return ZooError(f"model '{model}' is not in the local cache and cannot be downloaded ({why}); "
-                    f"try {lead}, or --random-weights")
+    return ZooError(f"model '{model}' is not in the local cache and cannot be downloaded ({why}); get it with "
+                    f"`huggingface-cli download {model}` (or run once online); offline, try --model {QUICK_MODEL} "
+                    f"(trained here, real answers about shapes) or an offline model with random weights: {others}")
 
 
 def hub_offline() -> bool:
@@ -300,12 +395,33 @@ def load_adapter(
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     _quiet_transformers()
+    try:
+        return _load(model, dev, dt, random_weights, cache_dir, status)
+    except (MemoryError, RuntimeError) as e:
+        if not is_allocation_failure(e):
+            raise
+        smaller = family_hint(_family_of(model)) or f"--model {QUICK_MODEL}"
+        bf16 = " --dtype bf16," if dt == torch.float32 else ""
+        raise ZooError(f"out of memory on {dev} while loading {model} ({_one_line(e)[:120]}); "
+                       f"try{bf16} a device with more free memory, or {smaller}") from None
+
+
+def _family_of(model: str) -> str | None:
+    if model in OFFLINE_MODELS:
+        return OFFLINE_MODELS[model][0]
+    if model in SHIPPED_MODELS:
+        return SHIPPED_MODELS[model][0]
+    return _alias_family(model)
+
+
+def _load(model: str, dev, dt, random_weights: bool, cache_dir, status: StatusFn):
     if random_weights:
         return _load_random(model, dev, dt, status)
     if model in SHIPPED_MODELS:
         return _load_shipped(model, dev, dt)
     if model in OFFLINE_MODELS:
         return _load_offline(model, cache_dir, dev, dt, status)
+    check_model_name(model)
     return _load_checkpoint(model, dev, dt, status)
 
 
@@ -601,7 +717,7 @@ def _one_line(e: BaseException) -> str:
 
 __all__ = [
     "ADAPTERS", "DEFAULT_MODEL", "MODEL_ALIASES", "OFFLINE_MODELS", "RANDOM_CONFIGS", "SHIPPED_MODELS", "adapter_class",
-    "checkpoint_source",
-    "default_cache_dir", "ensure_offline_model", "load_adapter", "load_random_config", "resolve_device",
-    "resolve_dtype", "shipped_model_dir", "suggest_offline", "wrap_model",
+    "check_model_name", "checkpoint_source", "default_cache_dir", "ensure_offline_model", "known_models",
+    "load_adapter", "load_random_config", "resolve_device", "resolve_dtype", "shipped_model_dir", "suggest_offline",
+    "wrap_model",
 ]

@@ -21,6 +21,7 @@ import sys
 from typing import Annotated
 
 import typer
+from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 from zoocli.cli.ask import ask
 from zoocli.cli.bench import bench
@@ -33,8 +34,39 @@ from zoocli.cli.score import score
 from zoocli.cli.serve import serve
 from zoocli.process import INTERRUPTED, interrupted, reader_gone, std_streams, stdout_gone
 
+class _FlagsWithoutType:
+    """Help that shows no value type for a flag (not "<bool>": a flag is given or not)."""
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for param in params:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+        return params
+
+
+class ZooGroup(_FlagsWithoutType, TyperGroup):
+    """The `zoo` group (its flags: --version, --install-completion)."""
+
+
+class ZooCommand(_FlagsWithoutType, TyperCommand):
+    """A command whose usage line reads as the user types it: ``IMAGE QUESTION`` (required),
+    ``[IMAGE]`` (optional), ``[DATA]...``."""
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        rv = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if isinstance(param, TyperArgument):
+                name = param.name.upper()
+                name = name if param.required else f"[{name}]"
+                rv.append(name + ("..." if param.nargs != 1 else ""))
+            else:
+                rv.extend(param.get_usage_pieces(ctx))
+        return rv
+
+
 app = typer.Typer(
-    no_args_is_help=True, add_completion=True, pretty_exceptions_enable=False,
+    cls=ZooGroup, no_args_is_help=True, add_completion=True, pretty_exceptions_enable=False,
     help="zoo: visual-token pruning for vision-language models (ZOO-Prune and its baselines).",
 )
 
@@ -67,15 +99,15 @@ def root(
     """zoo: visual-token pruning for vision-language models (ZOO-Prune and its baselines)."""
 
 
-app.command()(methods)
-app.command()(models)
-app.command()(ask)
-app.command()(score)
-app.command()(compare)
-app.command()(bench)
-app.command("bench-kernel")(bench_kernel)
-app.command("eval")(eval_command)
-app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(serve)
+app.command(cls=ZooCommand)(methods)
+app.command(cls=ZooCommand)(models)
+app.command(cls=ZooCommand)(ask)
+app.command(cls=ZooCommand)(score)
+app.command(cls=ZooCommand)(compare)
+app.command(cls=ZooCommand)(bench)
+app.command("bench-kernel", cls=ZooCommand)(bench_kernel)
+app.command("eval", cls=ZooCommand)(eval_command)
+app.command(cls=ZooCommand, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(serve)
 
 
 def main() -> None:

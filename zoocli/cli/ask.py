@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from zoocli.cli.common import (
+    WarmRepeatsOpt, warm_repeats,
     ConfigOpt, DeviceOpt, DtypeOpt, ImageArg, JsonOpt, KeepOpt, MaxNewOpt, MethodOptions, ModelOpt,
     NoWarmupOpt, QuestionArg, RandomOpt, check_images, console, early_checks, handle_errors,
     load_image, load_model, method_options, print_json, save_png, warn,
@@ -28,6 +29,7 @@ def ask(
     max_new_tokens: MaxNewOpt = 64,
     overlay: Annotated[Path | None, typer.Option(help="write a PNG with dropped patches dimmed")] = None,
     no_warmup: NoWarmupOpt = False,
+    repeats: WarmRepeatsOpt = None,
     json_out: JsonOpt = False,
     config: ConfigOpt = None,
 ) -> None:
@@ -37,11 +39,12 @@ def ask(
 
     question, _, zoo = early_checks(question, keep, [method], max_new_tokens, overlay, opts,
                                     inputs=(image, config))
+    repeats = warm_repeats(repeats, no_warmup)
     img = load_image(image)
     adapter = load_model(model, device, dtype, random_weights)
     check_images(adapter, [image], [img])
     res = ask_api(adapter, img, question, keep, method, seed=opts.seed, budget_scope=opts.budget_scope,
-                  options=zoo, max_new_tokens=max_new_tokens, warmup=not no_warmup)
+                  options=zoo, max_new_tokens=max_new_tokens, warmup=not no_warmup, repeats=repeats)
     for w in res.warnings:
         warn(w)
     if overlay is not None:
@@ -55,8 +58,8 @@ def ask(
     if json_out:
         d = run.as_dict()
         d.pop("scopes")
-        print_json(d)
+        print_json({"image": image, "question": question, **d})
         return
     for renderable in render.ask_view(run.as_dict(), run.scopes, run.timings_ms, run.new_tokens):
         console.print(renderable)
-    console.print(render.warm_note(run.warmup_runs), highlight=False)
+    console.print(render.warm_note(run.warmup_runs, repeats), highlight=False)

@@ -17,8 +17,8 @@ from zoocli.cli.common import (
 )
 
 
-def _check_plan(names: list[str], budgets: list[str], repeats: int, warmup: int,
-                max_new_tokens: int) -> None:
+def _check_plan(names: list[str], budgets: list[str], repeats: int | None, warmup: int,
+                max_new_tokens: int | None) -> None:
     from zoocli.methods import parse_method_spec
     from zoocli.pipeline import parse_keep
 
@@ -26,9 +26,53 @@ def _check_plan(names: list[str], budgets: list[str], repeats: int, warmup: int,
         parse_method_spec(name)
     for b in budgets:
         parse_keep(b, 10**9, "--budgets")  # validates the syntax
-    check_int("--repeats", repeats, 1, MAX_REPEATS)
+    if repeats is not None:
+        check_int("--repeats", repeats, 1, MAX_REPEATS)
     check_int("--warmup", warmup, 0, MAX_REPEATS)
-    check_int("--max-new-tokens", max_new_tokens, 1, MAX_NEW_TOKENS)
+    if max_new_tokens is not None:
+        check_int("--max-new-tokens", max_new_tokens, 1, MAX_NEW_TOKENS)
+
+
+DEFAULT_REPEATS, DEFAULT_NEW_TOKENS = 5, 32
+# An offline model on CPU (random weights: only the timings mean something): a budget of work that
+# finishes in minutes unless the user asks for more. small-llava-next, 3 budgets x 2 methods: 7
+# rows x 4 rounds on one image: 28 runs (8.5 min measured with 8 new tokens, the 2 cores shared
+# with four other jobs).
+QUICK_REPEATS, QUICK_NEW_TOKENS = 3, 4
+
+
+def quick_defaults(model: str, device: str, random_weights: bool) -> bool:
+    """Whether bench's defaults shrink: an offline or shipped model (built here, small) on CPU."""
+    from zoocli.adapters import OFFLINE_MODELS, SHIPPED_MODELS
+
+    on_cpu = device == "cpu" or (device == "auto" and not _cuda())
+    return on_cpu and not random_weights and (model in OFFLINE_MODELS or model in SHIPPED_MODELS)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def small_work(model: str, images: list[str], repeats: int | None, max_new_tokens: int | None) -> dict:
+    """The defaults for a quick bench, filling only what the user did not give: one image (the
+    model's sample: demo-llava's is a shapes image), ``QUICK_REPEATS`` repeats, ``QUICK_NEW_TOKENS``
+    new tokens; ``said``: what was chosen, in words."""
+    from zoocli.bench import sample_example
+
+    said = []
+    if not images:
+        path = sample_example(model)[0]
+        images = [str(path)]
+        said.append(f"1 image ({path.name})")
+    if repeats is None:
+        repeats = QUICK_REPEATS
+        said.append(f"{repeats} repeats")
+    if max_new_tokens is None:
+        max_new_tokens = QUICK_NEW_TOKENS
+        said.append(f"{max_new_tokens} new tokens")
+    return {"images": images, "repeats": repeats, "max_new_tokens": max_new_tokens, "said": ", ".join(said)}
 
 
 def _check_out(out: Path | None, inputs: tuple) -> None:
@@ -63,9 +107,13 @@ def bench(
         "images (repeat the option or comma-separate); default: the shipped samples"))] = None,
     question: Annotated[str, typer.Option(help="the question asked of every image")] = (
         "Describe the image in one sentence."),
-    repeats: Annotated[int, typer.Option(help="timed repeats per image (median reported)")] = 5,
+    repeats: Annotated[int | None, typer.Option(help=(
+        "timed repeats per image (median reported); default 5, or 3 for an offline model on CPU"),
+        show_default=False)] = None,
     warmup: Annotated[int, typer.Option(help="untimed warm-up runs per image")] = 1,
-    max_new_tokens: MaxNewOpt = 32,
+    max_new_tokens: Annotated[int | None, typer.Option(help=(
+        f"tokens to generate per run, 1 to {MAX_NEW_TOKENS}; default 32, or 4 for an offline model on CPU"),
+        show_default=False)] = None,
     opts: MethodOptions = MethodOptions(),
     device: DeviceOpt = "auto", dtype: DtypeOpt = "auto", random_weights: RandomOpt = False,
     out: Annotated[Path | None, typer.Option(help=(
@@ -87,8 +135,17 @@ def bench(
     budget_list = unique(budget_list, "--budgets", budget_key)
     zoo = opts.zoo()
     question = question_text(question)
-    paths = ([p for spec in (images or []) for p in split_list(spec, "--images")]
-             or [str(p) for p in shipped_images()])
+    given = [p for spec in (images or []) for p in split_list(spec, "--images")]
+    small = quick_defaults(model, device, random_weights)
+    chose = ""  # said once the input is checked, before the model loads
+    if small and not (given and repeats is not None and max_new_tokens is not None):
+        chosen = small_work(model, given, repeats, max_new_tokens)
+        given, repeats, max_new_tokens = chosen["images"], chosen["repeats"], chosen["max_new_tokens"]
+        chose = (f"bench: {model} is an offline model on CPU: {chosen['said']} by default, to finish in "
+                 "minutes (give --images, --repeats, --max-new-tokens to choose)")
+    repeats = DEFAULT_REPEATS if repeats is None else repeats
+    max_new_tokens = DEFAULT_NEW_TOKENS if max_new_tokens is None else max_new_tokens
+    paths = given or [str(p) for p in shipped_images()]
     imgs = [load_image(p) for p in paths]
     _check_out(out, (*paths, config))
     if engine not in ("hf", "vllm"):
@@ -99,6 +156,8 @@ def bench(
                            concurrency, opts, dtype, random_weights, out, json_out)
     with _locked(out):
         done = done_keys(out)  # also refuses a file that is not zoo's bench rows, before the model
+        if chose:
+            note(chose)
         adapter = load_model(model, device, dtype, random_weights)
         check_images(adapter, paths, imgs)
         spec = BenchSpec(model=adapter.model_id, methods=names, budgets=budget_list,
@@ -115,7 +174,7 @@ def bench(
     if json_out:
         print_json(rows)
         return
-    console.print(render.bench_table(rows, spec))
+    console.print(render.bench_table(rows, spec, meaningless=adapter.meaningless))
     if out is not None:
         note(f"appended {len(rows)} rows to {out}")
 
@@ -173,20 +232,45 @@ def _run_rows(adapter, imgs, spec, done: set[str], out: Path | None) -> list[dic
     """Measure the rows not in ``done``, appending each to ``out`` as it finishes; progress as a
     bar on a terminal, else one line per finished row (``cli.progress.Steps``)."""
     from zoocli.bench import append_row, bench_rows, key_str, planned_rows
-    from zoocli.cli.progress import Steps
+    from zoocli.cli.progress import Steps, duration
 
     plan = planned_rows(spec)
     skipped = sum(1 for m, b in plan[1:] if key_str(spec.key(m, b)) in done)
     runs_per_row = (spec.repeats + spec.warmup) * len(imgs)
     rows: list[dict] = []
-    with Steps("bench", len(plan) - skipped, "rows",
+    # rows finish together in the last repeat: the ETA is the repeats' (their lines), not the rows'
+    with Steps("bench", len(plan) - skipped, "rows", eta=False,
                bar_total=(len(plan) - skipped) * runs_per_row) as steps:
         if skipped:
             steps.note(f"bench: skipping {skipped} of {len(plan) - 1} rows already in {out} "
                        "(the baseline is measured again for the speed-ups)")
+        steps.note(plan_line(spec, len(plan) - skipped, len(imgs)))
+        rounds = spec.warmup + spec.repeats
+
+        def round_done(i: int, n: int) -> None:
+            left = steps.elapsed / i * (n - i)
+            kind = "warm-up" if i <= spec.warmup else "timed"
+            steps.note(f"bench: repeat {i}/{n} done ({kind}) {steps.elapsed:.1f} s"
+                       + (f", eta {duration(left)}" if i < n else ""))
+
         for row in bench_rows(adapter, imgs, spec, done, progress=lambda what: steps.advance(what),
-                              row_done=lambda m, b: steps.finished(f"{m} @ {b}", bar_units=0)):
+                              row_done=lambda m, b: steps.finished(f"{m} @ {b}", bar_units=0),
+                              round_done=round_done if rounds > 1 else None):
             rows.append(row)
             if out is not None:
                 append_row(out, row)
     return rows
+
+
+def plan_line(spec, n_rows: int, n_images: int) -> str:
+    """What the run will do, before it starts: rows, images x repeats x rows, model runs."""
+    from zoocli.text import plural
+
+    methods = [m for m in spec.methods if m != "none"]
+    rounds = spec.warmup + spec.repeats
+    what = (f"the unpruned row + {plural(len(methods), 'method')} x {plural(len(spec.budgets), 'budget')}"
+            if n_rows == 1 + len(methods) * len(spec.budgets) else "the unpruned row + the rows not yet in --out")
+    return (f"bench: plan: {plural(n_rows, 'row')} ({what}) x {plural(n_images, 'image')} x "
+            f"{rounds} repeats ({spec.warmup} warm-up + {spec.repeats} timed) = "
+            f"{plural(n_rows * n_images * rounds, 'model run')}, {spec.max_new_tokens} new tokens each; "
+            "a time estimate after the first repeat")

@@ -25,15 +25,13 @@ def methods(json_out: JsonOpt = False) -> None:
 
 @handle_errors
 def models(json_out: JsonOpt = False) -> None:
-    """List model aliases, the shipped demo model and the offline models."""
+    """List model aliases, the shipped demo model and the offline models: the default, visual
+    tokens per image, whether each is on this machine and its size on disk."""
     from zoocli import render
-    from zoocli.adapters import MODEL_ALIASES, OFFLINE_MODELS, SHIPPED_MODELS
+    from zoocli.adapters import catalog
 
-    rows = [(k, v, "download / HF cache") for k, v in MODEL_ALIASES.items()]
-    rows += [(k, v[0], "shipped, trained (synthetic shapes world only)")
-             for k, v in SHIPPED_MODELS.items()]
-    rows += [(k, v[0], "built offline, random weights") for k, v in OFFLINE_MODELS.items()]
+    rows = catalog()
     if json_out:
-        print_json([{"name": a, "target": b, "source": c} for a, b, c in rows])
+        print_json(rows)
         return
     console.print(render.models_table(rows))

@@ -272,6 +272,18 @@ RandomOpt = Annotated[bool, typer.Option("--random-weights",
 JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON document instead of tables")]
 NoWarmupOpt = Annotated[bool, typer.Option("--no-warmup", help=(
     "time the first (cold) run; by default one untimed warm-up run comes first"))]
+WARM_REPEATS = 3  # ask / compare: timed warm runs by default (median, spread shown)
+WarmRepeatsOpt = Annotated[int | None, typer.Option("--repeats", show_default=False, help=(
+    f"timed runs (default {WARM_REPEATS}; 1 with --no-warmup, the cold run): timings are their medians, "
+    "speed-ups the median of per-run ratios, with the spread"))]
+
+
+def warm_repeats(repeats: int | None, no_warmup: bool) -> int:
+    """--repeats as given (checked), else 3 warm runs, or the one cold run of --no-warmup."""
+    if repeats is None:
+        return 1 if no_warmup else WARM_REPEATS
+    check_int("--repeats", repeats, 1, MAX_REPEATS)
+    return repeats
 KeepOpt = Annotated[str, typer.Option(help="visual tokens to keep: a count (64) or a share (11%)")]
 MaxNewOpt = Annotated[int, typer.Option("--max-new-tokens", help="answer length limit")]
 ImageArg = Annotated[str, typer.Argument(help="image file")]

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from zoocli.cli.common import (
+    WarmRepeatsOpt, warm_repeats,
     ConfigOpt, DeviceOpt, DtypeOpt, JsonOpt, KeepOpt, MaxNewOpt, MethodOptions, MethodsOpt,
     ModelOpt, NoWarmupOpt, RandomOpt, check_images, console, early_checks, handle_errors,
     load_image, load_model, method_options, note, print_json, save_png, split_list, warn,
@@ -29,6 +30,7 @@ def compare(
     max_new_tokens: MaxNewOpt = 64,
     overlay: Annotated[Path | None, typer.Option(help="write a contact sheet of the overlays (PNG)")] = None,
     no_warmup: NoWarmupOpt = False,
+    repeats: WarmRepeatsOpt = None,
     json_out: JsonOpt = False,
     config: ConfigOpt = None,
 ) -> None:
@@ -37,17 +39,18 @@ def compare(
     from zoocli.api import compare_methods
     from zoocli.cli.progress import Steps
 
-    image, question = with_sample(image, question)
+    image, question = with_sample(image, question, model)
     names = split_list(methods, "--methods")
     question, _, zoo = early_checks(question, keep, names, max_new_tokens, overlay, opts,
                                     inputs=(image, config))
+    repeats = warm_repeats(repeats, no_warmup)
     img = load_image(image)
     adapter = load_model(model, device, dtype, random_weights)
     check_images(adapter, [image], [img])
-    with Steps("compare", len({"none", *names}), "methods") as steps:
+    with Steps("compare", len({"none", *names}) * repeats, "runs") as steps:
         res = compare_methods(
             adapter, img, question, names, keep, warmup=not no_warmup, budget_scope=opts.budget_scope,
-            seed=opts.seed, options=zoo, max_new_tokens=max_new_tokens,
+            seed=opts.seed, options=zoo, max_new_tokens=max_new_tokens, repeats=repeats,
             on_warm=lambda: steps.note("compare: warm-up pass done (untimed, left out of the figures)"),
             on_done=lambda spec: steps.finished(spec))
     for w in res.warnings:
@@ -68,18 +71,18 @@ def compare(
         return
     for renderable in render.compare_view(rows, results, adapter.meaningless):
         console.print(renderable)
-    console.print(render.warm_note(int(not no_warmup)), highlight=False)
+    console.print(render.warm_note(int(not no_warmup), repeats), highlight=False)
 
 
-def with_sample(image: str | None, question: str | None) -> tuple[str, str]:
-    """No image: the shipped sample image and its question, said on stderr; an image needs a
-    question."""
+def with_sample(image: str | None, question: str | None, model: str | None = None) -> tuple[str, str]:
+    """No image: the shipped sample image and its question (for ``model``: demo-llava gets a
+    shapes image), said on stderr; an image needs a question."""
     from zoocli.errors import UsageError
 
     if image is None:
         from zoocli.bench import sample_example
 
-        path, sample_q = sample_example()
+        path, sample_q = sample_example(model)
         question = sample_q if question is None else question
         note(f"no image given: using the shipped sample {path.name}, question {question!r}")
         return str(path), question

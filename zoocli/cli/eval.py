@@ -152,7 +152,8 @@ def _predict(plan: EvalPlan, group, load: tuple[str, str, bool], quiet: bool):
     datasets = [d for d, _p in plan.sets]
     where = {"shard": (plan.out, group.rank, group.world)} if group.world > 1 else {"path": plan.out}
     todo = todo_count(datasets, plan.spec, plan.done, group.rank, group.world)
-    with Steps("eval", todo, "predictions", rate_unit="samples", disable=quiet) as steps, \
+    with Steps("eval", todo, "predictions", rate_unit="samples", disable=quiet,
+               log_rate=(0.10, 30.0)) as steps, \
             RecordWriter(**where) as writer:
         if plan.done:
             steps.note(f"eval: {len(plan.done & plan.plan_keys)} predictions already in "

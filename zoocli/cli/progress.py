@@ -21,13 +21,19 @@ class Steps:
 
     ``advance(what)`` moves the bar by fine-grained work (a model run) without printing;
     ``finished(what)`` reports one finished unit (a row, a batch of predictions): the bar moves
-    by ``bar_units`` and a non-terminal gets a line ``<label>: i/n <noun> done (what) t s``.
+    by ``bar_units`` and a non-terminal gets a line ``<label>: i/n <noun> done (what) t s, eta
+    u s``. ``log_rate=(fraction, seconds)``: off a terminal, a line only when another
+    ``fraction`` of the total is done or ``seconds`` have passed since the last one (and at the
+    end), so a log holds a long run (eval: every 10% or 30 s).
     """
 
     def __init__(self, label: str, total: int | None, noun: str, *, bar_total: int | None = None,
-                 rate_unit: str | None = None, disable: bool = False, min_interval_s: float = 0.0):
+                 rate_unit: str | None = None, disable: bool = False, min_interval_s: float = 0.0,
+                 log_rate: tuple[float, float] | None = None, eta: bool = True):
         self.label, self.total, self.noun = label, total, noun
         self.disable, self.min_interval_s = disable, min_interval_s
+        self.log_rate, self._eta = log_rate, eta
+        self._logged = 0  # the count at the last plain line
         self.count = 0
         self.tty = err.is_terminal and not disable
         self._bar_total = total if bar_total is None else bar_total
@@ -72,8 +78,23 @@ class Steps:
         self.count += n
         if self._bar is not None:
             self.advance(what, n if bar_units is None else bar_units)
-        elif not self.disable:
+        elif not self.disable and self._due():
             self._line(what)
+
+    def _due(self) -> bool:
+        """Whether a plain line is due now (``log_rate``; always without it)."""
+        if self.log_rate is None or not self.total:
+            return True
+        fraction, seconds = self.log_rate
+        step = max(1, int(fraction * self.total))
+        return (self.count >= self.total or self.count // step > self._logged // step
+                or self.elapsed - self._last_line >= seconds)
+
+    def eta_s(self) -> float | None:
+        """Seconds to go at the rate so far (None before the first unit, without a total)."""
+        if not self._eta or not self.total or not self.count or self.count >= self.total:
+            return None
+        return self.elapsed / self.count * (self.total - self.count)
 
     def note(self, text: str) -> None:
         """One line on stderr on a terminal or not (e.g. how many rows a rerun skips)."""
@@ -83,11 +104,23 @@ class Steps:
 
     def _line(self, what: str | None) -> None:
         self._last_line = self.elapsed
+        self._logged = self.count
         of = f"/{self.total}" if self.total is not None else ""
         detail = f" ({what})" if what else ""
-        err.print(f"{self.label}: {self.count}{of} {self.noun} done{detail} {self.elapsed:.1f} s",
+        eta = self.eta_s()
+        tail = "" if eta is None else f", eta {duration(eta)}"
+        err.print(f"{self.label}: {self.count}{of} {self.noun} done{detail} {self.elapsed:.1f} s{tail}",
                   markup=False,
                   highlight=False, soft_wrap=True)
+
+
+def duration(seconds: float) -> str:
+    """``42 s``, ``3.5 min``, ``2.1 h``: a time estimate as people say it."""
+    if seconds < 100:
+        return f"{seconds:.0f} s"
+    if seconds < 6000:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _rich_bar(unit: str | None):

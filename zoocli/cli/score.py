@@ -39,7 +39,7 @@ def score(
     if image is None:
         from zoocli.cli.compare import with_sample
 
-        image, question = with_sample(image, question)
+        image, question = with_sample(image, question, model)
     q = question_text(question) if question is not None else None
     opts.zoo()  # the flags checked before anything loads
     check_int("--top", top, 0, MAX_TOP)
