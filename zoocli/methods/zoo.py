@@ -146,8 +146,9 @@ GREEDY_OPTIONS = {**ZOO_OPTIONS, "backend": "auto"}
 
 ZOO = register(Method(
     name="zoo", fn=zoo, summary="ZOO-Prune: zeroth-order sensitivity x diversity, greedy",
-    deviation=("default S is the exact closed form ||J||_F/sqrt(d_in) (estimator=fd: the paper's "
-               "sampled Eq. 2-3, in fp32 whatever the model dtype, seeded directions)"),
+    deviation=("default S is the exact closed form ||J||_F/sqrt(d_in), its products in bf16 / TF32 on "
+               "CUDA (precision=auto; fp32 on CPU) (estimator=fd: the paper's sampled Eq. 2-3, in fp32 "
+               "whatever the model dtype, seeded directions)"),
     batch=_batched_greedy(zoo_select), options=GREEDY_OPTIONS, **_ZOO,
 ))
 SENSITIVITY = register(Method(
