@@ -113,7 +113,8 @@ def exact_matrices(s: MLP, device, dtype: torch.dtype = torch.float32) -> Tensor
         _EXACT_M.pop(s.lin2, None)  # free the stale M before building the new one
     m32 = held.get(torch.float32)
     if m32 is None:
-        m32 = _build_matrices(s, ts, device)
+        with _tf32(False, device):  # full fp32 whatever precision asked first (it is cached for all)
+            m32 = _build_matrices(s, ts, device)
     held[dtype] = m32 if dtype == torch.float32 else m32.to(dtype)  # else the fp32 build is a temporary
     _EXACT_M[s.lin2] = (key, held)
     return held[dtype]
