@@ -10,11 +10,11 @@
 # pytest-gpu.txt, kernel.jsonl (zoo bench-kernel --json on cuda), bench-llava15.jsonl and
 # bench-llava-next.jsonl (zoo bench --out). Every step has its own `timeout`; a step that fails or
 # runs out of time is logged and the script goes on, so one bad step cannot eat the device budget.
-# Sized to finish within 10 minutes (per-step limits sum to 710 s; the last step is the first to drop): one sample image, few repeats,
+# Sized to finish within 10 minutes (per-step limits sum to 755 s; the last step is the first to drop): one sample image, few repeats,
 # short answers. The models use --random-weights (full-size architecture, no weights needed).
 #
-# The plain `zoo` row runs the default estimator (exact); `zoo:estimator=fd` is the paper's sampled
-# form (m = 64). `zoo bench` interleaves its rows (a fresh order each repeat) and reports per-repeat
+# The plain `zoo` row runs the default estimator (exact), with its matrix products in bf16 on these
+# bf16 models (precision=auto; issue 23); `zoo:estimator=fd` is the paper's sampled form (m = 64). `zoo bench` interleaves its rows (a fresh order each repeat) and reports per-repeat
 # speed-up spreads. Command lines checked against the CLI's parser (click make_context) on CPU.
 set -euo pipefail
 
@@ -56,7 +56,12 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 step bench-selection 60 bash -c "$PY -m zoocli bench-kernel --part selection --device cuda --repeats 20 --warmup 3 --json > '$OUTDIR/selection.jsonl'; $PY -m zoocli bench-kernel --part selection --device cuda --repeats 20 --warmup 3"
 step pytest-triton 90 bash -c "$PY -m pytest -q -p no:cacheprovider tests/test_greedy_triton.py tests/test_greedy.py | tee '$OUTDIR/pytest-triton.txt'"
 
-# 1. the device-parametrised tests (estimators vs float64, batched selection == CPU, ...)
+# 0b. (issue 23) the exact sensitivity per precision on cuda at LLaVA-NeXT's 2880 tokens, bf16 weights:
+#    auto (= bf16 there) / bf16 / tf32 / fp32, median ms and Spearman vs float64 (exact-precision.txt)
+step exact-precision 45 bash -c "PYTHONPATH=\"\$PWD\${PYTHONPATH:+:\$PYTHONPATH}\" $PY benchmarks/exact_on_paper.py --measure cuda | tee '$OUTDIR/exact-precision.txt'"
+
+# 1. the device-parametrised tests (tests/test_sensitivity_precision.py's cuda case included: auto's
+#    bf16 / TF32 products rank like float64 on every projector kind) (estimators vs float64, batched selection == CPU, ...)
 step pytest-gpu 90 bash -c "$PY -m pytest -q -p no:cacheprovider -m gpu | tee '$OUTDIR/pytest-gpu.txt'"
 
 # 2. the sensitivity kernels on cuda: naive / fd / jvp / exact (+ one-time M) / rank, Spearman

@@ -44,7 +44,8 @@ def jacobian_rms(p, x, kind) -> torch.Tensor:
 def test_exact_equals_float64_jacobian(case, device):
     build, data, kind = CASES[case]
     p, x = build(), data()
-    got = token_sensitivity(x.to(device), copy.deepcopy(p).to(device))
+    # fp32 products (auto would be TF32 on CUDA: tests/test_sensitivity_precision.py holds those)
+    got = token_sensitivity(x.to(device), copy.deepcopy(p).to(device), precision="fp32")
     assert got.dtype == torch.float32 and got.device.type == device and got.shape == (x.shape[0],)
     ref = jacobian_rms(p, x, kind)
     assert torch.allclose(got.cpu().double(), ref, rtol=1e-4, atol=0), (got.cpu().double() / ref - 1).abs().max()

@@ -12,7 +12,9 @@ Also the paper's ablations (Table 5): ``sensitivity`` (top-k by S) and ``sum`` (
 
 Deviations from the official code (AIM-SKKU/ZOO-Prune ``llava_arch.py``): by default S is the
 exact closed form above (the m -> inf, h -> 0 limit of Eq. 2-3 in root-mean-square form), not a
-64-direction sample; with ``estimator="fd"`` S is estimated in
+64-direction sample (its matrix products run in bf16 on CUDA for a bf16 model, TF32 for fp32,
+fp32 on CPU; ``precision=fp32`` forces fp32; norms and accumulations stay fp32); with
+``estimator="fd"`` S is estimated in
 float32 whatever the model dtype (the official code runs the finite differences in fp16, where
 h*u is mostly rounded away); the directions come from a generator seeded per call, not the global
 CUDA RNG; (token, direction) pairs are processed in memory-capped chunks; the low-rank option
@@ -33,8 +35,10 @@ if TYPE_CHECKING:
     from torch import Tensor
 
 # m / h are None ("not given"): the exact estimator takes neither; fd / jvp / naive then use the
-# paper's m=64, h=0.01 (zoocli.sensitivity.SAMPLED_DEFAULTS)
-ZOO_OPTIONS = {"m": None, "h": None, "estimator": "exact", "rank": None, "chunk_mb": 256}
+# paper's m=64, h=0.01 (zoocli.sensitivity.SAMPLED_DEFAULTS). precision: the exact estimator's
+# matrix products (auto: bf16 on CUDA for a bf16 / fp16 model, TF32 on CUDA for fp32, fp32 on CPU)
+ZOO_OPTIONS = {"m": None, "h": None, "estimator": "exact", "rank": None, "chunk_mb": 256,
+               "precision": "auto"}
 PAPER = "ZOO-Prune (zeroth-order sensitivity-aware diversity), 2025"
 
 
@@ -71,20 +75,20 @@ def sum_select(sensitivity: Tensor, z: Tensor, k, lengths=None, *, backend: str 
     return _batched(sensitivity, z, k, lengths, "sum", backend)
 
 
-def check_zoo_options(m, h, estimator, rank, chunk_mb, backend=None) -> None:
+def check_zoo_options(m, h, estimator, rank, chunk_mb, precision="auto", backend=None) -> None:
     from zoocli.sensitivity import check_options
 
-    check_options(m=m, h=h, estimator=estimator, rank=rank, chunk_mb=chunk_mb)
+    check_options(m=m, h=h, estimator=estimator, rank=rank, chunk_mb=chunk_mb, precision=precision)
     if backend is not None:
         check_backend(backend)
 
 
-def _sensitivity(inp: PruneInputs, m, h, estimator, rank, chunk_mb) -> Tensor:
+def _sensitivity(inp: PruneInputs, m, h, estimator, rank, chunk_mb, precision="auto") -> Tensor:
     from zoocli.sensitivity import run_seed, token_sensitivity
 
     return token_sensitivity(
         inp.vision, inp.projector, m=m, h=h, seed=run_seed(estimator, inp.seed),
-        estimator=estimator, rank=rank, chunk_mb=chunk_mb,
+        estimator=estimator, rank=rank, chunk_mb=chunk_mb, precision=precision,
     )
 
 
@@ -142,8 +146,9 @@ GREEDY_OPTIONS = {**ZOO_OPTIONS, "backend": "auto"}
 
 ZOO = register(Method(
     name="zoo", fn=zoo, summary="ZOO-Prune: zeroth-order sensitivity x diversity, greedy",
-    deviation=("default S is the exact closed form ||J||_F/sqrt(d_in) (estimator=fd: the paper's "
-               "sampled Eq. 2-3, in fp32 whatever the model dtype, seeded directions)"),
+    deviation=("default S is the exact closed form ||J||_F/sqrt(d_in), its products in bf16 / TF32 on "
+               "CUDA (precision=auto; fp32 on CPU) (estimator=fd: the paper's sampled Eq. 2-3, in fp32 "
+               "whatever the model dtype, seeded directions)"),
     batch=_batched_greedy(zoo_select), options=GREEDY_OPTIONS, **_ZOO,
 ))
 SENSITIVITY = register(Method(

@@ -60,12 +60,15 @@ the generic fp32 path.
 
 Other choices and deviations (official code: AIM-SKKU/ZOO-Prune ``llava_arch.py``):
 
-- **Precision.** Everything is float32 whatever the model dtype: perturbation, activation
-  difference, norms, the first Linear. The official code runs the finite difference in fp16, where
-  h*u (about 3e-4 per entry) is mostly rounded away; in bf16 it ranks tokens close to randomly.
-  The one exception: on CUDA with fp16/bf16 weights, the big W2 product runs in the weight dtype
-  on the already 1/(2h)-scaled fp32 difference, so no small quantity is rounded. On CPU, or with
-  fp32 weights, it is fp32 too. A bf16 model therefore ranks tokens like its fp32 copy.
+- **Precision.** The sampled estimators are float32 whatever the model dtype: perturbation,
+  activation difference, norms, the first Linear. The official code runs the finite difference in
+  fp16, where h*u (about 3e-4 per entry) is mostly rounded away; in bf16 it ranks tokens close to
+  randomly. The one exception: on CUDA with fp16/bf16 weights, the big W2 product runs in the
+  weight dtype on the already 1/(2h)-scaled fp32 difference, so no small quantity is rounded. On
+  CPU, or with fp32 weights, it is fp32 too. A bf16 model therefore ranks tokens like its fp32 copy.
+  ``exact`` has no small step to lose; its matrix products follow ``precision`` (default ``auto``:
+  bf16 on CUDA for a bf16 / fp16 model, TF32 on CUDA for fp32, fp32 on CPU), the rest is fp32
+  (``zoocli.sensitivity.exact``); bf16 products rank tokens at Spearman >= 0.99 against float64.
 - **Directions.** They come from ``torch.Generator(device=x.device).manual_seed(seed)``. The
   official code uses the unseeded global CUDA RNG. The same directions are used for every token,
   as in the official code.
@@ -96,29 +99,32 @@ from torch import Tensor, nn
 from zoocli.errors import UsageError
 from zoocli.sensitivity.exact import exact_sensitivity
 from zoocli.sensitivity.options import (
-    CPU_CHUNK_MB, ESTIMATORS, H_MAX, H_MIN, H_WHY, M_MAX, SAMPLED_DEFAULTS, SEED_MAX, SEED_MIN,
-    SampledOptionError, check_options, chunk_plan, effective_mb, run_seed, tokens_per_chunk,
+    CPU_CHUNK_MB, ESTIMATORS, H_MAX, H_MIN, H_WHY, M_MAX, PRECISIONS, SAMPLED_DEFAULTS, SEED_MAX,
+    SEED_MIN, SampledOptionError, check_options, chunk_plan, effective_mb, run_seed, tokens_per_chunk,
 )
 from zoocli.sensitivity.sampled import directions, sampled_sensitivity
 from zoocli.sensitivity.structure import lowrank_factor, projector_structure
 
 __all__ = [
-    "CPU_CHUNK_MB", "ESTIMATORS", "H_MAX", "H_MIN", "H_WHY", "M_MAX", "SAMPLED_DEFAULTS", "SEED_MAX",
+    "CPU_CHUNK_MB", "ESTIMATORS", "H_MAX", "H_MIN", "H_WHY", "M_MAX", "PRECISIONS", "SAMPLED_DEFAULTS", "SEED_MAX",
     "SEED_MIN", "SampledOptionError", "check_options", "chunk_plan", "directions", "lowrank_factor",
     "run_seed", "projector_structure", "token_sensitivity", "tokens_per_chunk",
 ]
 
 
-def _check(x, m, h, seed, estimator, rank, chunk_mb) -> None:
-    check_options(m, h, seed, estimator, rank, chunk_mb)
+def _check(x, m, h, seed, estimator, rank, chunk_mb, precision) -> None:
+    check_options(m, h, seed, estimator, rank, chunk_mb, precision)
     if not isinstance(x, Tensor) or x.dim() != 2 or not x.is_floating_point():
         raise UsageError(f"x must be a float tensor [N, d_in], got {getattr(x, 'shape', type(x))}")
+    if precision == "tf32" and x.device.type != "cuda":
+        raise UsageError(f"precision='tf32' needs a CUDA device (TF32 is a tensor-core format); x is on "
+                         f"{x.device.type}: use fp32 or bf16 there")
 
 
 @torch.no_grad()
 def token_sensitivity(x: Tensor, projector: nn.Module, m: int | None = None, h: float | None = None,
                       seed: int | None = None, *, estimator: str = "exact", rank: int | None = None,
-                      chunk_mb: float = 256) -> Tensor:
+                      chunk_mb: float = 256, precision: str = "auto") -> Tensor:
     """Per-token sensitivity at the projector, float32 [N] on x.device.
 
     ``estimator="exact"`` (default): S(i) = ||J(x_i)||_F / sqrt(d_in), the closed form of the
@@ -127,11 +133,15 @@ def token_sensitivity(x: Tensor, projector: nn.Module, m: int | None = None, h: 
     ``m`` directions (default 64), step ``h`` (default 0.01) and ``seed`` (default 0); giving any
     of these three with ``exact`` is a ``SampledOptionError`` (a ``ValueError``).
 
+    ``precision`` (``exact`` only): the dtype of its matrix products, ``auto`` (bf16 on CUDA for a
+    bf16 / fp16 ``x``, TF32 on CUDA for fp32, fp32 elsewhere), ``fp32``, ``tf32`` (CUDA) or ``bf16``;
+    norms, activation derivatives and the quadratic forms' accumulation stay fp32.
+
     ``x`` [N, d_in] pre-projector tokens; ``projector`` maps [..., d_in] -> [..., d] (for the
     Qwen2.5-VL merger, rows are the s^2*d_v patch concatenation). See the module docstring for the
     estimators, the recognised structures and the precision rules.
     """
-    _check(x, m, h, seed, estimator, rank, chunk_mb)
+    _check(x, m, h, seed, estimator, rank, chunk_mb, precision)
     s = projector_structure(projector)
     if rank is not None and s is None:
         raise UsageError(
@@ -145,7 +155,7 @@ def token_sensitivity(x: Tensor, projector: nn.Module, m: int | None = None, h: 
         return out
     mb = effective_mb(chunk_mb, dev)
     if estimator == "exact":
-        return exact_sensitivity(x, projector, s, out, mb)
+        return exact_sensitivity(x, projector, s, out, mb, precision)
     return sampled_sensitivity(
         x, projector, s, out, mb, estimator=estimator,
         m=SAMPLED_DEFAULTS["m"] if m is None else int(m),

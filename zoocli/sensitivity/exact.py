@@ -59,12 +59,24 @@ the forward a0 = W1 y + b1. The float64 autograd Jacobian checks it (tests/test_
 cannot differentiate is refused with a message naming the estimators that work (never a silent
 fallback).
 
-**Precision.** M, the activations, the quadratic forms and the W2 products are float32 whatever
-the weight dtype (bf16 weights are cast once, in the cached M).
+**Precision** (``precision``). The matrix products (W1 x, a M_p, and for the mergers w_p and
+W2 (a o w_p); for other projectors the whole ``torch.func`` Jacobian) run in
+
+- ``fp32``: float32, TF32 switched off on CUDA for the call (the CPU default: ``auto`` there);
+- ``tf32``: float32 operands on TF32 tensor cores (CUDA only; ``auto`` for an fp32 ``x`` on CUDA);
+- ``bf16``: operands rounded to bfloat16, fp32 accumulation, the result rounded to bf16 and cast
+  back (``auto`` for a bf16 / fp16 ``x`` on CUDA; bf16 for fp16 too: it has fp32's exponent
+  range, so no product of the cached M can overflow). The cached M is kept in bf16.
+
+Everything else stays float32 whatever ``precision`` says: the norms and their r_p, c_p, the
+activation derivative, the quadratic form's row dots (a M) . a and its sum over patches, the sqrt.
+The bf16 products rank tokens like the fp32 ones (Spearman >= 0.99 against a float64 reference on
+every projector kind, tests/test_sensitivity_precision.py; BENCHMARKS.md has the figures).
 """
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 
 import torch
@@ -72,7 +84,9 @@ from torch import Tensor, nn
 
 from zoocli.errors import UsageError
 from zoocli.sensitivity.options import chunk_plan
-from zoocli.sensitivity.structure import MLP, act_prime, f32, module32, probe_width, rows_fn, tensor_key
+from zoocli.sensitivity.structure import (
+    MLP, act_prime, cast, f32, module32, module_as, rows_fn, tensor_key,
+)
 
 _EXACT_M: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -82,67 +96,126 @@ def forget_matrices(s: MLP) -> None:
     _EXACT_M.pop(s.lin2, None)
 
 
-def exact_matrices(s: MLP, device) -> Tensor:
-    """M_p [P, d_h, d_h] float32 (P = 1 without the merger norm), cached per second Linear and
-    recomputed when W1, W2 or the norm weight (data_ptr / _version / dtype / device) change."""
+def exact_matrices(s: MLP, device, dtype: torch.dtype = torch.float32) -> Tensor:
+    """M_p [P, d_h, d_h] (P = 1 without the merger norm), built in float32 and returned as
+    ``dtype``; cached per second Linear (each dtype asked for) and recomputed when W1, W2 or the
+    norm weight (data_ptr / _version / dtype / device) change."""
     device = torch.device(device)
     ts = [s.lin1.weight.detach(), s.lin2.weight.detach()]
     if s.norm is not None:
         ts.append(s.norm.weight.detach())
     key = tuple(tensor_key(t, device) for t in ts)
     hit = _EXACT_M.get(s.lin2)
-    if hit is not None and hit[0] == key:
-        return hit[1]
-    _EXACT_M.pop(s.lin2, None)  # free the stale M before building the new one
+    held = hit[1] if hit is not None and hit[0] == key else {}
+    if dtype in held:
+        return held[dtype]
+    if not held:
+        _EXACT_M.pop(s.lin2, None)  # free the stale M before building the new one
+    m32 = held.get(torch.float32)
+    if m32 is None:
+        with _tf32(False, device):  # full fp32 whatever precision asked first (it is cached for all)
+            m32 = _build_matrices(s, ts, device)
+    held[dtype] = m32 if dtype == torch.float32 else m32.to(dtype)  # else the fp32 build is a temporary
+    _EXACT_M[s.lin2] = (key, held)
+    return held[dtype]
+
+
+def _build_matrices(s: MLP, ts: list[Tensor], device: torch.device) -> Tensor:
     w1 = ts[0].to(device=device, dtype=torch.float32)
     w2 = ts[1].to(device=device, dtype=torch.float32)
     g2 = w2.T @ w2  # [d_h, d_h]
     if s.norm is None:
-        mats = (w1 @ w1.T).mul_(g2)[None]
-    else:
-        d_h, groups, d_v = w1.shape[0], s.norm.groups, s.norm.d_v
-        k = w1.view(d_h, groups, d_v) * ts[2].to(device=device, dtype=torch.float32)
-        mats = torch.empty(groups, d_h, d_h, device=device)
-        for p in range(groups):  # P = spatial_merge_size^2 (4), not per token
-            torch.mm(k[:, p], k[:, p].T, out=mats[p])
-            if s.norm.center:  # LayerNorm: K_p C K_p^T = K_p K_p^T - (K_p 1)(K_p 1)^T / d_v
-                k1 = k[:, p].sum(1)
-                mats[p].sub_(torch.outer(k1, k1).div_(d_v))
-            mats[p].mul_(g2)
-    del g2
-    _EXACT_M[s.lin2] = (key, mats)
+        return (w1 @ w1.T).mul_(g2)[None]
+    d_h, groups, d_v = w1.shape[0], s.norm.groups, s.norm.d_v
+    k = w1.view(d_h, groups, d_v) * ts[2].to(device=device, dtype=torch.float32)
+    mats = torch.empty(groups, d_h, d_h, device=device)
+    for p in range(groups):  # P = spatial_merge_size^2 (4), not per token
+        torch.mm(k[:, p], k[:, p].T, out=mats[p])
+        if s.norm.center:  # LayerNorm: K_p C K_p^T = K_p K_p^T - (K_p 1)(K_p 1)^T / d_v
+            k1 = k[:, p].sum(1)
+            mats[p].sub_(torch.outer(k1, k1).div_(d_v))
+        mats[p].mul_(g2)
     return mats
 
 
-def exact_sensitivity(x: Tensor, projector: nn.Module, s: MLP | None, out: Tensor, mb: float) -> Tensor:
-    """||J(x_i)||_F / sqrt(d_in) into ``out`` [N] (float32); see the module docstring."""
-    if s is None:
-        return _generic_exact(x, projector, out, mb)
+def resolve_precision(precision: str, x: Tensor) -> str:
+    """The products' precision in force for ``x`` (``precision`` checked already): ``auto`` is
+    ``bf16`` on CUDA for a bf16 / fp16 ``x``, ``tf32`` on CUDA for an fp32 one, ``fp32`` otherwise
+    (CPU, or a float64 ``x``)."""
+    if precision != "auto":
+        return precision
+    if x.device.type != "cuda":
+        return "fp32"
+    if x.dtype in (torch.bfloat16, torch.float16):
+        return "bf16"
+    return "tf32" if x.dtype == torch.float32 else "fp32"
+
+
+@contextlib.contextmanager
+def _tf32(on: bool, device: torch.device):
+    """TF32 for float32 matmuls on or off for the block (CUDA's global switch, restored after);
+    nothing to do elsewhere."""
+    if device.type != "cuda":
+        yield
+        return
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = on
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def exact_sensitivity(x: Tensor, projector: nn.Module, s: MLP | None, out: Tensor, mb: float,
+                      precision: str = "fp32") -> Tensor:
+    """||J(x_i)||_F / sqrt(d_in) into ``out`` [N] (float32); see the module docstring.
+    ``precision``: ``fp32`` / ``tf32`` / ``bf16``, or ``auto`` (``resolve_precision``)."""
+    precision = resolve_precision(precision, x)
+    with _tf32(precision == "tf32", x.device):
+        if s is None:
+            return _generic_exact(x, projector, out, mb, precision)
+        return _structured_exact(x, s, out, mb, precision == "bf16")
+
+
+def _structured_exact(x: Tensor, s: MLP, out: Tensor, mb: float, bf16: bool) -> Tensor:
     dev = x.device
-    mats = exact_matrices(s, dev)
+    mats = exact_matrices(s, dev, torch.bfloat16 if bf16 else torch.float32)
     w1, b1 = f32(s.lin1.weight, dev), f32(s.lin1.bias, dev)
     act = module32(s.act, dev)
     d_h, d_in = w1.shape
     norm = s.norm
     groups = 1 if norm is None else norm.groups
-    # per token: x, a0, act', a @ M, and for the merger P rows of w_p and of W2 (a o w_p)
-    tc = chunk_plan(1, (d_in, 3 * d_h) + ((groups * (d_h + s.lin2.out_features),) if norm else ()),
-                    mb)[0]
+    # per token: x, a0, act', a @ M, and for the merger P rows of w_p and of W2 (a o w_p); the bf16
+    # products add half-width copies of their operands and results (about half as much again)
+    widths = (d_in, 3 * d_h) + ((groups * (d_h + s.lin2.out_features),) if norm else ())
+    tc = chunk_plan(1, [1.5 * w for w in widths] if bf16 else widths, mb)[0]
     for a in range(0, x.shape[0], tc):
-        xf = x[a:a + tc].float()
-        if norm is None:
+        if norm is None and bf16:  # a0 = W1 x + b1 as the bf16 projector computes it, then fp32
+            b1h = cast(s.lin1.bias, dev, torch.bfloat16)
+            xh, w1h = x[a:a + tc].to(torch.bfloat16), cast(s.lin1.weight, dev, torch.bfloat16)
+            gp = act_prime(act, (torch.addmm(b1h, xh, w1h.T) if b1h is not None else xh @ w1h.T).float())
+            q = (_mm16(gp, mats[0]) * gp).sum(-1)
+        elif norm is None:
+            xf = x[a:a + tc].float()
             a0 = torch.addmm(b1, xf, w1.T) if b1 is not None else xf @ w1.T
             gp = act_prime(act, a0)
             q = ((gp @ mats[0]) * gp).sum(-1)
         else:
-            q = _merger_sq(xf, s, mats, w1, b1, act, dev)
+            q = _merger_sq(x[a:a + tc].float(), s, mats, w1, b1, act, dev, bf16)
         out[a:a + tc] = torch.sqrt(q.clamp_min(0) / d_in)
     return out
 
 
+def _mm16(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b with ``a`` (float32) rounded to bf16 and ``b`` bf16 already: fp32 accumulation, the
+    result rounded to bf16 and returned as float32."""
+    return (a.to(torch.bfloat16) @ b).float()
+
+
 def _merger_sq(xf: Tensor, s: MLP, mats: Tensor, w1: Tensor, b1: Tensor | None, act: nn.Module,
-               dev: torch.device) -> Tensor:
-    """||J||_F^2 [t] of the merger for the rows ``xf`` [t, P*d_v] (fp32)."""
+               dev: torch.device, bf16: bool = False) -> Tensor:
+    """||J||_F^2 [t] of the merger for the rows ``xf`` [t, P*d_v] (fp32; with ``bf16`` its four
+    products in bf16, and ``mats`` bf16)."""
     norm = s.norm
     groups, d_v, d_h = norm.groups, norm.d_v, w1.shape[0]
     g = f32(norm.weight, dev)
@@ -155,30 +228,41 @@ def _merger_sq(xf: Tensor, s: MLP, mats: Tensor, w1: Tensor, b1: Tensor | None, 
     if norm.bias is not None:
         y = y + f32(norm.bias, dev)
     y = y.reshape(xf.shape[0], -1)
-    a0 = torch.addmm(b1, y, w1.T) if b1 is not None else y @ w1.T
-    gp = act_prime(act, a0)  # [t, d_h]
     c = sq / (d_v * r2)
     v = xp / sq.sqrt().clamp_min(1e-30)[..., None]  # v_p; c_p = 0 when x_p = 0
-    w = torch.einsum("tpd,hpd->tph", v * g, w1.view(d_h, groups, d_v))  # w_p [t, P, d_h]
-    bv = (gp[:, None, :] * w) @ f32(s.lin2.weight, dev).T  # B_p v_p [t, P, d]
-    frob = torch.stack([((gp @ mats[p]) * gp).sum(-1) for p in range(groups)], 1)  # [t, P]
+    if bf16:
+        w1h, w2h = cast(s.lin1.weight, dev, torch.bfloat16), cast(s.lin2.weight, dev, torch.bfloat16)
+        a0 = _mm16(y, w1h.T)
+        a0 = a0 + b1 if b1 is not None else a0
+        gp = act_prime(act, a0)  # [t, d_h]
+        w = torch.einsum("tpd,hpd->tph", (v * g).to(torch.bfloat16), w1h.view(d_h, groups, d_v)).float()
+        bv = _mm16(gp[:, None, :] * w, w2h.T)  # B_p v_p [t, P, d]
+        frob = torch.stack([(_mm16(gp, mats[p]) * gp).sum(-1) for p in range(groups)], 1)  # [t, P]
+    else:
+        a0 = torch.addmm(b1, y, w1.T) if b1 is not None else y @ w1.T
+        gp = act_prime(act, a0)  # [t, d_h]
+        w = torch.einsum("tpd,hpd->tph", v * g, w1.view(d_h, groups, d_v))  # w_p [t, P, d_h]
+        bv = (gp[:, None, :] * w) @ f32(s.lin2.weight, dev).T  # B_p v_p [t, P, d]
+        frob = torch.stack([((gp @ mats[p]) * gp).sum(-1) for p in range(groups)], 1)  # [t, P]
     per_patch = frob - (2 * c - c * c) * bv.pow(2).sum(-1)
     return (per_patch / r2).sum(-1)
 
 
-def _generic_exact(x: Tensor, projector: nn.Module, out: Tensor, mb: float) -> Tensor:
-    """||J||_F / sqrt(d_in) with the per-token Jacobian from ``torch.func`` (fp32 module copy)."""
+def _generic_exact(x: Tensor, projector: nn.Module, out: Tensor, mb: float, precision: str = "fp32") -> Tensor:
+    """||J||_F / sqrt(d_in) with the per-token Jacobian from ``torch.func``: an fp32 copy of the
+    module (a bf16 copy and bf16 rows with ``precision="bf16"``, the squares summed in fp32)."""
     dev = x.device
     d_in = x.shape[1]
-    rows = rows_fn(None, module32(projector, dev))
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    rows = rows_fn(None, module_as(projector, dev, dtype))
     try:
-        d = probe_width(rows, x)
+        d = int(rows(x[:1].to(dtype)).shape[-1])
         jac = torch.func.jacrev if d <= d_in else torch.func.jacfwd
         per_token = torch.func.vmap(jac(lambda xi: rows(xi[None])[0]))
         # the Jacobians [t, d, d_in] and the transform's intermediates (assume 3x)
         tc = chunk_plan(1, (3 * d * d_in,), mb)[0]
         for a in range(0, x.shape[0], tc):
-            j = per_token(x[a:a + tc].float())
+            j = per_token(x[a:a + tc].to(dtype)).float()
             out[a:a + tc] = torch.sqrt(j.pow(2).sum((1, 2)) / d_in)
     except torch.OutOfMemoryError:
         raise

@@ -14,6 +14,9 @@ from collections.abc import Sequence
 from zoocli.errors import UsageError
 
 ESTIMATORS = ("exact", "fd", "jvp", "naive")
+# The exact estimator's matrix products (``zoocli.sensitivity.exact``): ``auto`` is bf16 on CUDA for
+# a bf16 / fp16 model, TF32 on CUDA for fp32, fp32 elsewhere; the rest is fp32 whatever it says.
+PRECISIONS = ("auto", "fp32", "tf32", "bf16")
 # the seeds torch.Generator.manual_seed accepts (a signed or unsigned 64-bit integer)
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 # Directions: at least one; 65536 bounds the [m, d] direction block (a larger m is beyond any
@@ -43,11 +46,14 @@ def run_seed(estimator: str, seed):
     return None if estimator == "exact" else seed
 
 
-def check_options(m=None, h=None, seed=None, estimator="exact", rank=None, chunk_mb=256) -> None:
+def check_options(m=None, h=None, seed=None, estimator="exact", rank=None, chunk_mb=256,
+                  precision="auto") -> None:
     """Raise ``UsageError`` for option values ``token_sensitivity`` cannot take.
 
     ``m``, ``h`` and ``seed`` are None for "not given"; with ``estimator="exact"`` giving any of
-    them is a ``SampledOptionError`` (a ``UsageError`` and a ``ValueError``)."""
+    them is a ``SampledOptionError`` (a ``UsageError`` and a ``ValueError``). ``precision`` other
+    than ``auto`` belongs to the exact estimator (the device check for ``tf32`` needs the input
+    and is ``token_sensitivity``'s)."""
     if m is not None and (isinstance(m, bool) or not isinstance(m, numbers.Integral) or m <= 0):
         raise UsageError(f"m must be a positive integer, got {m!r}")
     if m is not None and m > M_MAX:
@@ -74,6 +80,12 @@ def check_options(m=None, h=None, seed=None, estimator="exact", rank=None, chunk
             raise UsageError(f"rank must be a positive integer or None, got {rank!r}")
         if estimator in ("naive", "exact"):
             raise UsageError(f"rank applies to the fd and jvp estimators, not {estimator}")
+    if not isinstance(precision, str) or precision not in PRECISIONS:
+        raise UsageError(f"unknown precision {precision!r}; known: {', '.join(PRECISIONS)}")
+    if precision != "auto" and estimator != "exact":
+        raise UsageError(
+            f"precision applies to the exact estimator, not {estimator} (the sampled estimators keep "
+            f"their own rule: fp32, the W2 product in the weight dtype on CUDA)")
     if (isinstance(chunk_mb, bool) or not isinstance(chunk_mb, (int, float))
             or not math.isfinite(chunk_mb) or chunk_mb <= 0):
         raise UsageError(f"chunk_mb must be a positive number, got {chunk_mb!r}")

@@ -16,8 +16,8 @@ The activation is checked to act elementwise. A thin wrapper (no parameters of i
 with a recognised structure, equal outputs on a probe) is looked through: the adapters' row-wise
 ``MergerProjector`` around the Qwen merger is one. ``projector_structure`` caches the result per projector.
 
-Also here, shared by the estimators: fp32 copies of tensors and modules (``f32``, ``module32``,
-weakly cached), the rank-k SVD factor of the second Linear (``lowrank_factor``), the projector on
+Also here, shared by the estimators: fp32 (or other dtype) copies of tensors and modules (``f32``,
+``cast``, ``module32``, ``module_as``, weakly cached), the rank-k SVD factor of the second Linear (``lowrank_factor``), the projector on
 rows (``rows_fn``, ``probe_width``) and an elementwise activation's derivative (``act_prime``).
 """
 
@@ -30,12 +30,13 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.utils.weak import WeakTensorKeyDictionary
 
 # ---------------------------------------------------------------------------------------------
 # caches (weak: they go away with the module / tensor)
 
-_F32: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_MOD32: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_CAST: dict[torch.dtype, WeakTensorKeyDictionary] = {}  # target dtype -> tensor -> (key, copy)
+_MOD: dict[torch.dtype, weakref.WeakKeyDictionary] = {}  # target dtype -> module -> (key, copy)
 _SVD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -45,31 +46,45 @@ def tensor_key(t: Tensor, device: torch.device) -> tuple:
 
 def f32(t: Tensor | None, device: torch.device) -> Tensor | None:
     """``t`` as float32 on ``device``; no copy when it already is, else a cached copy."""
+    return cast(t, device, torch.float32)
+
+
+def cast(t: Tensor | None, device: torch.device, dtype: torch.dtype) -> Tensor | None:
+    """``t`` as ``dtype`` on ``device``; no copy when it already is, else a copy cached per
+    (tensor, dtype) and rebuilt when the tensor changes."""
     if t is None:
         return None
-    t = t.detach()
-    if t.dtype == torch.float32 and t.device == device:
+    src, t = t, t.detach()  # cached on ``src`` itself: each detach() is a new object
+    if t.dtype == dtype and t.device == device:
         return t
     key = tensor_key(t, device)
-    hit = _F32.get(t)
+    cache = _CAST.setdefault(dtype, WeakTensorKeyDictionary())
+    hit = cache.get(src)
     if hit is not None and hit[0] == key:
         return hit[1]
-    c = t.to(device=device, dtype=torch.float32).contiguous()
-    _F32[t] = (key, c)
+    c = t.to(device=device, dtype=dtype).contiguous()
+    cache[src] = (key, c)
     return c
 
 
 def module32(mod: nn.Module, device: torch.device) -> nn.Module:
     """An fp32 copy of ``mod`` on ``device`` (the module itself when it already is), cached."""
+    return module_as(mod, device, torch.float32)
+
+
+def module_as(mod: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """A ``dtype`` copy of ``mod`` on ``device`` (the module itself when it already is), cached per
+    (module, dtype)."""
     tensors = list(mod.parameters()) + list(mod.buffers())
-    if all(t.dtype == torch.float32 and t.device == device for t in tensors if t.is_floating_point()):
+    if all(t.dtype == dtype and t.device == device for t in tensors if t.is_floating_point()):
         return mod
     key = (tuple(tensor_key(t, device) for t in tensors), str(device))
-    hit = _MOD32.get(mod)
+    cache = _MOD.setdefault(dtype, weakref.WeakKeyDictionary())
+    hit = cache.get(mod)
     if hit is not None and hit[0] == key:
         return hit[1]
-    c = copy.deepcopy(mod).to(device=device, dtype=torch.float32)
-    _MOD32[mod] = (key, c)
+    c = copy.deepcopy(mod).to(device=device, dtype=dtype)
+    cache[mod] = (key, c)
     return c
 
 
@@ -286,5 +301,10 @@ def probe_width(rows: Callable[[Tensor], Tensor], x: Tensor) -> int:
 
 
 def act_prime(act: nn.Module, a0: Tensor) -> Tensor:
-    """act'(a0) for an elementwise activation: jvp with a ones tangent."""
+    """act'(a0) for an elementwise activation: jvp with a ones tangent. For ``nn.GELU`` (LLaVA's,
+    Qwen's) its derivative kernel directly, on a broadcast one: the same values bit for bit
+    (tests/test_sensitivity_precision.py), without the jvp's primal pass and its [N, d_h] of ones."""
+    if type(act) is nn.GELU:
+        one = torch.ones((), dtype=a0.dtype, device=a0.device).expand_as(a0)
+        return torch.ops.aten.gelu_backward(one, a0, approximate=act.approximate)
     return torch.func.jvp(act, (a0,), (torch.ones_like(a0),))[1]
