@@ -21,7 +21,6 @@ baseline is always re-measured, since the ratios need it, but written only once)
 from __future__ import annotations
 
 import json
-import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +29,7 @@ from typing import Any
 from zoocli.errors import UsageError, ZooError
 from zoocli.methods import parse_method_spec
 from zoocli.pipeline import check_family, encode_image, parse_keep, run_method
-from zoocli.compare import BASELINE, NOISE_LIMIT, relative_spread, repeat_speedups
+from zoocli.compare import BASELINE, NOISE_LIMIT, relative_spread, repeat_speedups, round_orders  # noqa: F401
 from zoocli.timing import peak_memory_mb, reset_peak_memory, summarize
 
 STAGES = ("preprocess", "vision", "selection", "prefill", "ttft", "decode", "e2e")
@@ -166,17 +165,6 @@ def selection_flops(method: str, n: int, keep: int, dims: dict[str, int], option
     if options.get("estimator") == "naive":
         zoo = 2 * 2.0 * n * m * (dv * dh + dh * d)
     return greedy + zoo
-
-
-def round_orders(plan: Sequence[Any], rounds: int, seed: int) -> list[list[Any]]:
-    """The order of the rows in each round: the plan order first, then seeded shuffles."""
-    rng = random.Random(seed)
-    orders = [list(plan)]
-    for _ in range(1, rounds):
-        order = list(plan)
-        rng.shuffle(order)
-        orders.append(order)
-    return orders[:rounds]
 
 
 def bench_rows(

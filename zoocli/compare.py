@@ -15,6 +15,7 @@ No printing here.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -90,6 +91,17 @@ def run_methods(adapter, enc, specs: Mapping[str, tuple[str, dict]], keep: int, 
     return {spec: results[spec] for spec in plan}
 
 
+def round_orders(plan: Sequence[Any], rounds: int, seed: int) -> list[list[Any]]:
+    """The order of the rows in each round: the plan order first, then seeded shuffles."""
+    rng = random.Random(seed)
+    orders = [list(plan)]
+    for _ in range(1, rounds):
+        order = list(plan)
+        rng.shuffle(order)
+        orders.append(order)
+    return orders[:rounds]
+
+
 def run_compare(adapter, image, question: str, specs: Mapping[str, tuple[str, dict]], keep_spec,
                 *, warmup: bool = True, repeats: int = 1, advance: Callable[[], None] | None = None,
                 warnings: list[str] | None = None, on_done: Callable[[str], None] | None = None,
@@ -99,13 +111,12 @@ def run_compare(adapter, image, question: str, specs: Mapping[str, tuple[str, di
     timed warm as ``zoocli.pipeline.run_warm`` times a run: with ``warmup`` the whole pass
     (encode + every method) runs once untimed first, and each result carries that pass's timings
     as ``first_call_ms``; then ``repeats`` timed passes (each encodes the image again), in the
-    order `zoo bench` uses (``zoocli.bench.round_orders``, seeded by ``kw["seed"]``). Each result is
+    order `zoo bench` uses (``round_orders``, seeded by ``kw["seed"]``). Each result is
     the first timed pass's (answers and kept sets do not change between passes: greedy) with
     ``timings_ms`` the per-stage medians and ``repeat_ms`` every pass's timings. ``on_warm()``
     after the warm-up, ``on_done(spec)`` after each timed run, ``on_repeat(i, n)`` after each
     timed pass. ``kw``: ``run_methods``' scope, seed, options, max_new_tokens.
     -> (the encoded image, keep, results)."""
-    from zoocli.bench import round_orders
     from zoocli.pipeline import encode_image, median_timings, parse_keep
 
     first = None

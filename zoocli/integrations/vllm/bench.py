@@ -3,7 +3,8 @@ engine (zoo's plugin), interleaved, timed by vLLM's own request metrics.
 
 One engine for the whole grid: every row sets its method and budget per request
 (``mm_processor_kwargs``). A round sends each row's ``concurrency`` requests as one batch, rows in
-a fresh seeded order every round (the first ``warmup`` rounds are left out). Each request carries
+`zoo bench`'s order (``zoocli.compare.round_orders``: the plan's, then a seeded shuffle each round;
+the first ``warmup`` rounds are left out). Each request carries
 a fresh ``multi_modal_uuids`` entry and prefix caching is off, so every request encodes its image,
 selects and prefills: nothing is served from a cache. Per row: TTFT median and p90 over all its
 timed requests (vLLM's ``first_token_latency``), requests/s and output tokens/s per round (the
@@ -64,20 +65,17 @@ def run_bench(llm, prompt: str, images: Sequence[Any], spec: VllmBenchSpec, skip
               ) -> Iterator[dict[str, Any]]:
     """Measure the baseline and every row not in ``skip``; yield rows as they finish (in the last
     round). ``progress(text)`` after every row of every round."""
-    import random
-
     from vllm import SamplingParams
 
+    from zoocli.compare import round_orders
+
     plan = [r for r in spec.rows() if r[0] == BASELINE or key_str(spec.key(*r)) not in skip]
-    rng = random.Random(spec.seed)
     per: dict[tuple[str, str], list[dict[str, Any]]] = {r: [] for r in plan}
     params = SamplingParams(temperature=0, max_tokens=spec.max_new_tokens, ignore_eos=True)
     rounds = spec.warmup + spec.repeats
     serial = 0
     pending: list[tuple[str, str]] = []
-    for rnd in range(rounds):
-        order = list(plan)
-        rng.shuffle(order)
+    for rnd, order in enumerate(round_orders(plan, rounds, spec.seed)):
         for method, budget in order:
             reqs = []
             for i in range(spec.concurrency):
