@@ -160,8 +160,6 @@ def test_vllm_equals_zoo_hf_path(family, models_dir, monkeypatch):
         with pytest.raises(Exception, match="unknown zoo key"):
             run(llm, prompt, [image], {"zoo_kep": "3"})
         if family == "qwen3_vl":  # videos are refused (their timestamp layout is not handled)
-            from vllm import SamplingParams
-
             with pytest.raises(Exception, match="does not take videos"):
                 llm.generate([{"prompt": VIDEO_PROMPT, "multi_modal_data": {"video": video_item()}}],
                              SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)
@@ -174,7 +172,7 @@ def test_vllm_equals_zoo_hf_path(family, models_dir, monkeypatch):
 def test_stock_vllm_equals_zoo_unpruned(family, models_dir, monkeypatch):
     """Stock vLLM (no plugin class) answers as zoo's unpruned HF path, which the plugin's ``none``
     equals (test above): ``none`` = stock vLLM."""
-    from vllm import LLM, SamplingParams
+    from vllm import LLM
 
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
     name, _, _ = FAMILIES[family]
@@ -183,7 +181,7 @@ def test_stock_vllm_equals_zoo_unpruned(family, models_dir, monkeypatch):
     llm = LLM(model=str(model_dir), dtype="float32", enforce_eager=True, max_model_len=2048, seed=0)
     try:
         for image in images().values():
-            _, ids, prompt = hf_reference(adapter, image, "none", "1")
+            _, ids, prompt, _ = hf_reference(adapter, image, "none", "1")
             out = llm.generate([{"prompt_token_ids": prompt, "multi_modal_data": {"image": image}}],
                                SamplingParams(temperature=0, max_tokens=MAX_TOKENS), use_tqdm=False)[0]
             assert list(out.outputs[0].token_ids[:len(ids)]) == ids
@@ -204,9 +202,9 @@ def test_tensor_parallel_2_equals_tp_1(models_dir, monkeypatch):
     llm = start(model_dir, model_type, keep, tensor_parallel_size=2)
     try:
         for image in images().values():
-            kept, ids, prompt = hf_reference(adapter, image, "zoo", keep)
+            kept, ids, prompt, _ = hf_reference(adapter, image, "zoo", keep)
             out = llm.generate([{"prompt_token_ids": prompt, "multi_modal_data": {"image": image}}],
-                               __import__("vllm").SamplingParams(temperature=0, max_tokens=MAX_TOKENS),
+                               SamplingParams(temperature=0, max_tokens=MAX_TOKENS),
                                use_tqdm=False)[0]
             assert all(h[-1] == kept for h in llm.apply_model(kept_history))  # every rank, the same rows
             assert list(out.outputs[0].token_ids[:len(ids)]) == ids
@@ -346,7 +344,7 @@ def test_zoo_bench_engine_vllm_writes_rows_and_resumes(tmp_path):
 @pytest.mark.slow
 def test_qwen2_5_vl_videos_pass_unpruned(models_dir, monkeypatch):
     """A video on zoo's Qwen2.5-VL (EVS off) is not pruned: the same ids as stock vLLM."""
-    from vllm import LLM, SamplingParams
+    from vllm import LLM
 
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
     name, model_type, keep = FAMILIES["qwen2_5_vl"]
