@@ -120,7 +120,7 @@ ADAPTERS: dict[str, str] = {
     "llava_onevision": "zoocli.adapters.llava_onevision:LlavaOnevisionAdapter",
 }
 
-_DTYPES = {  # name -> torch dtype attribute (resolved when used: importing this module skips torch)
+DTYPE_NAMES = {  # name -> torch dtype attribute (resolved when used: importing this module skips torch)
     "bf16": "bfloat16", "bfloat16": "bfloat16",
     "fp16": "float16", "float16": "float16", "half": "float16",
     "fp32": "float32", "float32": "float32", "float": "float32",
@@ -209,9 +209,9 @@ def resolve_dtype(dtype: str | torch.dtype = "auto", device: str | torch.device 
     spec = str(dtype).strip().lower()
     if spec == "auto":
         return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    if spec not in _DTYPES:
+    if spec not in DTYPE_NAMES:
         raise UsageError(f"unknown dtype '{dtype}'; use auto, bf16, fp16 or fp32")
-    return getattr(torch, _DTYPES[spec])
+    return getattr(torch, DTYPE_NAMES[spec])
 
 
 def _import_ref(ref: str) -> Any:

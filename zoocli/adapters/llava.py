@@ -487,13 +487,20 @@ class LlavaNextAdapter(LlavaAdapter):
 
 def tile_scopes(rows: Tensor, t: int, p: int, side: int, image_box, tile_boxes=None) -> list[Scope]:
     """LLaVA-NeXT's scopes: ``rows`` [N] are the candidates' X rows (tile * p + patch, in LLM slot
-    order); "base" holds tile 0's, "crop k" tile k's (a tile that only covered padding has none and
-    no scope); cells are (row, col) in the tile's side x side grid. ``tile_boxes``: each crop's area
-    in image pixels (None: the whole image's, for a caller that draws nothing)."""
-    tile, within = rows // p, rows % p
-    cells = torch.stack([within // side, within % side], dim=1)
+    order); "base" holds tile 0's, "crop k" tile k's; cells are (row, col) in the tile's side x side
+    grid (``scopes_by_tile``)."""
+    within = rows % p
+    return scopes_by_tile(rows // p, torch.stack([within // side, within % side], dim=1), t, side,
+                          image_box, tile_boxes)
+
+
+def scopes_by_tile(tile: Tensor, cells: Tensor, n_tiles: int, side: int, image_box, tile_boxes=None) -> list[Scope]:
+    """The anyres scopes (LLaVA-NeXT, OneVision) from each candidate's ``tile`` [N] (0 = the base
+    image) and its ``cells`` [N, 2] within the tile: "base", then "crop k" (none for a tile that only
+    covered padding). ``tile_boxes``: each crop's area in image pixels (None: the whole image's,
+    for a caller that draws nothing)."""
     scopes = []
-    for k in range(t):
+    for k in range(n_tiles):
         idx = (tile == k).nonzero().squeeze(1)
         if k > 0 and idx.numel() == 0:
             continue  # a tile that only covered padding

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from zoocli.adapters.base import Adapter, Encoded, Scope
-from zoocli.adapters.llava import LlavaNextAdapter
+from zoocli.adapters.llava import LlavaNextAdapter, scopes_by_tile
 from zoocli.adapters.qwen2_5_vl import QWEN_SPECIAL_TOKENS, write_video_processor_config
 from zoocli.adapters.random_init import init_on, round_up
 
@@ -221,14 +221,7 @@ def coord_scopes(cand: Tensor, n_base: int, side: int, nph: int, npw: int, image
     crop = torch.zeros(cand.shape[0], dtype=torch.long, device=cand.device)
     crop[n_base:] = 1 + (ry[n_base:] // side).clamp(0, nph - 1) * npw + (rx[n_base:] // side).clamp(0, npw - 1)
     cells = torch.stack([ry % side, rx % side], dim=1)
-    scopes = []
-    for c in range(1 + nph * npw):
-        idx = (crop == c).nonzero().squeeze(1)
-        if c > 0 and idx.numel() == 0:
-            continue  # a tile that only covered padding
-        box = image_box if c == 0 or tile_boxes is None else tile_boxes[c - 1]
-        scopes.append(Scope("base" if c == 0 else f"crop {c}", idx, (side, side), cells[idx], box))
-    return scopes
+    return scopes_by_tile(crop, cells, 1 + nph * npw, side, image_box, tile_boxes)
 
 
 def _set_ids(config, tok) -> None:

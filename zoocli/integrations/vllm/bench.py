@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from zoocli.timing import summarize
+
 BASELINE = "none"
 
 
@@ -108,10 +110,6 @@ def _q(values: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
-def _spread(xs: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
-
-
 def summarize_row(spec: VllmBenchSpec, row: tuple[str, str], reps: list[dict], base: list[dict]) -> dict[str, Any]:
     method, budget = row
     ttfts = [t for r in reps for t in r["ttft_s"]]
@@ -120,13 +118,13 @@ def summarize_row(spec: VllmBenchSpec, row: tuple[str, str], reps: list[dict], b
         "concurrency": spec.concurrency, "rounds": len(reps),
         "prompt_tokens": reps[-1]["prompt_tokens"],
         "ttft_ms": {"median": 1000 * statistics.median(ttfts), "p90": 1000 * _q(ttfts, 0.9)},
-        "requests_per_s": _spread([r["requests"] / r["wall_s"] for r in reps]),
-        "output_tokens_per_s": _spread([r["output_tokens"] / r["wall_s"] for r in reps]),
+        "requests_per_s": summarize([r["requests"] / r["wall_s"] for r in reps]),
+        "output_tokens_per_s": summarize([r["output_tokens"] / r["wall_s"] for r in reps]),
     }
     if method != BASELINE:  # per-round ratios, in round order (both rows ran in every round)
         ttft = [statistics.median(b["ttft_s"]) / statistics.median(r["ttft_s"]) for r, b in zip(reps, base)]
         rps = [(r["requests"] / r["wall_s"]) / (b["requests"] / b["wall_s"]) for r, b in zip(reps, base)]
-        out["speedup"] = {"ttft": _spread(ttft), "requests_per_s": _spread(rps)}
+        out["speedup"] = {"ttft": summarize(ttft), "requests_per_s": summarize(rps)}
     return out
 
 
@@ -136,12 +134,12 @@ def start_engine(source: str, model_type: str, *, dtype: str, max_model_len: int
     method and budget per request), prefix caching off."""
     from vllm import LLM
 
-    from zoocli.integrations.vllm.serve import VLLM_DTYPES
+    from zoocli.integrations.vllm.serve import vllm_dtype
     from zoocli.integrations.vllm.settings import ZooSettings, engine_overrides
 
     kw = dict(engine_kw)
     if max_model_len:
         kw["max_model_len"] = max_model_len
-    return LLM(model=source, dtype=VLLM_DTYPES[dtype], enable_prefix_caching=False, disable_log_stats=False,
+    return LLM(model=source, dtype=vllm_dtype(dtype), enable_prefix_caching=False, disable_log_stats=False,
                hf_overrides=engine_overrides(model_type, ZooSettings(method="none", keep="1"), allow_untested_vllm),
                **kw)

@@ -214,14 +214,6 @@ def _rename_clip(weights: Iterable[tuple[str, Tensor]]):
 # LLaVA-1.5
 
 
-def _llava_projector(config, tensors: dict[str, Tensor]) -> nn.Module:
-    from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
-
-    proj = LlavaMultiModalProjector(config)
-    proj.load_state_dict(tensors)
-    return proj
-
-
 class ZooLlavaMultiModalProcessor(ProcessorMixin, LlavaMultiModalProcessor):
     pass
 
@@ -233,7 +225,8 @@ class ZooLlavaForConditionalGeneration(LlavaForConditionalGeneration):
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self.zoo = Selector(vllm_config, "multi_modal_projector.", _llava_projector)
+        self.zoo = Selector(vllm_config, "multi_modal_projector.", _projector(
+            "transformers.models.llava.modeling_llava:LlavaMultiModalProjector"))
 
     def load_weights(self, weights: Iterable[tuple[str, Tensor]]) -> set[str]:
         return super().load_weights(self.zoo.kept.watch(_rename_clip(weights)))

@@ -13,8 +13,6 @@ from typing import Any
 from zoocli.errors import UsageError
 from zoocli.integrations.vllm.settings import ZooSettings, engine_overrides
 
-VLLM_DTYPES = {"auto": "auto", "bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
-               "half": "float16", "fp32": "float32", "float32": "float32", "float": "float32"}
 # vLLM flags zoo sets itself: given again after `--` they would contradict zoo's
 OWN_FLAGS = ("--model", "--hf-overrides", "--host", "--port", "--dtype", "--served-model-name")
 
@@ -36,11 +34,19 @@ def check_vllm() -> str:
     return "unknown"
 
 
+def vllm_dtype(dtype: str) -> str:
+    """zoo's --dtype (auto, bf16, fp16, fp32 and their spellings) as vLLM's --dtype (auto, bfloat16, ...)."""
+    from zoocli.adapters import DTYPE_NAMES
+
+    if dtype != "auto" and dtype not in DTYPE_NAMES:
+        raise UsageError(f"--dtype {dtype!r}: choose auto, {', '.join(sorted(DTYPE_NAMES))}")
+    return "auto" if dtype == "auto" else DTYPE_NAMES[dtype]
+
+
 def server_command(source: str, model_type: str, name: str, settings: ZooSettings, *, host: str, port: int,
                    dtype: str, allow_untested_vllm: bool = False, extra: list[str] | None = None) -> list[str]:
     """The command line that starts vLLM's OpenAI server on ``source`` with zoo's plugin."""
-    if dtype not in VLLM_DTYPES:
-        raise UsageError(f"--dtype {dtype!r}: choose {', '.join(sorted(set(VLLM_DTYPES)))}")
+    vdtype = vllm_dtype(dtype)
     if not 0 < port < 65536:
         raise UsageError(f"--port must be in 1..65535, got {port}")
     extra = list(extra or [])
@@ -50,7 +56,7 @@ def server_command(source: str, model_type: str, name: str, settings: ZooSetting
     overrides = engine_overrides(model_type, settings, allow_untested_vllm)
     return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", source,
             "--served-model-name", name, "--hf-overrides", json.dumps(overrides, separators=(",", ":")),
-            "--host", host, "--port", str(port), "--dtype", VLLM_DTYPES[dtype], *extra]
+            "--host", host, "--port", str(port), "--dtype", vdtype, *extra]
 
 
 def curl_example(name: str, host: str, port: int, keep: str | None = None) -> str:
