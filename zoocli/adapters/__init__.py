@@ -421,7 +421,6 @@ def _load(model: str, dev, dt, random_weights: bool, cache_dir, status: StatusFn
         return _load_shipped(model, dev, dt)
     if model in OFFLINE_MODELS:
         return _load_offline(model, cache_dir, dev, dt, status)
-    check_model_name(model)
     return _load_checkpoint(model, dev, dt, status)
 
 
@@ -479,8 +478,10 @@ def _load_offline(model: str, cache_dir, dev: torch.device, dt: torch.dtype, sta
         raise ZooError(f"offline model '{model}' at {path} cannot be loaded: {_one_line(e)}") from None
 
 
-def _load_checkpoint(model: str, dev: torch.device, dt: torch.dtype, status: StatusFn):
-    """An alias, HF id or local directory; a load failure is one line naming the cause."""
+def _checkpoint(model: str) -> tuple[str, str]:
+    """(local dir or HF snapshot / id, ``config.model_type``) of an alias, HF id or local directory:
+    an unknown name, a model that cannot be had, or a broken file is one line first."""
+    check_model_name(model)
     repo = MODEL_ALIASES.get(model, model)
     local = Path(repo).expanduser()
     source = str(local) if local.is_dir() else _cached_or_reachable(model, repo)
@@ -488,7 +489,13 @@ def _load_checkpoint(model: str, dev: torch.device, dt: torch.dtype, status: Sta
         from zoocli.adapters.checkpoint import check_checkpoint_dir
 
         check_checkpoint_dir(source)
-    family = _model_type(model, source)
+    return source, _model_type(model, source)
+
+
+def _load_checkpoint(model: str, dev: torch.device, dt: torch.dtype, status: StatusFn):
+    """An alias, HF id or local directory; a load failure is one line naming the cause."""
+    source, family = _checkpoint(model)
+    local = Path(MODEL_ALIASES.get(model, model)).expanduser()
     cls = adapter_class(family)
     if Path(source).is_dir():  # before anything is allocated: weights there, and they must fit
         from zoocli.adapters.checkpoint import read_json, require_weights
@@ -700,14 +707,7 @@ def checkpoint_source(model: str, cache_dir: str | Path | None = None,
         return str(shipped_model_dir(model)), SHIPPED_MODELS[model][0], False
     if model in OFFLINE_MODELS:
         return str(ensure_offline_model(model, cache_dir, on_status)), OFFLINE_MODELS[model][0], True
-    repo = MODEL_ALIASES.get(model, model)
-    local = Path(repo).expanduser()
-    source = str(local) if local.is_dir() else _cached_or_reachable(model, repo)
-    if Path(source).is_dir():
-        from zoocli.adapters.checkpoint import check_checkpoint_dir
-
-        check_checkpoint_dir(source)
-    return source, _model_type(model, source), False
+    return (*_checkpoint(model), False)
 
 
 def _one_line(e: BaseException) -> str:
