@@ -20,7 +20,7 @@ def register() -> None:
 
     from zoocli.integrations.vllm.workarounds import mrope_recompute_switch
 
-    for arch, _ in ARCHITECTURES.values():
+    for arch in ARCHITECTURES.values():
         if arch not in ModelRegistry.get_supported_archs():
             ModelRegistry.register_model(arch, f"zoocli.integrations.vllm.models:{arch}")
     mrope_recompute_switch()

@@ -36,14 +36,14 @@ REQUEST_PREFIX = "zoo_"
 REQUEST_KEYS = tuple(REQUEST_PREFIX + k for k in ("method", "keep", "budget_scope", "seed"))
 SPEC_BYTES = 512  # the settings travel to the model as a fixed-size byte field per image
 
-# model_type -> (zoo's vLLM architecture, the stock vLLM architecture it subclasses)
-ARCHITECTURES: dict[str, tuple[str, str]] = {
-    "llava": ("ZooLlavaForConditionalGeneration", "LlavaForConditionalGeneration"),
-    "llava_next": ("ZooLlavaNextForConditionalGeneration", "LlavaNextForConditionalGeneration"),
-    "llava_onevision": ("ZooLlavaOnevisionForConditionalGeneration", "LlavaOnevisionForConditionalGeneration"),
-    "qwen2_5_vl": ("ZooQwen2_5_VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"),
-    "qwen3_vl": ("ZooQwen3VLForConditionalGeneration", "Qwen3VLForConditionalGeneration"),
-    "qwen3_vl_moe": ("ZooQwen3VLMoeForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration"),
+# model_type -> zoo's vLLM architecture (a subclass of vLLM's class of the same name without "Zoo")
+ARCHITECTURES: dict[str, str] = {
+    "llava": "ZooLlavaForConditionalGeneration",
+    "llava_next": "ZooLlavaNextForConditionalGeneration",
+    "llava_onevision": "ZooLlavaOnevisionForConditionalGeneration",
+    "qwen2_5_vl": "ZooQwen2_5_VLForConditionalGeneration",
+    "qwen3_vl": "ZooQwen3VLForConditionalGeneration",
+    "qwen3_vl_moe": "ZooQwen3VLMoeForConditionalGeneration",
 }
 
 
@@ -155,7 +155,7 @@ def engine_overrides(model_type: str, settings: ZooSettings, allow_untested_vllm
     zoo: dict[str, Any] = asdict(settings)
     if allow_untested_vllm:
         zoo["allow_untested_vllm"] = True
-    return {"architectures": [ARCHITECTURES[model_type][0]], "zoo": zoo}
+    return {"architectures": [ARCHITECTURES[model_type]], "zoo": zoo}
 
 
 def _text(key: str, value: Any) -> str:
